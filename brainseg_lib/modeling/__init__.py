@@ -1,0 +1,1 @@
+"""Training and inference (nnU-Net style split: train.py fits, predict.py applies)."""

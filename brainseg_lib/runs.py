@@ -1,0 +1,73 @@
+"""Run directories and what they record about how a result was produced."""
+
+from __future__ import annotations
+
+import hashlib
+import platform
+import subprocess
+from datetime import datetime
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from brainseg_lib.coco import ANNOTATION_FILE, SPLITS
+from brainseg_lib.config import Params, project_root
+
+PACKAGES = ("torch", "torchvision", "segmentation-models-pytorch", "numpy", "pycocotools",
+            "scipy", "pandas", "papermill")
+
+
+def new_run_id(profile: str) -> str:
+    return f"{datetime.now():%Y%m%d-%H%M%S}-{profile}"
+
+
+def run_dir_for(params: Params) -> Path:
+    """``runs_dir/run_id``, choosing a fresh id when none is set."""
+    return params.resolve_path(params.runs_dir) / (params.run_id or new_run_id(params.profile))
+
+
+def latest_run(runs_dir: Path, profile: str | None = None) -> Path | None:
+    """The newest run directory holding a best checkpoint (optionally of one profile)."""
+    runs = [p.parent for p in runs_dir.glob("*/best.pt")]
+    if profile:
+        runs = [r for r in runs if r.name.endswith(f"-{profile}")] or runs
+    return max(runs, key=lambda r: (r / "best.pt").stat().st_mtime, default=None)
+
+
+def dataset_hash(data_dir: Path) -> str:
+    """SHA-256 of the three annotation files: identifies the labels a run saw."""
+    digest = hashlib.sha256()
+    for split in SPLITS:
+        digest.update((data_dir / split / ANNOTATION_FILE).read_bytes())
+    return digest.hexdigest()[:16]
+
+
+def git_commit() -> str:
+    try:
+        root = project_root()
+        sha = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=root,
+                             capture_output=True, text=True, timeout=5).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"],
+                               cwd=root, capture_output=True, text=True, timeout=5).stdout
+        return (sha + ("-dirty" if dirty.strip() else "")) if sha else "unknown"
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+
+
+def environment_info(device: torch.device) -> dict[str, Any]:
+    versions = {}
+    for name in PACKAGES:
+        try:
+            versions[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            versions[name] = "not installed"
+    info: dict[str, Any] = {
+        "python": platform.python_version(), "platform": platform.platform(),
+        "packages": versions, "device": str(device), "torch_threads": torch.get_num_threads(),
+        "git_commit": git_commit(), "created": datetime.now().isoformat(timespec="seconds"),
+    }
+    if device.type == "cuda":
+        info["gpu"] = torch.cuda.get_device_name(device)
+    return info
