@@ -10,7 +10,7 @@ from typing import Any
 import yaml
 
 from brainseg_lib.coco import DatasetError
-from brainseg_lib.config import ParamsError, load_params
+from brainseg_lib.config import ParamsError, load_params, profile_path
 
 
 def parse_overrides(items: list[str] | None) -> dict[str, Any]:
@@ -84,11 +84,36 @@ def _predict(args: argparse.Namespace) -> int:
     return 0 if written or not skipped else 1
 
 
+def _main_profile() -> Path:
+    """``reference`` where CUDA is available, else the CPU-sized ``quick``."""
+    import torch
+
+    return profile_path("reference" if torch.cuda.is_available() else "quick")
+
+
+def _ensure_dataset(params_file: Path, overrides: dict[str, Any]) -> None:
+    """Try a download when no real dataset is found; on failure the run uses the synthetic
+    demo (announced loudly by the run itself)."""
+    from brainseg_lib.locate import download_dataset, find_real_dataset
+
+    params = load_params(params_file, **overrides)
+    if params.synthetic or find_real_dataset(params.data_dir):
+        return
+    try:
+        print(f"no dataset found; downloading it to {download_dataset()}")
+    except (RuntimeError, OSError) as err:
+        print(f"download failed: {err}", file=sys.stderr)
+
+
 def _run(args: argparse.Namespace) -> int:
     from brainseg_lib.pipeline import run_pipeline
 
-    summary = run_pipeline(args.params, name=args.name, reports_dir=args.reports_dir,
-                           overrides=parse_overrides(args.set))
+    params_file = _main_profile() if args.params == "auto" else Path(args.params)
+    overrides = parse_overrides(args.set)
+    if not args.no_download:
+        _ensure_dataset(params_file, overrides)
+    summary = run_pipeline(params_file, name=args.name, reports_dir=args.reports_dir,
+                           overrides=overrides)
     return 0 if summary["status"] == "succeeded" else 1
 
 
@@ -138,7 +163,10 @@ def build_parser() -> argparse.ArgumentParser:
     pr.set_defaults(func=_predict)
 
     run = sub.add_parser("run", help="execute the four notebooks into a dated report")
-    run.add_argument("--params", required=True)
+    run.add_argument("--params", required=True,
+                     help="parameter file, or 'auto': reference on CUDA, quick on CPU")
+    run.add_argument("--no-download", action="store_true",
+                     help="without a dataset, go straight to the synthetic demo")
     run.add_argument("--name", help="label for the run (default: the profile)")
     run.add_argument("--reports-dir", default=None)
     run.add_argument("--set", action="append", metavar="KEY=YAML",

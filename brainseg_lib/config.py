@@ -85,6 +85,7 @@ class Params:
     num_threads: int = 0  # torch CPU threads; 0 = torch's default
     num_workers: int = 0
     pin_memory: bool = True  # only used on CUDA
+    progress_bar: bool = True  # tqdm bars while training (the report pipeline turns them off)
     runs_dir: str = "runs"
     run_id: str = ""  # "" = <timestamp>-<profile>
     resume: str = ""  # run directory to continue from its last.pt
@@ -104,6 +105,10 @@ class Params:
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
+
+    def cache_path(self) -> Path | None:
+        """The decoded-image cache folder, or None for the default."""
+        return self.resolve_path(self.cache_dir) if self.cache_dir else None
 
     def resolve_path(self, value: str) -> Path:
         """Relative paths in parameters are relative to the project root, not the cwd."""

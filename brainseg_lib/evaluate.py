@@ -23,7 +23,7 @@ from scipy import ndimage
 from brainseg_lib.coco import load_split
 from brainseg_lib.dataset import SplitArrays, load_split_arrays
 from brainseg_lib.io import atomic_write, atomic_write_json
-from brainseg_lib.locate import DataSource, resolve_data
+from brainseg_lib.locate import DataSource, data_source
 from brainseg_lib.losses import build_loss
 from brainseg_lib.metrics import (
     HEADLINE,
@@ -80,20 +80,24 @@ class SplitPrediction:
 def predict_split(loaded: LoadedModel, arrays: SplitArrays, tta: bool,
                   batch_size: int = 32) -> SplitPrediction:
     loss_fn, bce_fn = build_loss(loaded.params.loss), torch.nn.BCEWithLogitsLoss()
-    probs, probs_tta, loss, bce = [], [], 0.0, 0.0
+    probs, probs_tta = [], []
+    loss = torch.zeros((), device=loaded.device)
+    bce = torch.zeros((), device=loaded.device)
     for i in range(0, len(arrays), batch_size):
         x = torch.from_numpy(arrays.images[i:i + batch_size])
-        y = torch.from_numpy(arrays.masks[i:i + batch_size]).unsqueeze(1).float()
-        logits = predict_logits(loaded, x).cpu()
-        loss += loss_fn(logits, y).item() * len(x)
-        bce += bce_fn(logits, y).item() * len(x)
-        probs.append(torch.sigmoid(logits)[:, 0].numpy())
+        y = torch.from_numpy(arrays.masks[i:i + batch_size]).to(loaded.device)
+        y = y.unsqueeze(1).float()
+        logits = predict_logits(loaded, x)
+        loss += loss_fn(logits, y) * len(x)
+        bce += bce_fn(logits, y) * len(x)
+        probs.append(torch.sigmoid(logits)[:, 0].cpu().numpy())
         if tta:
-            probs_tta.append(torch.sigmoid(predict_logits(loaded, x, tta=True).cpu())[:, 0]
-                             .numpy())
+            probs_tta.append(torch.sigmoid(predict_logits(loaded, x, tta=True))[:, 0]
+                             .cpu().numpy())
     n = len(arrays)
     return SplitPrediction(arrays, np.concatenate(probs),
-                           np.concatenate(probs_tta) if tta else None, loss / n, bce / n)
+                           np.concatenate(probs_tta) if tta else None, loss.item() / n,
+                           bce.item() / n)
 
 
 def binarise(probs: np.ndarray, threshold: float, method: str, min_px: int) -> np.ndarray:
@@ -180,9 +184,7 @@ def data_source_of(run_dir: Path, loaded: LoadedModel) -> DataSource:
         path = Path(recorded.get("path", ""))
         if recorded and (path / "test").is_dir():
             return DataSource(path, recorded["kind"], recorded.get("found_by", "env.json"))
-    p = loaded.params
-    return resolve_data(p.data_dir, p.synthetic, p.cache_dir, tuple(p.synthetic_counts),
-                        p.synthetic_size, p.seed)
+    return data_source(loaded.params)
 
 
 def evaluate_run(run_dir: str | Path, split: str = "test", device: str = "auto",
@@ -196,9 +198,8 @@ def evaluate_run(run_dir: str | Path, split: str = "test", device: str = "auto",
     loaded = load_checkpoint(run_dir / "best.pt", device)
     p = loaded.params
     source = data_source_of(run_dir, loaded)
-    cache = p.resolve_path(p.cache_dir) if p.cache_dir else None
-    test_arrays = load_split_arrays(source.path, split, p.image_size, cache)
-    valid_arrays = load_split_arrays(source.path, "valid", p.image_size, cache)
+    test_arrays = load_split_arrays(source.path, split, p.image_size, p.cache_path())
+    valid_arrays = load_split_arrays(source.path, "valid", p.image_size, p.cache_path())
     say = print if verbose else (lambda *a, **k: None)
     say(f"evaluating {run_dir.name} (epoch {loaded.epoch}) on {split}: {len(test_arrays)} "
         f"images, {source.kind} data, {loaded.device}")

@@ -10,7 +10,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from brainseg_lib.coco import ANNOTATION_FILE, SPLITS
-from brainseg_lib.config import project_root
+from brainseg_lib.config import Params, project_root
 
 KAGGLE_ID = "pkdarabi/brain-tumor-image-dataset-semantic-segmentation"
 KAGGLE_URL = f"https://www.kaggle.com/datasets/{KAGGLE_ID}"
@@ -110,3 +110,9 @@ def resolve_data(data_dir: str = "", synthetic: bool = False, cache_dir: str | P
     if not synthetic:
         print(f"\n{'!' * 78}\n{SYNTHETIC_BANNER}\n{MANUAL_STEPS}\n{'!' * 78}\n", file=sys.stderr)
     return DataSource(path, "synthetic", how)
+
+
+def data_source(params: Params) -> DataSource:
+    """The dataset a run with these parameters uses."""
+    return resolve_data(params.data_dir, params.synthetic, params.cache_path() or "",
+                        tuple(params.synthetic_counts), params.synthetic_size, params.seed)

@@ -8,6 +8,7 @@ Checkpoints are written atomically each epoch (``last.pt``) and on improvement
 from __future__ import annotations
 
 import csv
+import json
 import math
 import random
 import sys
@@ -25,7 +26,7 @@ from brainseg_lib.augment import BatchAugment, normalize
 from brainseg_lib.config import Params, load_params, params_from_dict, save_params
 from brainseg_lib.dataset import SplitArrays, build_loader, load_split_arrays
 from brainseg_lib.io import atomic_write, atomic_write_json, atomic_write_text
-from brainseg_lib.locate import DataSource, resolve_data
+from brainseg_lib.locate import DataSource, data_source
 from brainseg_lib.losses import build_loss
 from brainseg_lib.metrics import ConfusionCounts, pooled_dice, pooled_iou
 from brainseg_lib.model import create_model
@@ -128,10 +129,8 @@ def build_optimizer(params: Params, model: nn.Module) -> torch.optim.Optimizer:
 
 
 def load_training_data(params: Params) -> tuple[DataSource, dict[str, SplitArrays]]:
-    source = resolve_data(params.data_dir, params.synthetic, params.cache_dir,
-                          tuple(params.synthetic_counts), params.synthetic_size, params.seed)
-    cache = params.resolve_path(params.cache_dir) if params.cache_dir else None
-    data = {s: load_split_arrays(source.path, s, params.image_size, cache)
+    source = data_source(params)
+    data = {s: load_split_arrays(source.path, s, params.image_size, params.cache_path())
             for s in ("train", "valid")}
     if params.limit_train_images and params.limit_train_images < len(data["train"]):
         rng = np.random.default_rng(params.seed)
@@ -265,6 +264,22 @@ class Trainer:
             if step_callback:
                 step_callback(epoch, step)
         return running.item() / max(seen, 1), seen, time.perf_counter() - t0
+
+
+def finished_run(params: Params) -> TrainResult | None:
+    """The record of ``runs_dir/run_id`` when that run has finished training, else None."""
+    if not params.run_id:
+        return None
+    run_dir = params.resolve_path(params.runs_dir) / params.run_id
+    if not (run_dir / "train.json").exists() or not (run_dir / "best.pt").exists():
+        return None
+    record = json.loads((run_dir / "train.json").read_text())
+    history = read_history(run_dir)
+    monitor = next(k for k in record if k.startswith("best_val"))
+    print(f"{run_dir.name} has already finished training ({record['epochs_run']} epochs, "
+          f"stopped by {record['stop_reason']}): showing its record")
+    return TrainResult(run_dir, history, int(record["best_epoch"]), float(record[monitor]),
+                       record["stop_reason"], float(record["train_seconds_this_session"]))
 
 
 def train(params: Params, progress: bool = True,
