@@ -189,7 +189,8 @@ def data_source_of(run_dir: Path, loaded: LoadedModel) -> DataSource:
 
 def evaluate_run(run_dir: str | Path, split: str = "test", device: str = "auto",
                  verbose: bool = True) -> dict[str, Any]:
-    """Evaluate ``run_dir/best.pt`` on ``split``; writes ``run_dir/eval-<split>/``.
+    """Evaluate ``run_dir/best.pt`` on ``split``; writes ``run_dir/eval-<split>/`` (and, for
+    the test split, the run's ``metrics.json``).
 
     Files: ``metrics.json`` (all blocks below), ``per_image.csv``, ``variants.csv``
     (validation search), ``threshold_curve.csv`` (validation, no TTA).
@@ -247,6 +248,8 @@ def evaluate_run(run_dir: str | Path, split: str = "test", device: str = "auto",
     }
     eval_dir = run_dir / f"eval-{split}"
     atomic_write_json(eval_dir / "metrics.json", out)
+    if split == "test":  # the run's headline file
+        atomic_write_json(run_dir / "metrics.json", out)
     for name, table in (("per_image", per_image), ("variants", variants),
                         ("threshold_curve", threshold_curve(valid, False))):
         atomic_write(eval_dir / f"{name}.csv", lambda tmp, t=table: t.to_csv(tmp, index=False))

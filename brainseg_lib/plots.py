@@ -83,7 +83,7 @@ def overlay_rows(images: np.ndarray, targets: np.ndarray, preds: np.ndarray,
                  titles: list[str], title: str) -> Figure:
     """Like the reference: original | ground truth on the image | prediction on the image."""
     n = len(images)
-    fig, axes = plt.subplots(n, 3, figsize=(10, 3.3 * n), squeeze=False)
+    fig, axes = plt.subplots(n, 3, figsize=(8, 2.8 * n), squeeze=False)
     for row, (img, gt, pr, t) in enumerate(zip(images, targets, preds, titles, strict=True)):
         g = _grey(img)
         for ax in axes[row]:

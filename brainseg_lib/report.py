@@ -146,7 +146,13 @@ class TestPredictions:
                             title)
 
     def browser(self) -> Any:
-        """A slider and a file dropdown over every image (ipywidgets)."""
+        """A slider and a file dropdown over every image (ipywidgets).
+
+        The figure is shown as an Image widget updated from a PNG, not through an Output
+        widget: papermill/nbclient can stall on Output-widget capture in long sessions.
+        """
+        import io
+
         import ipywidgets as widgets
         import matplotlib.pyplot as plt
 
@@ -154,10 +160,16 @@ class TestPredictions:
         files = widgets.Dropdown(options=[(f, i) for i, f in enumerate(self.arrays.files)],
                                  description="file")
         widgets.link((slider, "value"), (files, "value"))
+        picture = widgets.Image(format="png")
 
-        def show(index: int) -> None:
-            self.figure([index], f"test image {index + 1} of {len(self)}")
-            plt.show()
+        def render(index: int) -> bytes:
+            fig = self.figure([index], f"test image {index + 1} of {len(self)}")
+            buffer = io.BytesIO()
+            fig.savefig(buffer, format="png", dpi=80)
+            plt.close(fig)
+            return buffer.getvalue()
 
-        out = widgets.interactive_output(show, {"index": slider})
-        return widgets.VBox([widgets.HBox([slider, files]), out])
+        picture.value = render(0)
+        slider.observe(lambda change: setattr(picture, "value", render(change["new"])),
+                       names="value")
+        return widgets.VBox([widgets.HBox([slider, files]), picture])

@@ -1,0 +1,41 @@
+"""Shared fixtures: a small synthetic COCO set, the real dataset when present, tiny params."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+from brainseg_lib.config import Params, load_params, project_root
+from brainseg_lib.locate import looks_like_dataset
+from brainseg_lib.synthetic import write_synthetic_coco
+
+ROOT = project_root()
+
+
+@pytest.fixture(scope="session")
+def synthetic_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """train/valid/test with 16/6/6 MRI-like 64x64 slices and exact box annotations."""
+    return write_synthetic_coco(tmp_path_factory.mktemp("synthetic"), (16, 6, 6), 64, seed=3)
+
+
+@pytest.fixture
+def cache_dir(tmp_path: Path) -> Path:
+    return tmp_path / "cache"
+
+
+@pytest.fixture(scope="session")
+def real_root() -> Path:
+    env = os.environ.get("BRAINSEG_DATA", "")
+    if not env or not looks_like_dataset(Path(env)):
+        pytest.skip("real dataset not available: set BRAINSEG_DATA to brain-tumor-coco/")
+    return Path(env)
+
+
+def tiny_params(tmp_path: Path, data_root: Path, **changes) -> Params:
+    """The smoke profile shrunk further, on ``data_root``, writing under ``tmp_path``."""
+    base = {"data_dir": str(data_root), "synthetic": False, "image_size": 64,
+            "runs_dir": str(tmp_path / "runs"), "cache_dir": str(tmp_path / "cache"),
+            "epochs": 2, "batch_size": 4, "bootstrap": 20, "tta": True}
+    return load_params(ROOT / "params" / "smoke.yaml", **(base | changes))

@@ -1,0 +1,42 @@
+"""``brainseg data check`` and parameter errors from the command line."""
+
+import json
+import shutil
+
+from brainseg_lib.cli import main
+from brainseg_lib.coco import ANNOTATION_FILE
+
+
+def test_data_check_on_a_clean_dataset(synthetic_root, capsys):
+    assert main(["data", "check", str(synthetic_root)]) == 0
+    out = capsys.readouterr().out
+    assert "errors: 0" in out and "axis-aligned rectangles" in out
+    assert "train       16" in out
+
+
+def test_data_check_exits_non_zero_and_names_the_file(synthetic_root, tmp_path, capsys):
+    root = tmp_path / "d"
+    shutil.copytree(synthetic_root, root)
+    data = json.loads((root / "train" / ANNOTATION_FILE).read_text())
+    data["annotations"].append({"id": 999, "image_id": 4242, "category_id": 1,
+                                "bbox": [0, 0, 2, 2], "segmentation": []})
+    (root / "train" / ANNOTATION_FILE).write_text(json.dumps(data))
+    assert main(["data", "check", str(root)]) == 1
+    out = capsys.readouterr().out
+    assert "[error] train:" in out and "unknown image id 4242" in out
+
+
+def test_train_with_an_unknown_key_fails_before_work(tmp_path, capsys):
+    f = tmp_path / "p.yaml"
+    f.write_text("profile: x\nepochz: 3\n")
+    assert main(["train", "--params", str(f)]) == 2
+    assert "did you mean 'epochs'" in capsys.readouterr().err
+
+
+def test_download_offline_fails_fast_with_manual_steps(monkeypatch, capsys):
+    from brainseg_lib import locate
+
+    monkeypatch.setattr(locate, "_online", lambda *a, **k: False)
+    assert main(["data", "download"]) == 2
+    err = capsys.readouterr().err
+    assert "cannot reach Kaggle" in err and "BRAINSEG_DATA" in err

@@ -1,0 +1,55 @@
+"""The project's files agree with each other: pins, notebooks, parameter files."""
+
+import json
+import re
+import tomllib
+
+import pytest
+import yaml
+
+from brainseg_lib.config import load_params
+from conftest import ROOT
+
+NOTEBOOKS = sorted((ROOT / "notebooks").glob("*.ipynb"))
+
+
+def test_environment_yml_pins_match_pyproject():
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    env = yaml.safe_load((ROOT / "environment.yml").read_text())
+    pip_section = next(d["pip"] for d in env["dependencies"] if isinstance(d, dict))
+    pins = [p for p in pip_section if not p.startswith("-e")]
+    assert sorted(pins) == sorted(project["dependencies"])
+    assert "python=3.11" in env["dependencies"]
+
+
+def test_four_numbered_notebooks():
+    assert [p.stem for p in NOTEBOOKS] == ["01_data_exploration", "02_train", "03_evaluate",
+                                           "04_visualise"]
+
+
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.stem)
+def test_notebook_committed_clean_with_one_parameters_cell(path):
+    nb = json.loads(path.read_text())
+    code = [c for c in nb["cells"] if c["cell_type"] == "code"]
+    assert all(not c.get("outputs") and c.get("execution_count") is None for c in code), \
+        f"{path.name} has outputs: clear them before committing"
+    tagged = [c for c in code if "parameters" in c.get("metadata", {}).get("tags", [])]
+    assert len(tagged) == 1
+    assert re.search(r'^profile = "smoke"', "".join(tagged[0]["source"]), re.M)
+    assert nb["metadata"]["kernelspec"]["name"] == "python3"
+
+
+@pytest.mark.parametrize("profile", ["smoke", "quick", "seed", "reference"])
+def test_profiles_load_and_are_flat(profile):
+    path = ROOT / "params" / f"{profile}.yaml"
+    raw = yaml.safe_load(path.read_text())
+    assert all(not isinstance(v, dict) for v in raw.values())
+    params = load_params(path)
+    assert params.profile == profile
+
+
+def test_seed_profile_is_the_reference_method():
+    p = load_params(ROOT / "params" / "seed.yaml")
+    assert (p.arch, p.encoder, p.loss, p.optimizer, p.monitor) == (
+        "Unet", "resnet34", "bce", "adam", "val_loss")
+    assert p.patience > 0 and p.min_delta > 0 and p.image_size == 256

@@ -1,0 +1,104 @@
+"""``brainseg run``: the four notebooks into a dated report, the index, and failures."""
+
+import json
+import re
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from brainseg_lib.cli import main
+from brainseg_lib.pipeline import NOTEBOOKS
+from conftest import ROOT
+
+CHROMIUM = shutil.which("chromium")
+CHROME_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--no-first-run",
+                "--disable-background-networking", "--disable-component-update",
+                "--disable-sync"]
+
+
+@pytest.fixture(scope="module")
+def smoke_reports(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("pipeline")
+    reports = tmp / "reports"
+    code = main(["run", "--params", str(ROOT / "params" / "smoke.yaml"), "--reports-dir",
+                 str(reports), "--set", f"runs_dir={tmp / 'runs'}",
+                 "--set", f"cache_dir={tmp / 'cache'}", "--name", "smoke-test"])
+    return code, reports
+
+
+def test_smoke_pipeline_writes_a_full_report(smoke_reports):
+    code, reports = smoke_reports
+    assert code == 0
+    (summary_file,) = reports.glob("*/*/summary.json")
+    assert re.fullmatch(r"\d{4}-\d{2}-\d{2}", summary_file.parent.parent.name)
+    run_dir = summary_file.parent
+    for nb in NOTEBOOKS:
+        assert (run_dir / f"{nb}.ipynb").exists() and (run_dir / f"{nb}.html").exists()
+    summary = json.loads(summary_file.read_text())
+    assert summary["status"] == "succeeded" and summary["dataset"]["kind"] == "synthetic"
+    assert 0 <= summary["headline"]["pooled_iou"] <= 1
+    assert [n["status"] for n in summary["notebooks"]] == ["succeeded"] * 4
+    executed = json.loads((run_dir / "03_evaluate.ipynb").read_text())
+    text = json.dumps(executed)
+    assert "SYNTHETIC DEMO DATA" in text and "0.80568" in text
+    index = (reports / "index.html").read_text()
+    assert summary["run_id"] in index and "synthetic" in index
+
+
+def test_unknown_parameter_is_rejected_before_anything_runs(tmp_path, capsys):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text((ROOT / "params" / "smoke.yaml").read_text() + "learning_rate: 0.1\n")
+    reports = tmp_path / "reports"
+    assert main(["run", "--params", str(bad), "--reports-dir", str(reports)]) == 2
+    assert "unknown parameter 'learning_rate'" in capsys.readouterr().err
+    assert not reports.exists()
+
+
+def test_a_failing_notebook_marks_the_run_failed_and_keeps_it(tmp_path):
+    reports = tmp_path / "reports"
+    code = main(["run", "--params", str(ROOT / "params" / "smoke.yaml"), "--no-download",
+                 "--reports-dir", str(reports), "--set", "synthetic=false",
+                 "--set", f"data_dir={tmp_path / 'no-such-dataset'}",
+                 "--set", f"runs_dir={tmp_path / 'runs'}"])
+    assert code == 1
+    (summary_file,) = reports.glob("*/*/summary.json")
+    summary = json.loads(summary_file.read_text())
+    assert summary["status"] == "failed"
+    first = summary["notebooks"][0]
+    assert first["status"] == "failed" and "no-such-dataset" in first["error"]
+    partial = json.loads((summary_file.parent / "01_data_exploration.ipynb").read_text())
+    errors = [o for c in partial["cells"] for o in c.get("outputs", [])
+              if o.get("output_type") == "error"]
+    assert errors and "does not exist" in errors[0]["evalue"]
+    assert not (summary_file.parent / "02_train.ipynb").exists()
+    assert 'class="failed"' in (reports / "index.html").read_text()
+
+
+def test_runs_never_overwrite_each_other(smoke_reports, tmp_path):
+    from brainseg_lib.pipeline import _unique_report_dir
+
+    first = _unique_report_dir(tmp_path, "same-id")
+    second = _unique_report_dir(tmp_path, "same-id")
+    assert first != second and first.exists() and second.exists()
+
+
+@pytest.mark.skipif(CHROMIUM is None, reason="chromium is not installed (.ci/run installs it)")
+def test_index_renders_in_a_real_browser(smoke_reports, tmp_path):
+    _, reports = smoke_reports
+    url = (reports / "index.html").as_uri()
+    profile = ["--user-data-dir=" + str(tmp_path / "profile")]
+    dom = subprocess.run([CHROMIUM, *CHROME_FLAGS, *profile, "--dump-dom", url],
+                         capture_output=True, text=True, timeout=120).stdout
+    rows = re.findall(r"<tr class=\"(\w+)\">", dom)
+    assert rows == ["succeeded"]
+    links = re.findall(r'href="([^"]+)"', dom)
+    assert len(links) == 4
+    for link in links:
+        assert (reports / link).is_file(), link
+    shot = tmp_path / "index.png"
+    subprocess.run([CHROMIUM, *CHROME_FLAGS, *profile, "--window-size=1400,700",
+                    f"--screenshot={shot}", url], capture_output=True, timeout=120)
+    assert shot.exists() and shot.stat().st_size > 10_000
+    assert Path(shot).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

@@ -1,0 +1,133 @@
+"""The trainer on the synthetic set: learns, stops early, resumes, refuses NaN."""
+
+import json
+
+import pytest
+import torch
+
+from brainseg_lib.augment import BatchAugment
+from brainseg_lib.config import Params
+from brainseg_lib.evaluate import predict_split
+from brainseg_lib.metrics import ConfusionCounts, pooled_iou
+from brainseg_lib.modeling import train as train_module
+from brainseg_lib.modeling.predict import load_checkpoint
+from brainseg_lib.modeling.train import (
+    EarlyStopping,
+    TrainingDivergedError,
+    load_training_data,
+    read_history,
+    train,
+)
+from conftest import tiny_params
+
+
+def test_overfits_a_handful_of_images(tmp_path, synthetic_root):
+    params = tiny_params(tmp_path, synthetic_root, epochs=15, limit_train_images=8,
+                         augment=False, lr=0.003, scheduler="none", monitor="val_loss",
+                         patience=0, batch_size=4, run_id="overfit")
+    result = train(params, progress=False)
+    losses = [row["train_loss"] for row in result.history]
+    assert losses[-1] < 0.3 * losses[0]
+    # IoU of the final model on the 8 images it saw; tumours cover ~3 % of the pixels, so
+    # an all-tumour guess scores ~0.03
+    _, data = load_training_data(params)
+    probs = predict_split(load_checkpoint(result.run_dir / "last.pt"), data["train"], False)
+    assert pooled_iou(ConfusionCounts.from_masks(probs.probs >= 0.5, data["train"].masks)) > 0.5
+    run = result.run_dir
+    for name in ("params.yaml", "env.json", "best.pt", "last.pt", "history.csv", "train.json"):
+        assert (run / name).exists(), name
+    env = json.loads((run / "env.json").read_text())
+    assert env["dataset"]["kind"] == "real" and "torch" in env["packages"]
+    assert len(read_history(run)) == 15
+
+
+def test_early_stopping_rule():
+    stopper = EarlyStopping("min", patience=2, min_delta=0.1)
+    assert stopper.step(1.0, 1)
+    assert not stopper.step(0.95, 2)        # improvement below min_delta
+    assert not stopper.should_stop
+    assert not stopper.step(0.93, 3)
+    assert stopper.should_stop and stopper.best_epoch == 1
+    up = EarlyStopping("max", patience=1, min_delta=0.0)
+    assert up.step(0.2, 1) and up.step(0.3, 2) and not up.step(0.3, 3) and up.should_stop
+
+
+def test_early_stopping_triggers_on_a_plateau(tmp_path, synthetic_root):
+    # lr at the floor: validation loss barely moves, so min_delta 0.5 is never met
+    params = tiny_params(tmp_path, synthetic_root, epochs=10, lr=1e-7, patience=2,
+                         min_delta=0.5, monitor="val_loss", scheduler="none",
+                         limit_train_images=4, run_id="plateau")
+    result = train(params, progress=False)
+    assert result.stop_reason == "early stopping"
+    assert len(result.history) == 3 and result.best_epoch == 1
+
+
+def test_resume_after_interruption_matches_an_uninterrupted_run(tmp_path, synthetic_root):
+    kwargs = dict(epochs=3, limit_train_images=8, augment=True, scheduler="cosine",
+                  warmup_epochs=1, patience=0)
+    full = train(tiny_params(tmp_path, synthetic_root, run_id="full", **kwargs),
+                 progress=False)
+
+    def interrupt(epoch, step):
+        if epoch == 2 and step == 1:
+            raise KeyboardInterrupt
+
+    params = tiny_params(tmp_path, synthetic_root, run_id="cut", **kwargs)
+    with pytest.raises(KeyboardInterrupt):
+        train(params, progress=False, step_callback=interrupt)
+    state = torch.load(tmp_path / "runs" / "cut" / "last.pt", weights_only=False)
+    assert state["epoch"] == 1
+    resumed = train(tiny_params(tmp_path, synthetic_root, resume=str(tmp_path / "runs" / "cut")),
+                    progress=False)
+    assert len(resumed.history) == len(full.history) == 3
+    assert [r["lr"] for r in resumed.history] == pytest.approx([r["lr"] for r in full.history])
+    assert resumed.history[-1]["train_loss"] == pytest.approx(full.history[-1]["train_loss"],
+                                                              rel=1e-3)
+
+
+def test_a_finished_run_is_not_overwritten(tmp_path, synthetic_root):
+    params = tiny_params(tmp_path, synthetic_root, epochs=1, limit_train_images=4,
+                         run_id="once")
+    train(params, progress=False)
+    with pytest.raises(FileExistsError, match="resume"):
+        train(params, progress=False)
+
+
+def test_nan_loss_stops_with_a_clear_error_and_keeps_the_checkpoint(tmp_path, synthetic_root,
+                                                                     monkeypatch):
+    params = tiny_params(tmp_path, synthetic_root, epochs=3, limit_train_images=8,
+                         run_id="nan")
+    real_loss = train_module.build_loss
+
+    class PoisonAfterFirstEpoch(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.inner, self.calls = real_loss(params.loss), 0
+
+        def forward(self, logits, target):
+            self.calls += torch.is_grad_enabled()  # count training steps, not validation
+            loss = self.inner(logits, target)
+            return loss * float("nan") if self.calls > 2 else loss
+
+    monkeypatch.setattr(train_module, "build_loss", lambda name: PoisonAfterFirstEpoch())
+    with pytest.raises(TrainingDivergedError, match="non-finite loss at epoch 2"):
+        train(params, progress=False)
+    state = torch.load(tmp_path / "runs" / "nan" / "last.pt", weights_only=False)
+    assert state["epoch"] == 1
+    assert all(torch.isfinite(v).all() for v in state["model"].values()
+               if v.is_floating_point())
+
+
+def test_augmentation_moves_image_and_mask_together():
+    params = Params(aug_hflip=1.0, aug_rotate_deg=0, aug_scale=0, aug_shift=0,
+                    aug_brightness=0, aug_contrast=0)
+    image = torch.zeros(1, 3, 16, 16)
+    mask = torch.zeros(1, 1, 16, 16)
+    image[..., 4:8, 1:5] = 1.0
+    mask[..., 4:8, 1:5] = 1.0
+    out_image, out_mask = BatchAugment(params)(image, mask, torch.Generator().manual_seed(0))
+    assert torch.equal(out_mask, mask.flip(-1))
+    assert torch.allclose(out_image[:, :1], out_mask, atol=1e-5)
+    rotate = Params(aug_hflip=0, aug_rotate_deg=30, aug_scale=0.2, aug_shift=0.1)
+    _, m = BatchAugment(rotate)(image, mask, torch.Generator().manual_seed(1))
+    assert set(m.unique().tolist()) <= {0.0, 1.0}
