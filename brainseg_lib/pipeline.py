@@ -83,7 +83,8 @@ def run_pipeline(params_file: str | Path, name: str | None = None,
     logging.getLogger("papermill").setLevel(logging.ERROR)
     params = load_params(params_file, **(overrides or {}))  # errors before anything runs
     run_id = params.run_id or new_run_id(name or params.profile)
-    params = load_params(params_file, **(overrides or {}), run_id=run_id, progress_bar=False)
+    params = load_params(params_file, **((overrides or {}) | {"run_id": run_id,
+                                                              "progress_bar": False}))
     reports_dir = Path(reports_dir) if reports_dir else default_reports_dir()
     out_dir = _unique_report_dir(reports_dir, run_id)
     injected = params.to_dict()

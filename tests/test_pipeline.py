@@ -24,7 +24,8 @@ def smoke_reports(tmp_path_factory):
     reports = tmp / "reports"
     code = main(["run", "--params", str(ROOT / "params" / "smoke.yaml"), "--reports-dir",
                  str(reports), "--set", f"runs_dir={tmp / 'runs'}",
-                 "--set", f"cache_dir={tmp / 'cache'}", "--name", "smoke-test"])
+                 "--set", f"cache_dir={tmp / 'cache'}", "--set", "run_id=smoke-fixed",
+                 "--name", "smoke-test"])
     return code, reports
 
 
@@ -38,6 +39,7 @@ def test_smoke_pipeline_writes_a_full_report(smoke_reports):
         assert (run_dir / f"{nb}.ipynb").exists() and (run_dir / f"{nb}.html").exists()
     summary = json.loads(summary_file.read_text())
     assert summary["status"] == "succeeded" and summary["dataset"]["kind"] == "synthetic"
+    assert summary["run_id"] == run_dir.name == "smoke-fixed"
     assert 0 <= summary["headline"]["pooled_iou"] <= 1
     assert [n["status"] for n in summary["notebooks"]] == ["succeeded"] * 4
     executed = json.loads((run_dir / "03_evaluate.ipynb").read_text())

@@ -276,8 +276,13 @@ def finished_run(params: Params) -> TrainResult | None:
     record = json.loads((run_dir / "train.json").read_text())
     history = read_history(run_dir)
     monitor = next(k for k in record if k.startswith("best_val"))
-    print(f"{run_dir.name} has already finished training ({record['epochs_run']} epochs, "
-          f"stopped by {record['stop_reason']}): showing its record")
+    env = json.loads((run_dir / "env.json").read_text()) if (run_dir / "env.json").exists() \
+        else {}
+    where = env.get("gpu") or env.get("device", "an unrecorded device")
+    print(f"{run_dir.name} has already finished training ({record['epochs_run']} epochs on "
+          f"{where}, stopped by {record['stop_reason']}): showing its record, not retraining")
+    if env.get("trained_on"):
+        print(f"note: {env['trained_on']}")
     return TrainResult(run_dir, history, int(record["best_epoch"]), float(record[monitor]),
                        record["stop_reason"], float(record["train_seconds_this_session"]))
 
