@@ -40,3 +40,14 @@ def test_download_offline_fails_fast_with_manual_steps(monkeypatch, capsys):
     assert main(["data", "download"]) == 2
     err = capsys.readouterr().err
     assert "cannot reach Kaggle" in err and "BRAINSEG_DATA" in err
+
+
+def test_auto_params_pick_the_cpu_profile_without_cuda(monkeypatch):
+    import torch
+
+    from brainseg_lib.cli import _main_profile
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert _main_profile().name == "quick.yaml"
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert _main_profile().name == "reference.yaml"

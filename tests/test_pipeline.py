@@ -40,6 +40,7 @@ def test_smoke_pipeline_writes_a_full_report(smoke_reports):
     summary = json.loads(summary_file.read_text())
     assert summary["status"] == "succeeded" and summary["dataset"]["kind"] == "synthetic"
     assert summary["run_id"] == run_dir.name == "smoke-fixed"
+    assert summary["training"]["epochs"] == 10 and summary["training"]["device"] == "cpu"
     assert 0 <= summary["headline"]["pooled_iou"] <= 1
     assert [n["status"] for n in summary["notebooks"]] == ["succeeded"] * 4
     executed = json.loads((run_dir / "03_evaluate.ipynb").read_text())
