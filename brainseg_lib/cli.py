@@ -28,12 +28,12 @@ def _data_check(args: argparse.Namespace) -> int:
     from brainseg_lib.datatools import check_dataset
     from brainseg_lib.locate import find_real_dataset
 
-    root = args.dir or (find_real_dataset() or None)
-    if root is None:
+    found = None if args.dir else find_real_dataset()
+    if not args.dir and found is None:
         print("no dataset given and none found (BRAINSEG_DATA, data/brain-tumor-coco)",
               file=sys.stderr)
         return 2
-    root = getattr(root, "path", root)
+    root = Path(args.dir) if args.dir else found.path
     report = check_dataset(root, decode=not args.no_decode)
     print(report.format(max_issues=args.max_issues))
     return 1 if report.errors else 0

@@ -7,7 +7,6 @@ Unlike papermill, which only warns, an unknown key is an error naming the closes
 
 from __future__ import annotations
 
-import dataclasses
 import difflib
 import types
 import typing
@@ -254,7 +253,3 @@ def save_params(params: Params, path: Path) -> None:
 
     atomic_write_text(path, yaml.safe_dump(params.to_dict(), sort_keys=False))
 
-
-def replace(params: Params, **changes: Any) -> Params:
-    """A validated copy with some values changed."""
-    return params_from_dict(dataclasses.asdict(params) | changes, source="override")

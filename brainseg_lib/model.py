@@ -104,6 +104,3 @@ def create_model(arch: str = "Unet", encoder: str = "resnet34", encoder_weights:
     warnings.warn(message + "; falling back to random initialisation", stacklevel=2)
     return build(None), "random initialisation (ImageNet weights unavailable offline)"
 
-
-def count_parameters(model: nn.Module) -> int:
-    return sum(p.numel() for p in model.parameters())
