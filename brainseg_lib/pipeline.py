@@ -116,7 +116,9 @@ def run_pipeline(params_file: str | Path, name: str | None = None,
         try:
             papermill.execute_notebook(
                 notebooks_dir() / f"{nb}.ipynb", out, parameters=injected, kernel_name=KERNEL,
-                cwd=str(notebooks_dir()), progress_bar=False, log_output=False)
+                cwd=str(notebooks_dir()), progress_bar=False, log_output=False,
+                # the kernel's own start-up warnings (e.g. "running over TCP") are noise here
+                extra_arguments=["--IPKernelApp.log_level=ERROR"])
         except Exception as err:  # papermill raises PapermillExecutionError, kernels others
             entry["status"] = "failed"
             entry["error"] = f"{type(err).__name__}: {str(err).strip().splitlines()[-1][:500]}"
