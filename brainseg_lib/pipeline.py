@@ -18,7 +18,7 @@ from typing import Any
 
 from brainseg_lib.config import Params, load_params, project_root
 from brainseg_lib.io import atomic_write_json, atomic_write_text
-from brainseg_lib.runs import new_run_id
+from brainseg_lib.runs import new_run_id, run_dir_for, training_record
 
 NOTEBOOKS = ("01_data_exploration", "02_train", "03_evaluate", "04_visualise")
 KERNEL = "python3"
@@ -53,8 +53,7 @@ def _unique_report_dir(reports_dir: Path, run_id: str) -> Path:
 
 
 def _headline(params: Params) -> dict[str, Any]:
-    metrics_file = params.resolve_path(params.runs_dir) / params.run_id / "eval-test" / \
-        "metrics.json"
+    metrics_file = run_dir_for(params) / "eval-test" / "metrics.json"
     if not metrics_file.exists():
         return {}
     m = json.loads(metrics_file.read_text())
@@ -67,19 +66,16 @@ def _headline(params: Params) -> dict[str, Any]:
 
 def _training(params: Params) -> dict[str, Any]:
     """Where and how long the run's model trained (it may predate this report)."""
-    run_dir = params.resolve_path(params.runs_dir) / params.run_id
-    if not (run_dir / "train.json").exists():
+    record = training_record(run_dir_for(params))
+    if record is None:
         return {}
-    record = json.loads((run_dir / "train.json").read_text())
-    env = json.loads((run_dir / "env.json").read_text()) if (run_dir / "env.json").exists() \
-        else {}
     return {"epochs": record["epochs_run"], "stop_reason": record["stop_reason"],
             "minutes": round(record["train_seconds_this_session"] / 60, 1),
-            "device": env.get("gpu") or env.get("device", "?")}
+            "device": record["device"]}
 
 
 def _dataset(params: Params) -> dict[str, Any]:
-    env = params.resolve_path(params.runs_dir) / params.run_id / "env.json"
+    env = run_dir_for(params) / "env.json"
     if env.exists():
         return json.loads(env.read_text()).get("dataset", {})
     return {"kind": "synthetic" if params.synthetic else "unknown"}

@@ -21,7 +21,7 @@ from brainseg_lib.locate import SYNTHETIC_BANNER, DataSource, data_source
 from brainseg_lib.metrics import HEADLINE, ConfusionCounts, per_image_dice
 from brainseg_lib.modeling.predict import LoadedModel, load_checkpoint
 from brainseg_lib.plots import overlay_rows
-from brainseg_lib.runs import git_commit, latest_run
+from brainseg_lib.runs import git_commit, latest_run, run_dir_for
 
 _BANNER = ('<div style="background:#fff3cd;border:2px solid #d39e00;padding:10px;'
            'margin:8px 0;font-weight:bold">&#9888; {}</div>')
@@ -57,12 +57,12 @@ def show_header(title: str, params: Params, source: DataSource | None = None) ->
 
 def run_dir_of(params: Params) -> Path:
     """``runs_dir/run_id`` when set, else the newest run of this profile with a checkpoint."""
-    runs_dir = params.resolve_path(params.runs_dir)
     if params.run_id:
-        run_dir = runs_dir / params.run_id
+        run_dir = run_dir_for(params)
         if not (run_dir / "best.pt").exists():
             raise FileNotFoundError(f"{run_dir} has no best.pt: run notebooks/02_train first")
         return run_dir
+    runs_dir = params.resolve_path(params.runs_dir)
     found = latest_run(runs_dir, params.profile)
     if found is None:
         raise FileNotFoundError(f"no trained run under {runs_dir}: run notebooks/02_train first")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import json
 import platform
 import subprocess
 from datetime import datetime
@@ -26,6 +27,18 @@ def new_run_id(profile: str) -> str:
 def run_dir_for(params: Params) -> Path:
     """``runs_dir/run_id``, choosing a fresh id when none is set."""
     return params.resolve_path(params.runs_dir) / (params.run_id or new_run_id(params.profile))
+
+
+def training_record(run_dir: Path) -> dict[str, Any] | None:
+    """train.json of a finished run plus where it trained (from env.json), else None."""
+    if not (run_dir / "train.json").exists():
+        return None
+    record = json.loads((run_dir / "train.json").read_text())
+    env_file = run_dir / "env.json"
+    env = json.loads(env_file.read_text()) if env_file.exists() else {}
+    record["device"] = env.get("gpu") or env.get("device", "an unrecorded device")
+    record["trained_on"] = env.get("trained_on", "")
+    return record
 
 
 def latest_run(runs_dir: Path, profile: str | None = None) -> Path | None:

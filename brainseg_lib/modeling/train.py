@@ -8,7 +8,6 @@ Checkpoints are written atomically each epoch (``last.pt``) and on improvement
 from __future__ import annotations
 
 import csv
-import json
 import math
 import random
 import sys
@@ -30,7 +29,7 @@ from brainseg_lib.locate import DataSource, data_source
 from brainseg_lib.losses import build_loss
 from brainseg_lib.metrics import ConfusionCounts, pooled_dice, pooled_iou
 from brainseg_lib.model import create_model
-from brainseg_lib.runs import dataset_hash, environment_info, run_dir_for
+from brainseg_lib.runs import dataset_hash, environment_info, run_dir_for, training_record
 
 NAN_CHECK_EVERY = 10  # steps between loss checks (each check waits for the GPU)
 HISTORY_FIELDS = ("epoch", "train_loss", "val_loss", "val_iou", "val_dice", "lr", "seconds",
@@ -270,19 +269,17 @@ def finished_run(params: Params) -> TrainResult | None:
     """The record of ``runs_dir/run_id`` when that run has finished training, else None."""
     if not params.run_id:
         return None
-    run_dir = params.resolve_path(params.runs_dir) / params.run_id
-    if not (run_dir / "train.json").exists() or not (run_dir / "best.pt").exists():
+    run_dir = run_dir_for(params)
+    record = training_record(run_dir)
+    if record is None or not (run_dir / "best.pt").exists():
         return None
-    record = json.loads((run_dir / "train.json").read_text())
     history = read_history(run_dir)
     monitor = next(k for k in record if k.startswith("best_val"))
-    env = json.loads((run_dir / "env.json").read_text()) if (run_dir / "env.json").exists() \
-        else {}
-    where = env.get("gpu") or env.get("device", "an unrecorded device")
     print(f"{run_dir.name} has already finished training ({record['epochs_run']} epochs on "
-          f"{where}, stopped by {record['stop_reason']}): showing its record, not retraining")
-    if env.get("trained_on"):
-        print(f"note: {env['trained_on']}")
+          f"{record['device']}, stopped by {record['stop_reason']}): showing its record, "
+          "not retraining")
+    if record["trained_on"]:
+        print(f"note: {record['trained_on']}")
     return TrainResult(run_dir, history, int(record["best_epoch"]), float(record[monitor]),
                        record["stop_reason"], float(record["train_seconds_this_session"]))
 
