@@ -14,54 +14,110 @@ from torch import nn
 
 from brainseg_lib.augment import normalize
 from brainseg_lib.coco import IMAGE_SUFFIXES
-from brainseg_lib.config import Params, params_from_dict
+from brainseg_lib.config import Params
 from brainseg_lib.dataset import resize_image
-from brainseg_lib.model import create_model
+from brainseg_lib.modeling.artifacts import (
+    ArtifactError,
+    is_model_dir,
+    load_model_dir,
+    model_from_checkpoint,
+)
 from brainseg_lib.modeling.train import autocast_dtype, select_device
 
 
 @dataclass
 class LoadedModel:
-    model: nn.Module
+    """One network, or the members of a fold ensemble, with their training parameters."""
+
+    members: list[nn.Module]
     params: Params
     device: torch.device
     epoch: int
+    source: str = ""  # where the weights came from, for reports
+
+    @property
+    def model(self) -> nn.Module:
+        return self.members[0]
+
+
+def _to_device(models: list[nn.Module], params: Params, device: str) -> tuple[
+        list[nn.Module], torch.device]:
+    dev = select_device(device if device != "auto" else params.device)
+    out = []
+    for m in models:
+        m = m.to(dev).eval()
+        out.append(m.to(memory_format=torch.channels_last) if params.channels_last else m)
+    return out, dev
 
 
 def load_checkpoint(path: str | Path, device: str = "auto") -> LoadedModel:
-    """Rebuild the network a checkpoint was trained with and load its weights."""
+    """Rebuild the network a checkpoint was trained with and load its weights (safely)."""
+    model, params, state = model_from_checkpoint(path)
+    members, dev = _to_device([model], params, device)
+    return LoadedModel(members, params, dev, int(state.get("epoch", 0)), str(path))
+
+
+def load_model(path: str | Path, device: str = "auto") -> LoadedModel:
+    """A checkpoint file, a run directory (its best.pt) or an exported model folder."""
     path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"checkpoint {path} does not exist")
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=False)
-        params = params_from_dict(state["params"], source=str(path))
-    except (KeyError, RuntimeError, OSError, EOFError) as err:
-        raise ValueError(f"{path}: not a brainseg checkpoint ({err})") from None
-    model, _ = create_model(params.arch, params.encoder, "none", params.in_channels)
-    model.load_state_dict(state["model"])
-    dev = select_device(device if device != "auto" else params.device)
-    model = model.to(dev).eval()
-    if params.channels_last:
-        model = model.to(memory_format=torch.channels_last)
-    return LoadedModel(model, params, dev, int(state.get("epoch", 0)))
+    if not path.exists():
+        raise ArtifactError(f"{path}: no such run directory, model folder or checkpoint")
+    if path.is_dir() and is_model_dir(path):
+        models, params, info = load_model_dir(path)
+        members, dev = _to_device(models, params, device)
+        epochs = info.get("checkpoint_epochs") or [0]
+        return LoadedModel(members, params, dev, int(epochs[0]), str(path))
+    if path.is_dir():
+        if not (path / "best.pt").is_file():
+            raise ArtifactError(f"{path}: neither a model folder (config.json) nor a run "
+                                "directory (best.pt)")
+        path = path / "best.pt"
+    return load_checkpoint(path, device)
 
 
-@torch.no_grad()
+@torch.inference_mode()
+def predict_both(loaded: LoadedModel, images_u8: torch.Tensor,
+                 ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Logits (B,1,H,W) float32 without and with horizontal-flip TTA, from one forward pass
+    of the image and one of its mirror per member.
+
+    TTA averages the logits of the image and its mirror inside each member; an ensemble
+    averages its members' probabilities (returned as the logit of the mean).
+    """
+    p = loaded.params
+    x = normalize(images_u8.to(loaded.device), p.normalize_mean, p.normalize_std)
+    if p.channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    dtype = autocast_dtype(p, loaded.device)
+    plain, tta = [], []
+    with torch.autocast(loaded.device.type, dtype=dtype, enabled=dtype is not None):
+        for model in loaded.members:
+            logits = model(x).float()
+            plain.append(logits)
+            tta.append((logits + model(x.flip(-1)).float().flip(-1)) / 2)
+    return _combine(plain), _combine(tta)
+
+
+@torch.inference_mode()
 def predict_logits(loaded: LoadedModel, images_u8: torch.Tensor, tta: bool = False,
                    ) -> torch.Tensor:
-    """Logits (B,1,H,W) in float32 for a uint8 batch (B,3,H,W); ``tta`` averages the
-    logits of the image and its horizontal mirror."""
+    """Logits (B,1,H,W) in float32 for a uint8 batch (B,3,H,W); see :func:`predict_both`."""
+    if tta:
+        return predict_both(loaded, images_u8)[1]
     p = loaded.params
     x = normalize(images_u8.to(loaded.device), p.normalize_mean, p.normalize_std)
     if p.channels_last:
         x = x.contiguous(memory_format=torch.channels_last)
     dtype = autocast_dtype(p, loaded.device)
     with torch.autocast(loaded.device.type, dtype=dtype, enabled=dtype is not None):
-        logits = loaded.model(x).float()
-        if tta:
-            logits = (logits + loaded.model(x.flip(-1)).float().flip(-1)) / 2
-    return logits
+        return _combine([model(x).float() for model in loaded.members])
+
+
+def _combine(member_logits: list[torch.Tensor]) -> torch.Tensor:
+    if len(member_logits) == 1:
+        return member_logits[0]
+    mean = torch.stack([torch.sigmoid(o) for o in member_logits]).mean(0)
+    return torch.logit(mean.clamp(1e-7, 1 - 1e-7))
 
 
 def predict_image(loaded: LoadedModel, rgb: np.ndarray, tta: bool = False) -> np.ndarray:
@@ -91,14 +147,14 @@ def collect_inputs(inputs: list[str | Path]) -> list[Path]:
     return files
 
 
-def predict_files(checkpoint: str | Path, inputs: list[str | Path], out_dir: str | Path,
+def predict_files(model: str | Path, inputs: list[str | Path], out_dir: str | Path,
                   threshold: float | None = None, tta: bool = False, device: str = "auto",
                   ) -> tuple[list[Path], list[tuple[Path, str]]]:
     """Write ``<name>_mask.png`` and ``<name>_overlay.png`` per readable input, at its size.
 
     Unreadable inputs are reported and skipped; returns (written masks, [(file, reason)]).
     """
-    loaded = load_checkpoint(checkpoint, device)
+    loaded = load_model(model, device)
     threshold = loaded.params.threshold if threshold is None else threshold
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
