@@ -1,24 +1,29 @@
-"""Training and inference throughput of the U-Net at 256 px: the full pipeline (cached
-data -> DataLoader -> device-side normalisation/augmentation -> Trainer step) next to the
-bare model step on random tensors already on the device. Prints images/s.
+"""Where training time goes: the bare model step next to the full trainer step.
 
-    python benchmarks/bench_train.py                      # CPU, 2 threads, real data if found
-    python benchmarks/bench_train.py --device cuda --batch-size 16
+*Bare*: random normalised tensors already on the device, forward + loss + backward +
+optimiser step (same batch, dtype, channels_last and compile as the trainer). *Trainer*:
+``Trainer.train_epoch`` over the device-resident split (index gather, augmentation,
+normalisation, schedule, EMA if asked). Inference: bare forward vs ``predict_split``
+(host arrays in, probabilities out). Prints one table; ``--json`` writes it too.
+
+    python benchmarks/bench_train.py --steps 10                         # CPU, 2 threads
+    python benchmarks/bench_train.py --device cuda --batches 16 32 64 --compile-batch 32
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import time
 
 import numpy as np
 import torch
 
 from brainseg_lib.config import Params
-from brainseg_lib.dataset import build_loader, load_split_arrays
+from brainseg_lib.dataset import ResidentBatches, SplitArrays, load_split_arrays
 from brainseg_lib.evaluate import predict_split
 from brainseg_lib.locate import resolve_data
-from brainseg_lib.model import create_model
+from brainseg_lib.modeling.artifacts import build_network
 from brainseg_lib.modeling.predict import LoadedModel
 from brainseg_lib.modeling.train import Trainer, autocast_dtype, select_device
 
@@ -28,88 +33,120 @@ def sync(device: torch.device) -> None:
         torch.cuda.synchronize()
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__)
-    ap.add_argument("--device", default="auto")
-    ap.add_argument("--size", type=int, default=256)
-    ap.add_argument("--batch-size", type=int, default=16)
-    ap.add_argument("--steps", type=int, default=8, help="timed training steps")
-    ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--encoder", default="resnet34")
-    ap.add_argument("--augment", action="store_true", help="include the augmentation")
-    ap.add_argument("--data-dir", default="")
-    args = ap.parse_args()
+def repeat_to(arrays: SplitArrays, n: int) -> SplitArrays:
+    idx = np.arange(n) % len(arrays)
+    return SplitArrays(arrays.name, [arrays.files[i] for i in idx], arrays.images[idx],
+                       arrays.masks[idx], [arrays.source_sizes[i] for i in idx])
 
-    torch.set_num_threads(args.threads)
-    device = select_device(args.device)
-    params = Params(profile="bench", image_size=args.size, batch_size=args.batch_size,
-                    encoder=args.encoder, device=device.type, augment=args.augment,
-                    data_dir=args.data_dir)
+
+def bench_one(arrays: SplitArrays, device: torch.device, batch: int, steps: int, size: int,
+              encoder: str, compiled: bool, augment: bool, ema: bool) -> dict[str, float]:
+    params = Params(profile="bench", image_size=size, batch_size=batch, encoder=encoder,
+                    device=device.type, augment=augment, compile=compiled, ema=ema,
+                    loss="bce_dice", optimizer="adamw", scheduler="cosine", epochs=100)
     dtype = autocast_dtype(params, device)
-    n_images = args.batch_size * args.steps
-    gpu = f"{torch.cuda.get_device_name()}, " if device.type == "cuda" else ""
-    print(f"device {device} ({gpu}{torch.get_num_threads()} threads), {params.arch}/"
-          f"{params.encoder} at {args.size}px, batch {args.batch_size}, {dtype or 'fp32'}, "
-          f"channels_last, {args.steps} steps")
-
-    source = resolve_data(args.data_dir)
-    arrays = load_split_arrays(source.path, "train", args.size)
-    arrays = arrays.subset(np.arange(min(len(arrays), n_images)))
-    print(f"data: {source.kind} ({source.path}), {len(arrays)} images")
-
-    model, _ = create_model(params.arch, params.encoder, "none")
-    trainer = Trainer(params, model, device, args.steps)
-
-    # bare step: random normalised input already on the device
-    x = torch.randn(args.batch_size, 3, args.size, args.size, device=device)
-    x = x.contiguous(memory_format=torch.channels_last)
-    y = (torch.rand(args.batch_size, 1, args.size, args.size, device=device) > 0.97).float()
+    data = repeat_to(arrays, batch * steps)
+    batches = ResidentBatches(data, device, batch, shuffle=True)
+    trainer = Trainer(params, build_network("Unet", encoder), device, len(batches))
+    x = torch.randn(batch, 3, size, size, device=device).contiguous(
+        memory_format=torch.channels_last)
+    y = (torch.rand(batch, 1, size, size, device=device) > 0.97).float()
 
     def bare_step() -> None:
         with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
-            logits = trainer.model(x)
+            logits = trainer.forward(x)
         loss = trainer.loss_fn(logits.float(), y)
         trainer.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         trainer.optimizer.step()
 
     trainer.model.train()
-    for _ in range(3):
+    t0 = time.perf_counter()
+    bare_step()  # compiles when compiled
+    sync(device)
+    compile_s = time.perf_counter() - t0
+    for _ in range(2):
         bare_step()
     sync(device)
     t0 = time.perf_counter()
-    for _ in range(args.steps):
+    for _ in range(steps):
         bare_step()
     sync(device)
-    bare_train = n_images / (time.perf_counter() - t0)
+    bare_train = batch * steps / (time.perf_counter() - t0)
 
-    loader = build_loader(arrays, args.batch_size, train=True)
-    trainer.train_epoch(loader, 0)  # warm-up epoch
-    _, seen, seconds = trainer.train_epoch(loader, 1)
-    pipe_train = seen / seconds
+    trainer.schedule.step_count = 1  # the graph is compiled: no first-step handling
+    trainer.train_epoch(batches, 0)  # warm-up (augmentation kernels, allocator)
+    _, seen, seconds = trainer.train_epoch(batches, 1)
+    trainer_train = seen / seconds
 
-    trainer.model.eval()
+    model = trainer.model.eval()
     with torch.no_grad():
         for _ in range(2):
             with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
-                trainer.model(x)
+                model(x)
         sync(device)
         t0 = time.perf_counter()
-        for _ in range(args.steps):
+        for _ in range(steps):
             with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
-                trainer.model(x)
+                model(x)
         sync(device)
-    bare_infer = n_images / (time.perf_counter() - t0)
-    loaded = LoadedModel(trainer.model, params, device, 0)
-    predict_split(loaded, arrays, tta=False, batch_size=args.batch_size)  # warm-up
+    bare_infer = batch * steps / (time.perf_counter() - t0)
+    loaded = LoadedModel([model], params, device, 0)
+    predict_split(loaded, data, tta=False, batch_size=batch)  # warm-up
     t0 = time.perf_counter()
-    predict_split(loaded, arrays, tta=False, batch_size=args.batch_size)
-    pipe_infer = len(arrays) / (time.perf_counter() - t0)
+    predict_split(loaded, data, tta=False, batch_size=batch)
+    pipe_infer = len(data) / (time.perf_counter() - t0)
+    return {"batch": batch, "compiled": compiled, "compile_s": compile_s if compiled else 0.0,
+            "bare_train": bare_train, "trainer_train": trainer_train,
+            "train_ratio": trainer_train / bare_train, "bare_infer": bare_infer,
+            "pipeline_infer": pipe_infer}
 
-    print(f"{'':10} {'bare img/s':>11} {'pipeline img/s':>15} {'overhead':>9}")
-    for name, bare, pipe in (("train", bare_train, pipe_train),
-                             ("inference", bare_infer, pipe_infer)):
-        print(f"{name:10} {bare:11.1f} {pipe:15.1f} {100 * (bare / pipe - 1):8.1f}%")
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__)
+    ap.add_argument("--device", default="auto")
+    ap.add_argument("--size", type=int, default=256)
+    ap.add_argument("--batches", type=int, nargs="+", default=[16])
+    ap.add_argument("--compile-batch", type=int, nargs="*", default=[],
+                    help="batch sizes also measured with torch.compile (CUDA)")
+    ap.add_argument("--steps", type=int, default=8, help="timed steps per measurement")
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--encoder", default="resnet34")
+    ap.add_argument("--no-augment", action="store_true", help="trainer without augmentation")
+    ap.add_argument("--ema", action="store_true", help="trainer with weight EMA")
+    ap.add_argument("--data-dir", default="")
+    ap.add_argument("--json", help="also write the rows to this file")
+    args = ap.parse_args()
+
+    torch.set_num_threads(args.threads)
+    device = select_device(args.device)
+    torch.backends.cudnn.benchmark = True
+    gpu = f"{torch.cuda.get_device_name()}, " if device.type == "cuda" else ""
+    source = resolve_data(args.data_dir)
+    arrays = load_split_arrays(source.path, "train", args.size)
+    print(f"device {device} ({gpu}{torch.get_num_threads()} threads), Unet/{args.encoder} at "
+          f"{args.size}px, {'bf16' if device.type == 'cuda' else 'fp32'}, channels_last, "
+          f"{args.steps} steps; data: {source.kind}, augmentation "
+          f"{'off' if args.no_augment else 'on'}, EMA {'on' if args.ema else 'off'}",
+          flush=True)
+    rows = []
+    plan = [(b, False) for b in args.batches] + [(b, True) for b in args.compile_batch]
+    for batch, compiled in plan:
+        rows.append(bench_one(arrays, device, batch, args.steps, args.size, args.encoder,
+                              compiled, not args.no_augment, args.ema))
+        r = rows[-1]
+        print(f"  batch {batch} {'compiled' if compiled else 'eager'}: train bare "
+              f"{r['bare_train']:.0f}, trainer {r['trainer_train']:.0f} img/s", flush=True)
+    print(f"{'batch':>5} {'mode':>8} {'compile s':>9} {'train bare':>10} {'trainer':>8} "
+          f"{'ratio':>6} {'infer bare':>10} {'pipeline':>8}")
+    for r in rows:
+        print(f"{r['batch']:5d} {'compiled' if r['compiled'] else 'eager':>8} "
+              f"{r['compile_s']:9.1f} {r['bare_train']:10.1f} {r['trainer_train']:8.1f} "
+              f"{r['train_ratio']:6.2f} {r['bare_infer']:10.1f} {r['pipeline_infer']:8.1f}")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"device": str(device), "gpu": gpu.strip(", "), "rows": rows}, f,
+                      indent=2)
 
 
 if __name__ == "__main__":

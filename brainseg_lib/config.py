@@ -42,6 +42,9 @@ class Params:
     cache_dir: str = ""  # "" = $BRAINSEG_CACHE or ~/.cache/brainseg
     normalize_mean: list[float] = field(default_factory=lambda: [0.485, 0.456, 0.406])
     normalize_std: list[float] = field(default_factory=lambda: [0.229, 0.224, 0.225])
+    folds_file: str = ""  # cross-validation: folds.json over train+valid (brainseg cv)
+    fold: int = -1  # -1 = the dataset's own train/valid split; k = hold out fold k of folds_file
+    duplicate_bits: int = 4  # pHash distance at or under which two images are near-duplicates
 
     # --- model
     arch: str = "Unet"
@@ -49,6 +52,7 @@ class Params:
     encoder_weights: str = "none"  # imagenet | none | path to a local .pt/.pth/.safetensors
     require_pretrained: bool = False  # make unavailable ImageNet weights an error, not a warning
     in_channels: int = 3
+    model_dir: str = ""  # an exported model (brainseg export) to report on instead of training
 
     # --- optimisation
     loss: Literal["bce", "dice", "bce_dice", "focal"] = "bce"
@@ -64,6 +68,9 @@ class Params:
     min_delta: float = 1e-4  # smallest change of the monitored value that counts as improvement
     grad_clip: float = 0.0  # max gradient norm; 0 = off
     max_train_minutes: float = 0.0  # wall-clock cap on training; 0 = none
+    train_minutes: float = 0.0  # time budget: the schedule runs over it, training ends with it
+    ema: bool = False  # validate and keep an exponential moving average of the weights
+    ema_decay: float = 0.999  # per optimiser step
 
     # --- augmentation (train only; applied to image and mask together)
     augment: bool = False
@@ -81,6 +88,7 @@ class Params:
     device: Literal["auto", "cpu", "cuda"] = "auto"
     amp: Literal["auto", "bf16", "fp16", "none"] = "auto"  # auto = bf16 on CUDA, fp32 on CPU
     channels_last: bool = True
+    compile: Literal["auto"] | bool = "auto"  # torch.compile the training step; auto = on CUDA
     num_threads: int = 0  # torch CPU threads; 0 = torch's default
     num_workers: int = 0
     pin_memory: bool = True  # only used on CUDA
@@ -168,6 +176,10 @@ _RANGES: dict[str, tuple[float, float]] = {
     "min_delta": (0.0, 1.0),
     "grad_clip": (0.0, 1e6),
     "max_train_minutes": (0.0, 1e5),
+    "train_minutes": (0.0, 1e5),
+    "ema_decay": (0.0, 0.99999),
+    "fold": (-1, 100),
+    "duplicate_bits": (0, 64),
     "aug_hflip": (0.0, 1.0),
     "aug_vflip": (0.0, 1.0),
     "aug_rotate_deg": (0.0, 180.0),

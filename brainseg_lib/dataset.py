@@ -42,6 +42,13 @@ class SplitArrays:
     def __len__(self) -> int:
         return len(self.files)
 
+    @classmethod
+    def concat(cls, name: str, parts: list[SplitArrays]) -> SplitArrays:
+        return cls(name, [f for p in parts for f in p.files],
+                   np.concatenate([p.images for p in parts]),
+                   np.concatenate([p.masks for p in parts]),
+                   [s for p in parts for s in p.source_sizes])
+
     def subset(self, indices: np.ndarray) -> SplitArrays:
         idx = np.sort(np.asarray(indices))
         return SplitArrays(self.name, [self.files[i] for i in idx], self.images[idx],
@@ -200,6 +207,39 @@ def build_loader(arrays: SplitArrays, batch_size: int, train: bool = False,
         persistent_workers=num_workers > 0,
         drop_last=train and len(arrays) % batch_size == 1,  # BatchNorm fails on 1 sample
     )
+
+
+class ResidentBatches:
+    """A split held as uint8 tensors on the training device, served as index-gathered batches.
+
+    Same order as a DataLoader shuffled with the same generator (one ``randperm`` per epoch).
+    Training drops the ragged last batch, so every step has the same shape (what
+    ``torch.compile`` and cuDNN's autotuner want); evaluation keeps every image.
+    """
+
+    def __init__(self, arrays: SplitArrays, device: torch.device, batch_size: int,
+                 shuffle: bool = False, seed: int = 0):
+        self.images = torch.from_numpy(arrays.images).to(device)
+        self.masks = torch.from_numpy(arrays.masks).unsqueeze(1).to(device)
+        self.n, self.shuffle = len(arrays), shuffle
+        self.batch_size = min(batch_size, self.n)
+        self.generator = torch.Generator().manual_seed(seed)
+
+    def __len__(self) -> int:
+        return self.n // self.batch_size if self.shuffle else -(-self.n // self.batch_size)
+
+    def __iter__(self):
+        if self.shuffle:
+            # the same draws as a shuffled DataLoader: a base seed for its workers, then the
+            # permutation, so both paths serve the same batches for the same seed
+            torch.empty((), dtype=torch.int64).random_(generator=self.generator)
+            order = torch.randperm(self.n, generator=self.generator)
+        else:
+            order = torch.arange(self.n)
+        order = order.to(self.images.device)
+        for i in range(len(self)):
+            idx = order[i * self.batch_size:(i + 1) * self.batch_size]
+            yield self.images[idx], self.masks[idx]
 
 
 def build_loaders(data: dict[str, SplitArrays], batch_size: int, num_workers: int = 0,

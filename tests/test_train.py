@@ -10,6 +10,7 @@ from brainseg_lib.config import Params
 from brainseg_lib.evaluate import predict_split
 from brainseg_lib.metrics import ConfusionCounts, pooled_iou
 from brainseg_lib.modeling import train as train_module
+from brainseg_lib.modeling.artifacts import read_checkpoint
 from brainseg_lib.modeling.predict import load_checkpoint
 from brainseg_lib.modeling.train import (
     EarlyStopping,
@@ -75,7 +76,7 @@ def test_resume_after_interruption_matches_an_uninterrupted_run(tmp_path, synthe
     params = tiny_params(tmp_path, synthetic_root, run_id="cut", **kwargs)
     with pytest.raises(KeyboardInterrupt):
         train(params, progress=False, step_callback=interrupt)
-    state = torch.load(tmp_path / "runs" / "cut" / "last.pt", weights_only=False)
+    state = read_checkpoint(tmp_path / "runs" / "cut" / "last.pt")
     assert state["epoch"] == 1
     resumed = train(tiny_params(tmp_path, synthetic_root, resume=str(tmp_path / "runs" / "cut")),
                     progress=False)
@@ -110,9 +111,9 @@ def test_nan_loss_stops_with_a_clear_error_and_keeps_the_checkpoint(tmp_path, sy
             return loss * float("nan") if self.calls > 2 else loss
 
     monkeypatch.setattr(train_module, "build_loss", lambda name: PoisonAfterFirstEpoch())
-    with pytest.raises(TrainingDivergedError, match="non-finite loss at epoch 2"):
+    with pytest.raises(TrainingDivergedError, match="non-finite loss in epoch 2"):
         train(params, progress=False)
-    state = torch.load(tmp_path / "runs" / "nan" / "last.pt", weights_only=False)
+    state = read_checkpoint(tmp_path / "runs" / "nan" / "last.pt")
     assert state["epoch"] == 1
     assert all(torch.isfinite(v).all() for v in state["model"].values()
                if v.is_floating_point())
@@ -131,3 +132,85 @@ def test_augmentation_moves_image_and_mask_together():
     rotate = Params(aug_hflip=0, aug_rotate_deg=30, aug_scale=0.2, aug_shift=0.1)
     _, m = BatchAugment(rotate)(image, mask, torch.Generator().manual_seed(1))
     assert set(m.unique().tolist()) <= {0.0, 1.0}
+
+
+def test_resume_applies_safe_overrides_and_refuses_the_others(tmp_path, synthetic_root):
+    params = tiny_params(tmp_path, synthetic_root, epochs=1, limit_train_images=4,
+                         run_id="r")
+    train(params, progress=False)
+    resume = tiny_params(tmp_path, synthetic_root, resume=str(tmp_path / "runs" / "r"))
+    with pytest.raises(ValueError, match="cannot change lr"):
+        train(resume, progress=False, resume_overrides={"lr": 0.5, "epochs": 2})
+    result = train(resume, progress=False, resume_overrides={"epochs": 2})
+    assert len(result.history) == 2
+
+
+def test_resident_batches_match_the_dataloader_order(synthetic_root, tmp_path):
+    from brainseg_lib.dataset import ResidentBatches, build_loader, load_split_arrays
+
+    arrays = load_split_arrays(synthetic_root, "train", 64, tmp_path)
+    loader = build_loader(arrays, 5, train=True, seed=7)
+    resident = ResidentBatches(arrays, torch.device("cpu"), 5, shuffle=True, seed=7)
+    for epoch in (1, 2):
+        loader.generator.manual_seed(epoch)
+        resident.generator.manual_seed(epoch)
+        pairs = list(zip(loader, resident, strict=False))
+        assert len(resident) == len(arrays) // 5 and len(pairs) == len(resident)
+        for (img_a, mask_a), (img_b, mask_b) in pairs:
+            assert torch.equal(img_a, img_b) and torch.equal(mask_a, mask_b)
+    valid = ResidentBatches(arrays, torch.device("cpu"), 5)
+    assert sum(len(b[0]) for b in valid) == len(arrays)  # evaluation keeps the ragged tail
+
+
+def test_ema_weights_differ_and_are_what_best_pt_holds(tmp_path, synthetic_root):
+    params = tiny_params(tmp_path, synthetic_root, epochs=2, limit_train_images=8, ema=True,
+                         ema_decay=0.9, run_id="ema", monitor="val_loss")
+    result = train(params, progress=False)
+    last = read_checkpoint(result.run_dir / "last.pt")
+    raw, ema = last["raw_model"], last["model"]
+    key = "encoder.conv1.weight"
+    assert not torch.equal(raw[key], ema[key])
+    best = read_checkpoint(result.run_dir / "best.pt")
+    if best["epoch"] == last["epoch"]:
+        assert torch.equal(best["model"][key], ema[key])
+    assert best["ema"] is True
+
+
+def test_compile_on_the_cpu_is_ignored_with_a_message(tmp_path, synthetic_root, capsys):
+    params = tiny_params(tmp_path, synthetic_root, epochs=1, limit_train_images=4,
+                         compile=True, run_id="c")
+    train(params, progress=False)
+    assert "compile: true is ignored on the CPU" in capsys.readouterr().err
+
+
+def test_time_budget_shapes_the_schedule():
+    from brainseg_lib.modeling.train import Schedule
+
+    sched = Schedule(Params(scheduler="cosine", epochs=100, train_minutes=1.0), 10)
+    assert sched.factor() == pytest.approx(1.0)
+    sched.step_count, sched.elapsed = 5, 30.0  # few steps, half the budget: half-way down
+    assert sched.factor() == pytest.approx(0.5)
+    sched.elapsed = 60.0
+    assert sched.factor() == pytest.approx(0.0, abs=1e-9) and sched.out_of_time
+    no_budget = Schedule(Params(scheduler="cosine", epochs=2), 10)
+    no_budget.step_count, no_budget.elapsed = 10, 1e6
+    assert no_budget.factor() == pytest.approx(0.5) and not no_budget.out_of_time
+
+
+def test_a_budgeted_run_stops_on_time_at_a_low_learning_rate(tmp_path, synthetic_root):
+    params = tiny_params(tmp_path, synthetic_root, epochs=500, limit_train_images=8,
+                         train_minutes=0.1, scheduler="cosine", run_id="budget")
+    result = train(params, progress=False)
+    assert result.stop_reason == "time budget" and 1 <= len(result.history) < 500
+    assert result.history[-1]["lr"] < 0.2 * params.lr
+
+
+def test_deterministic_runs_repeat_exactly(tmp_path, synthetic_root):
+    def run(name):
+        params = tiny_params(tmp_path, synthetic_root, epochs=2, limit_train_images=8,
+                             deterministic=True, run_id=name)
+        rows = train(params, progress=False).history
+        return [{k: v for k, v in r.items() if k not in ("seconds", "train_img_per_s")}
+                for r in rows]
+
+    assert run("a") == run("b")
