@@ -30,7 +30,8 @@ from PIL import Image, UnidentifiedImageError
 from pycocotools import mask as mask_utils
 
 SPLITS = ("train", "valid", "test")
-ANNOTATION_FILE = "_annotations.coco.json"
+ANNOTATION_FILE = "_annotations.coco.json"  # Roboflow: one per split folder
+SPLIT_ALIASES = {"train": ("train",), "valid": ("valid", "val"), "test": ("test",)}
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff")
 
 
@@ -55,34 +56,112 @@ class DatasetError(Exception):
         super().__init__(head + more)
 
 
+@dataclass(frozen=True)
+class SplitFiles:
+    """Where one split's annotation file and images are, in whichever layout was found."""
+
+    annotation_file: Path
+    image_dir: Path
+    layout: str  # "roboflow" or "coco"
+
+
+def _coco_layout_split(root: Path, split: str) -> SplitFiles | None:
+    """Standard COCO: ``annotations/instances_<split>.json`` (``val`` for valid) and the
+    images in ``<split>/``, ``images/<split>/`` or ``<split>2017/``."""
+    for name in SPLIT_ALIASES[split]:
+        ann = root / "annotations" / f"instances_{name}.json"
+        if ann.is_file():
+            for image_dir in (root / name, root / "images" / name, root / f"{name}2017",
+                              root / "images"):
+                if image_dir.is_dir():
+                    return SplitFiles(ann, image_dir, "coco")
+            return SplitFiles(ann, root / name, "coco")
+    return None
+
+
+def detect_layout(root: str | Path) -> str:
+    """``roboflow`` (``<split>/_annotations.coco.json``) or ``coco``
+    (``annotations/instances_<split>.json``); FileNotFoundError says what is missing."""
+    root = Path(root)
+    if all((root / s / ANNOTATION_FILE).is_file() for s in SPLITS):
+        return "roboflow"
+    if all(_coco_layout_split(root, s) for s in SPLITS):
+        return "coco"
+    roboflow = [f"{s}/{ANNOTATION_FILE}" for s in SPLITS
+                if not (root / s / ANNOTATION_FILE).is_file()]
+    coco = [f"annotations/instances_{s}.json" for s in SPLITS
+            if not _coco_layout_split(root, s)]
+    raise FileNotFoundError(
+        f"no COCO dataset layout found: Roboflow's needs {', '.join(roboflow)}; the standard "
+        f"one needs {', '.join(coco)}")
+
+
+def split_files(root: str | Path, split: str) -> SplitFiles:
+    """The annotation file and image folder of ``split`` (Roboflow's layout first)."""
+    root = Path(root)
+    if (root / split / ANNOTATION_FILE).is_file() or not (root / "annotations").is_dir():
+        return SplitFiles(root / split / ANNOTATION_FILE, root / split, "roboflow")
+    return _coco_layout_split(root, split) or SplitFiles(
+        root / "annotations" / f"instances_{split}.json", root / split, "coco")
+
+
+def read_json_text(path: Path) -> Any:
+    """JSON as tools and editors write it: UTF-8 with or without a BOM, or UTF-16."""
+    import codecs
+
+    raw = path.read_bytes()
+    if raw.startswith((codecs.BOM_UTF16_LE, codecs.BOM_UTF16_BE)):
+        text = raw.decode("utf-16")
+    else:
+        text = raw.decode("utf-8-sig")
+    return json.loads(text)
+
+
+def image_key(value: Any) -> str:
+    """Image ids as keys: ints, and the strings some exporters write, compare alike."""
+    return str(value).strip()
+
+
 @dataclass
 class CocoSplit:
     """One split's parsed annotation file, keyed the way masks are built."""
 
     name: str
-    root: Path
+    root: Path  # the image folder
     images: list[dict[str, Any]]
-    annotations: dict[int, list[dict[str, Any]]]
+    annotations: dict[str, list[dict[str, Any]]]  # by image_key(image id)
     tumour_category_ids: set[int]
     categories: list[dict[str, Any]]
     issues: list[Issue] = field(default_factory=list)
+    annotation_path: Path | None = None
+    layout: str = "roboflow"
 
     @property
     def annotation_file(self) -> Path:
-        return self.root / ANNOTATION_FILE
+        return self.annotation_path or self.root / ANNOTATION_FILE
+
+    def annotations_of(self, image: dict[str, Any]) -> list[dict[str, Any]]:
+        return self.annotations.get(image_key(image["id"]), [])
 
     @property
     def errors(self) -> list[Issue]:
         return [i for i in self.issues if i.severity == "error"]
 
     def image_path(self, image: dict[str, Any]) -> Path:
-        return self.root / image["file_name"]
+        """``file_name`` relative to the image folder; exporters that write paths relative
+        to the dataset root (``images/x.jpg``) or to elsewhere are found by name."""
+        name = str(image["file_name"]).replace("\\", "/")
+        for candidate in (self.root / name, self.root.parent / name,
+                          self.root / Path(name).name):
+            if candidate.is_file():
+                return candidate
+        return self.root / name
 
     def mask(self, image: dict[str, Any]) -> np.ndarray:
         """Union of the image's tumour annotations at the size the JSON gives, uint8 {0,1}."""
         height, width = int(image["height"]), int(image["width"])
         out = np.zeros((height, width), dtype=np.uint8)
-        for ann in self.annotations.get(int(image["id"]), []):
+        for ann in self.annotations_of(image):
             out |= annotation_mask(ann, height, width)
         return out
 
@@ -152,23 +231,35 @@ def is_rectangle(ann: dict[str, Any], tolerance: float = 0.5) -> bool:
 
 
 def load_split(data_dir: str | Path, split: str) -> CocoSplit:
-    """Parse and validate one split's annotation file (no image is decoded here)."""
-    root = Path(data_dir) / split
-    ann_file = root / ANNOTATION_FILE
+    """Parse and validate one split's annotation file (no image is decoded here).
+
+    Either layout (``detect_layout``); UTF-8 with or without BOM, UTF-16, pretty-printed
+    or not; string or integer ids; polygons, RLE (crowd too) or bbox-only annotations.
+    """
+    files = split_files(data_dir, split)
+    root, ann_file = files.image_dir, files.annotation_file
     issues: list[Issue] = []
 
     def fail(file: Path | str, problem: str) -> CocoSplit:
         issues.append(Issue("error", split, str(file), problem))
-        return CocoSplit(split, root, [], {}, set(), [], issues)
+        return CocoSplit(split, root, [], {}, set(), [], issues, ann_file, files.layout)
 
-    if not root.is_dir():
+    if files.layout == "roboflow" and not root.is_dir():
         return fail(root, "split folder is missing")
     if not ann_file.is_file():
-        return fail(ann_file, f"annotation file {ANNOTATION_FILE} is missing")
+        return fail(ann_file, f"annotation file {ann_file.name} is missing")
+    if not root.is_dir():
+        return fail(root, "image folder is missing")
     try:
-        data = json.loads(ann_file.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        return fail(ann_file, f"malformed JSON: {err}")
+        data = read_json_text(ann_file)
+    except UnicodeDecodeError as err:
+        return fail(ann_file, f"not UTF-8 or UTF-16 text ({err.reason} at byte {err.start}): "
+                              "save it as UTF-8")
+    except json.JSONDecodeError as err:
+        hint = (" (a trailing comma?)" if err.msg.startswith("Expecting property name") or
+                err.msg.startswith("Expecting value") else "")
+        return fail(ann_file, f"malformed JSON at line {err.lineno} column {err.colno}: "
+                              f"{err.msg}{hint}")
     if not isinstance(data, dict) or not all(
         isinstance(data.get(k), list) for k in ("images", "annotations")
     ):
@@ -181,18 +272,18 @@ def load_split(data_dir: str | Path, split: str) -> CocoSplit:
                                 f"images[{n}] lacks id/file_name/width/height"))
             continue
         images.append(img)
-    ids = {int(img["id"]) for img in images}
+    ids = {image_key(img["id"]) for img in images}
     categories = [c for c in data.get("categories", []) if isinstance(c, dict) and "id" in c]
     tumour_ids = tumour_categories(categories) if categories else set()
 
-    annotations: dict[int, list[dict[str, Any]]] = {}
+    annotations: dict[str, list[dict[str, Any]]] = {}
     for n, ann in enumerate(data["annotations"]):
         where = f"{ann_file} annotations[{n}] (id {ann.get('id')})" if isinstance(
             ann, dict) else f"{ann_file} annotations[{n}]"
         if not isinstance(ann, dict) or "image_id" not in ann:
             issues.append(Issue("error", split, where, "annotation lacks image_id"))
             continue
-        if int(ann["image_id"]) not in ids:
+        if image_key(ann["image_id"]) not in ids:
             issues.append(Issue("error", split, where,
                                 f"points to unknown image id {ann['image_id']}"))
             continue
@@ -210,18 +301,21 @@ def load_split(data_dir: str | Path, split: str) -> CocoSplit:
                 issues.append(Issue("warning", split, where,
                                     f"{len(bad)} degenerate polygon(s) (fewer than 3 points "
                                     f"or zero area): {fallback}"))
-        annotations.setdefault(int(ann["image_id"]), []).append(ann)
+        annotations.setdefault(image_key(ann["image_id"]), []).append(ann)
 
-    listed = {img["file_name"] for img in images}
+    coco = CocoSplit(split, root, images, annotations, tumour_ids, categories, issues,
+                     ann_file, files.layout)
+    paths = {img["file_name"]: coco.image_path(img) for img in images}
+    listed = {p.name for p in paths.values()}
     for path in sorted(root.iterdir()):
         if path.suffix.lower() in IMAGE_SUFFIXES and path.name not in listed:
             issues.append(Issue("warning", split, str(path),
                                 "image on disk is not listed in the JSON: ignored"))
-    for img in images:
-        if not (root / img["file_name"]).is_file():
-            issues.append(Issue("error", split, str(root / img["file_name"]),
+    for path in paths.values():
+        if not path.is_file():
+            issues.append(Issue("error", split, str(path),
                                 "image listed in the JSON is missing on disk"))
-    return CocoSplit(split, root, images, annotations, tumour_ids, categories, issues)
+    return coco
 
 
 def read_image(split: CocoSplit, image: dict[str, Any]) -> tuple[np.ndarray, str]:

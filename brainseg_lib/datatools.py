@@ -16,10 +16,14 @@ from brainseg_lib.coco import (
     SPLITS,
     DatasetError,
     Issue,
+    detect_layout,
+    image_key,
     is_rectangle,
     load_split,
     read_image,
+    read_json_text,
 )
+from brainseg_lib.runs import dataset_hash
 
 POLICY = """\
 Errors make a split unusable: missing split folder or annotation file, malformed JSON, JSON
@@ -51,6 +55,7 @@ class CheckReport:
     root: Path
     splits: dict[str, SplitReport]
     issues: list[Issue]
+    layout: str = "roboflow"
 
     @property
     def errors(self) -> list[Issue]:
@@ -60,7 +65,24 @@ class CheckReport:
     def warnings(self) -> list[Issue]:
         return [i for i in self.issues if i.severity == "warning"]
 
-    def format(self, max_issues: int = 50) -> str:
+    def grouped_issues(self, per_group: int = 3) -> list[str]:
+        """Issues grouped by split, severity and kind of problem: a count and the first few
+        files of each, so a flood of one kind never hides another."""
+        groups: dict[tuple[str, str, str], list[Issue]] = {}
+        for issue in self.issues:
+            kind = issue.problem.split(":")[0].split(" (")[0]
+            groups.setdefault((issue.split, issue.severity, kind), []).append(issue)
+        lines = []
+        for (split, severity, kind), items in sorted(groups.items(),
+                                                     key=lambda g: (g[0][1], g[0][0])):
+            lines.append(f"  [{severity}] {split}: {kind} — {len(items)} file(s)")
+            for issue in items[:per_group]:
+                lines.append(f"      {issue.file}: {issue.problem}")
+            if len(items) > per_group:
+                lines.append(f"      ... and {len(items) - per_group} more of this kind")
+        return lines
+
+    def format(self, max_issues: int = 3) -> str:
         lines = [f"dataset {self.root}", ""]
         head = (f"{'split':6} {'images':>7} {'annots':>7} {'rects':>7} {'no-ann':>7} "
                 f"{'multi':>6} {'area% mean':>10} {'median':>7}  sizes / modes / kinds")
@@ -80,17 +102,15 @@ class CheckReport:
         cats = Counter()
         for r in self.splits.values():
             cats.update(r.categories)
-        lines += ["", f"annotations: {total}, of which axis-aligned rectangles: {rects}"
+        lines += ["", f"layout: {self.layout}",
+                  f"annotations: {total}, of which axis-aligned rectangles: {rects}"
                   + (" (all: the masks are boxes, not outlines)" if total and rects == total
                      else ""),
                   f"tumour categories used: {dict(sorted(cats.items()))}",
                   f"images without annotation: "
                   f"{sum(r.without_annotation for r in self.splits.values())}",
                   "", f"errors: {len(self.errors)}, warnings: {len(self.warnings)}"]
-        for issue in self.issues[:max_issues]:
-            lines.append(f"  {issue}")
-        if len(self.issues) > max_issues:
-            lines.append(f"  ... {len(self.issues) - max_issues} more")
+        lines += self.grouped_issues(max_issues)
         lines += ["", "policy:", POLICY]
         return "\n".join(lines)
 
@@ -112,7 +132,7 @@ def check_dataset(root: str | Path, decode: bool = True) -> CheckReport:
         rep = SplitReport(name, images=len(split.images))
         missing = {i.file for i in split.issues if "missing on disk" in i.problem}
         for img in split.images:
-            anns = split.annotations.get(int(img["id"]), [])
+            anns = split.annotations_of(img)
             rep.annotations += len(anns)
             rep.rectangles += sum(is_rectangle(a) for a in anns)
             rep.kinds.update(_kind(a) for a in anns)
@@ -128,26 +148,47 @@ def check_dataset(root: str | Path, decode: bool = True) -> CheckReport:
                 except DatasetError as err:
                     issues += err.issues
         reports[name] = rep
-    return CheckReport(root, reports, issues)
+    try:
+        layout = detect_layout(root)
+    except FileNotFoundError as err:
+        layout = f"none complete ({err})"
+    return CheckReport(root, reports, issues, layout)
 
 
-def _scale_annotation(ann: dict[str, Any], f: float) -> dict[str, Any]:
+def _scale_annotation(ann: dict[str, Any], fx: float, fy: float) -> dict[str, Any]:
     out = dict(ann)
     if "bbox" in ann:
-        out["bbox"] = [round(v * f, 3) for v in ann["bbox"]]
+        x, y, w, h = ann["bbox"]
+        out["bbox"] = [round(x * fx, 3), round(y * fy, 3), round(w * fx, 3), round(h * fy, 3)]
     if "area" in ann:
-        out["area"] = ann["area"] * f * f
+        out["area"] = ann["area"] * fx * fy
     segm = ann.get("segmentation")
     if isinstance(segm, list):
-        out["segmentation"] = [[round(v * f, 3) for v in poly] for poly in segm]
-    elif isinstance(segm, dict):
-        raise ValueError("resizing RLE annotations is not supported")
+        out["segmentation"] = [[round(v * (fx if i % 2 == 0 else fy), 3)
+                                for i, v in enumerate(poly)] for poly in segm]
+    return out
+
+
+def _resize_rle(ann: dict[str, Any], height: int, width: int, size: int) -> dict[str, Any]:
+    """An RLE annotation re-rasterised at ``size`` (mask resampled by area, 0.5 threshold)."""
+    from pycocotools import mask as mask_utils
+
+    from brainseg_lib.coco import annotation_mask
+    from brainseg_lib.dataset import resize_mask
+
+    small = resize_mask(annotation_mask(ann, height, width), size)
+    rle = mask_utils.encode(np.asfortranarray(small))
+    out = dict(ann, segmentation={"size": [size, size], "counts": rle["counts"].decode()})
+    out["bbox"] = [float(v) for v in mask_utils.toBbox(rle)]
+    out["area"] = float(small.sum())
     return out
 
 
 def resize_dataset(src: str | Path, dst: str | Path, size: int, grey: bool = False,
                    quality: int = 92) -> Path:
-    """Write a copy of a square-image COCO dataset at ``size`` px (annotations scaled).
+    """Write a copy of a COCO dataset (either layout) with every image resized to
+    ``size`` x ``size`` px and its annotations scaled, in Roboflow's layout, plus
+    ``provenance.json`` naming the source dataset's hash (runs trained on the copy record it).
 
     Used to carry a small copy of the data to a GPU machine; never commit the result.
     """
@@ -157,18 +198,24 @@ def resize_dataset(src: str | Path, dst: str | Path, size: int, grey: bool = Fal
         if split.errors:
             raise DatasetError(split.errors)
         (dst / name).mkdir(parents=True, exist_ok=True)
-        data = json.loads(split.annotation_file.read_text())
-        scale = {}
+        data = read_json_text(split.annotation_file)
+        scale, sizes = {}, {}
         for img in data["images"]:
             rgb, _ = read_image(split, img)
             pil = Image.fromarray(rgb).resize((size, size), Image.Resampling.BILINEAR)
+            img["file_name"] = Path(str(img["file_name"]).replace("\\", "/")).name
             (pil.convert("L") if grey else pil).save(dst / name / img["file_name"],
                                                      quality=quality)
-            if img["width"] != img["height"]:
-                raise ValueError(f"{split.image_path(img)}: resize needs square images")
-            scale[img["id"]] = size / int(img["width"])
+            scale[image_key(img["id"])] = (size / int(img["width"]), size / int(img["height"]))
+            sizes[image_key(img["id"])] = (int(img["height"]), int(img["width"]))
             img["width"], img["height"] = size, size
-        data["annotations"] = [_scale_annotation(a, scale[a["image_id"]])
-                               for a in data["annotations"]]
+        data["annotations"] = [
+            _resize_rle(a, *sizes[image_key(a["image_id"])], size)
+            if isinstance(a.get("segmentation"), dict)
+            else _scale_annotation(a, *scale[image_key(a["image_id"])])
+            for a in data["annotations"]]
         (dst / name / ANNOTATION_FILE).write_text(json.dumps(data))
+    (dst / "provenance.json").write_text(json.dumps({
+        "source": str(src.resolve()), "source_annotations_sha256": dataset_hash(src),
+        "size": size, "grey": grey, "jpeg_quality": quality}, indent=2))
     return dst

@@ -9,7 +9,6 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-from brainseg_lib.coco import ANNOTATION_FILE, SPLITS
 from brainseg_lib.config import Params, project_root
 
 KAGGLE_ID = "pkdarabi/brain-tumor-image-dataset-semantic-segmentation"
@@ -35,24 +34,43 @@ class DataSource:
 
 
 def looks_like_dataset(path: Path) -> bool:
-    return all((path / s / ANNOTATION_FILE).is_file() for s in SPLITS)
+    return path.is_dir() and not missing_parts(path)
+
+
+def missing_parts(path: Path) -> str:
+    """What keeps ``path`` from being a dataset, in words ('' when nothing)."""
+    from brainseg_lib.coco import detect_layout
+
+    if not path.is_dir():
+        return "the folder does not exist"
+    try:
+        detect_layout(path)
+    except FileNotFoundError as err:
+        return str(err)
+    return ""
 
 
 def find_real_dataset(data_dir: str | Path = "") -> DataSource | None:
-    """The first of: ``data_dir``, ``$BRAINSEG_DATA``, ``data/brain-tumor-coco`` in the repo."""
+    """The first of: ``data_dir``, ``$BRAINSEG_DATA``, ``data/brain-tumor-coco`` in the repo.
+
+    A path that is set but holds no dataset is an error naming it and what is missing: a
+    typo must not quietly turn a run into a run on the synthetic demo.
+    """
     if data_dir:
         path = Path(data_dir).expanduser()
         path = path if path.is_absolute() else project_root() / path
-        if not path.is_dir():
-            raise FileNotFoundError(f"data_dir {path} does not exist")
+        problem = missing_parts(path)
+        if problem:
+            raise FileNotFoundError(f"data_dir {path}: {problem}")
         return DataSource(path.resolve(), "real", "data_dir parameter")
     env = os.environ.get("BRAINSEG_DATA")
     if env:
         path = Path(env).expanduser().resolve()
-        if looks_like_dataset(path):
-            return DataSource(path, "real", "BRAINSEG_DATA")
-        print(f"warning: BRAINSEG_DATA={env} does not hold train/valid/test with "
-              f"{ANNOTATION_FILE}; ignored", file=sys.stderr)
+        problem = missing_parts(path)
+        if problem:
+            raise FileNotFoundError(f"BRAINSEG_DATA={env}: {problem} (unset it to use "
+                                    "data/brain-tumor-coco or the synthetic demo)")
+        return DataSource(path, "real", "BRAINSEG_DATA")
     local = project_root() / "data" / "brain-tumor-coco"
     if looks_like_dataset(local):
         return DataSource(local.resolve(), "real", "data/brain-tumor-coco in the repository")
