@@ -1,0 +1,1 @@
+"""Experiments built from many training runs: sweeps and cross-validation."""

@@ -1,0 +1,131 @@
+"""``brainseg cv``: grouped k-fold cross-validation over train+valid, and the fold ensemble.
+
+nnU-Net's protocol on this dataset: folds split by near-duplicate cluster (our stand-in for
+patients), one run per fold (resumable; in parallel where there are GPUs), out-of-fold
+(OOF) predictions for every development image, threshold / TTA / post-processing chosen on
+the OOF predictions, and the ensemble of the fold models (mean of probabilities) scored on
+the test split, full and clean.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from brainseg_lib.config import load_params
+from brainseg_lib.dataset import SplitArrays, load_dataset
+from brainseg_lib.evaluate import (
+    EvalSettings,
+    SplitPrediction,
+    _block,
+    clean_test_files,
+    describe,
+    evaluate_model,
+    predict_split,
+    score,
+)
+from brainseg_lib.experiments.runner import Job, run_jobs
+from brainseg_lib.folds import dev_keys, make_folds, read_folds
+from brainseg_lib.io import atomic_write_json
+from brainseg_lib.locate import data_source
+from brainseg_lib.metrics import ConfusionCounts, hd95
+from brainseg_lib.modeling.predict import LoadedModel, load_model
+
+
+def cv_dir_for(params_file: Path, overrides: dict[str, Any], k: int) -> Path:
+    params = load_params(params_file, **overrides)
+    name = params.run_id or f"{datetime.now():%Y%m%d-%H%M%S}-{params.profile}-cv{k}"
+    return params.resolve_path(params.runs_dir) / name
+
+
+def out_of_fold(members: list[LoadedModel], dev: SplitArrays, keys: list[str],
+                folds: list[list[str]], tta: bool) -> SplitPrediction:
+    """Each development image predicted by the one fold model that did not train on it."""
+    position = {k: i for i, k in enumerate(keys)}
+    probs = np.full((len(dev), *dev.masks.shape[1:]), np.nan, np.float32)
+    probs_tta = probs.copy() if tta else None
+    loss = bce = 0.0
+    for model, fold in zip(members, folds, strict=True):
+        idx = np.sort([position[k] for k in fold])
+        pred = predict_split(model, dev.subset(idx), tta)
+        probs[idx] = pred.probs
+        if tta:
+            probs_tta[idx] = pred.probs_tta
+        loss += pred.loss * len(idx)
+        bce += pred.bce * len(idx)
+    if np.isnan(probs).any():
+        raise ValueError("out-of-fold predictions do not cover every development image")
+    return SplitPrediction(dev, probs, probs_tta, loss / len(dev), bce / len(dev))
+
+
+def run_cv(params_file: str | Path, k: int = 5, overrides: dict[str, Any] | None = None,
+           parallel: int = 0, evaluate: bool = True, verbose: bool = True) -> dict[str, Any]:
+    """Train the missing folds, then score OOF and the ensemble; writes ``cv.json``."""
+    params_file, overrides = Path(params_file), dict(overrides or {})
+    overrides["model_dir"] = ""  # cross-validation always trains
+    params = load_params(params_file, **overrides)
+    source = data_source(params)
+    data = load_dataset(source.path, params.image_size, params.cache_path())
+    groups = clean_test_files(source, params.duplicate_bits, params.cache_path())
+    cv_dir = cv_dir_for(params_file, overrides, k)
+    folds_file = cv_dir / "folds.json"
+    if not folds_file.exists():
+        atomic_write_json(folds_file, make_folds(groups, k, params.seed))
+    folds = read_folds(folds_file)["folds"]
+    say = print if verbose else (lambda *a, **kw: None)
+    say(f"cv {cv_dir}: {len(folds)} folds over {sum(map(len, folds))} train+valid images in "
+        f"{groups['n_clusters']} near-duplicate clusters; {len(groups['clean_test'])} of "
+        f"{groups['n_test']} test images are clean")
+    jobs = [Job(f"fold{i}", cv_dir / f"fold{i}", params_file,
+                overrides | {"fold": i, "folds_file": str(folds_file.resolve())})
+            for i in range(len(folds))]
+    codes = run_jobs(jobs, parallel, cv_dir / "logs")
+    failed = [n for n, c in codes.items() if c != 0]
+    if failed:
+        raise RuntimeError(f"cv {cv_dir}: fold(s) {', '.join(failed)} failed; see "
+                           f"{cv_dir / 'logs'}; run the same command again to resume")
+    unfinished = [job.name for job in jobs if not job.finished]
+    if unfinished and evaluate:
+        raise RuntimeError(f"cv {cv_dir}: fold(s) {', '.join(unfinished)} not finished; run "
+                           "the same command again to resume")
+    result: dict[str, Any] = {"cv_dir": str(cv_dir), "folds": len(folds),
+                              "groups": {k_: v for k_, v in groups.items()
+                                         if k_ not in ("clusters", "clean_test")}}
+    if not evaluate:
+        return result
+    st = EvalSettings.from_params(params)
+    members = [load_model(job.run_dir) for job in jobs]
+    dev = SplitArrays.concat("dev", [data["train"], data["valid"]])
+    oof = out_of_fold(members, dev, dev_keys(data), folds, st.tta)
+    plain = {"threshold": st.threshold, "tta": False, "postprocess": "none"}
+    counts = score(oof, st.threshold, False, "none", 0)
+    dists = np.asarray([hd95(m, t) for m, t in zip(oof.probs >= st.threshold, dev.masks,
+                                                   strict=True)])
+    result["cv"] = _block(counts, dists, params.batch_size, st.bootstrap, st.seed,
+                          "out-of-fold, " + describe(plain, f"{params.image_size}px"))
+    result["cv"]["per_fold_pooled_iou"] = _per_fold_iou(counts, dev_keys(data), folds)
+    result["cv"]["loss"] = {"name": params.loss, "value": oof.loss, "bce": oof.bce}
+    ensemble = LoadedModel([m.model for m in members], members[0].params, members[0].device,
+                           0, f"{cv_dir.name}: ensemble of {len(members)} fold models")
+    test = evaluate_model(ensemble, source, "test", cv_dir / "eval-test", st, oof,
+                          "out-of-fold predictions", verbose)
+    result["chosen_on_oof"] = test["chosen_on_valid"]
+    result["ensemble_test"] = {key: test[key] for key in test
+                               if key.startswith(("headline", "selected"))}
+    result["clean_test"] = test.get("clean_test")
+    atomic_write_json(cv_dir / "cv.json", result)
+    cv = result["cv"]["metrics"]
+    say(f"CV (out-of-fold, plain): pooled IoU {cv['pooled_iou']:.4f}, mean image Dice "
+        f"{cv['mean_image_dice']:.4f}; wrote {cv_dir / 'cv.json'}")
+    return result
+
+
+def _per_fold_iou(counts: ConfusionCounts, keys: list[str], folds: list[list[str]],
+                  ) -> list[float]:
+    from brainseg_lib.metrics import pooled_iou
+
+    position = {k: i for i, k in enumerate(keys)}
+    return [pooled_iou(counts.take(np.sort([position[k] for k in f]))) for f in folds]

@@ -1,0 +1,180 @@
+"""Near-duplicate groups, grouped folds, cross-validation with a fold ensemble, and sweeps."""
+
+import json
+import shutil
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+import yaml
+
+from brainseg_lib.dataset import load_dataset
+from brainseg_lib.experiments import cv as cv_module
+from brainseg_lib.experiments.sweep import run_sweep, sweep_table
+from brainseg_lib.folds import dev_keys, duplicate_groups, fold_split, make_folds
+from brainseg_lib.modeling.predict import LoadedModel, predict_logits
+from brainseg_lib.synthetic import write_synthetic_coco
+from conftest import ROOT
+
+PLANTED = 3  # train images copied into test under new names: leaks by construction
+
+
+@pytest.fixture(scope="module")
+def leaky_root(tmp_path_factory):
+    root = write_synthetic_coco(tmp_path_factory.mktemp("leaky"), (24, 9, 8), 64, seed=5)
+    train = json.loads((root / "train" / "_annotations.coco.json").read_text())
+    test_file = root / "test" / "_annotations.coco.json"
+    test = json.loads(test_file.read_text())
+    next_img = max(i["id"] for i in test["images"]) + 1
+    next_ann = max(a["id"] for a in test["annotations"]) + 1
+    for img in train["images"][:PLANTED]:
+        name = "leak_" + img["file_name"]
+        shutil.copy(root / "train" / img["file_name"], root / "test" / name)
+        test["images"].append(img | {"id": next_img, "file_name": name})
+        for ann in train["annotations"]:
+            if ann["image_id"] == img["id"]:
+                test["annotations"].append(ann | {"id": next_ann, "image_id": next_img})
+                next_ann += 1
+        next_img += 1
+    test_file.write_text(json.dumps(test))
+    return root
+
+
+def test_clusters_find_the_planted_leaks_and_only_them(leaky_root, tmp_path):
+    arrays = load_dataset(leaky_root, 64, tmp_path)
+    groups = duplicate_groups(arrays, 4, "leaky", tmp_path)
+    leaks = {f for f in arrays["test"].files if f.startswith("leak_")}
+    assert set(arrays["test"].files) - set(groups["clean_test"]) == leaks
+    assert groups["n_test"] == 8 + PLANTED and groups["clusters_across_splits"] >= PLANTED
+    again = duplicate_groups(arrays, 4, "leaky", tmp_path)  # from the JSON cache
+    assert again["clusters"] == groups["clusters"]
+
+
+def test_folds_never_split_a_cluster_and_cover_every_image_once(leaky_root, tmp_path):
+    arrays = load_dataset(leaky_root, 64, tmp_path)
+    groups = duplicate_groups(arrays, 4, "leaky", tmp_path)
+    # plant a cluster inside the development data too: the same label for 3 images
+    keys = dev_keys(arrays)
+    groups["clusters"] |= {k: 10_000 for k in keys[:3]}
+    folds = make_folds(groups, 3, seed=1)
+    where = {k: i for i, f in enumerate(folds["folds"]) for k in f}
+    assert sorted(where) == sorted(keys)
+    assert len({where[k] for k in keys[:3]}) == 1
+    assert max(map(len, folds["folds"])) - min(map(len, folds["folds"])) <= 3
+    path = tmp_path / "folds.json"
+    path.write_text(json.dumps(folds))
+    split = fold_split(arrays, path, 1)
+    assert len(split["valid"]) == len(folds["folds"][1])
+    assert len(split["train"]) + len(split["valid"]) == len(keys)
+    folds["folds"][0] = folds["folds"][0][1:]  # a hand edit that drops an image
+    path.write_text(json.dumps(folds))
+    with pytest.raises(ValueError, match="1 missing"):
+        fold_split(arrays, path, 0)
+
+
+def test_cv_trains_folds_resumes_and_scores_oof_and_ensemble(leaky_root, tmp_path,
+                                                             monkeypatch):
+    params_file = tmp_path / "cv.yaml"
+    params_file.write_text(yaml.safe_dump(
+        yaml.safe_load((ROOT / "params" / "smoke.yaml").read_text()) | {
+            "synthetic": False, "data_dir": str(leaky_root), "epochs": 1, "batch_size": 8,
+            "bootstrap": 20, "runs_dir": str(tmp_path / "runs"),
+            "cache_dir": str(tmp_path / "cache"), "eval_original_size": False}))
+    overrides = {"run_id": "cv"}
+    # interrupted: only fold 0 trained
+    real_run_jobs = cv_module.run_jobs
+    monkeypatch.setattr(cv_module, "run_jobs",
+                        lambda jobs, parallel, log_dir: real_run_jobs(jobs[:1], 1, log_dir))
+    with pytest.raises(RuntimeError, match="fold1, fold2 not finished"):
+        cv_module.run_cv(params_file, 3, overrides, verbose=False)
+    fold0_mtime = (tmp_path / "runs" / "cv" / "fold0" / "best.pt").stat().st_mtime
+    monkeypatch.setattr(cv_module, "run_jobs", real_run_jobs)
+    result = cv_module.run_cv(params_file, 3, overrides, verbose=False)
+    cv_dir = tmp_path / "runs" / "cv"
+    assert (cv_dir / "fold0" / "best.pt").stat().st_mtime == fold0_mtime  # not retrained
+    assert all((cv_dir / f"fold{i}" / "train.json").exists() for i in range(3))
+    assert len(result["cv"]["per_fold_pooled_iou"]) == 3
+    assert result["ensemble_test"]["headline"]["metrics"]["pooled_iou"] >= 0
+    assert result["clean_test"]["images"] == 8  # the planted leaks are excluded
+    assert "headline_clean" in result["ensemble_test"]
+    per_image = pd.read_csv(cv_dir / "eval-test" / "per_image.csv")
+    assert set(per_image.loc[~per_image.clean, "file"]) == {
+        f for f in per_image.file if f.startswith("leak_")}
+
+
+def test_out_of_fold_predictions_cover_each_image_once_by_the_right_model(leaky_root,
+                                                                          tmp_path):
+    arrays = load_dataset(leaky_root, 64, tmp_path)
+    keys = dev_keys(arrays)
+    folds = [keys[0::2], keys[1::2]]
+
+    class Constant(torch.nn.Module):
+        def __init__(self, value):
+            super().__init__()
+            self.value = value
+
+        def forward(self, x):
+            return torch.full((len(x), 1, *x.shape[2:]), self.value)
+
+    from brainseg_lib.config import Params
+    from brainseg_lib.dataset import SplitArrays
+
+    params = Params(image_size=64, channels_last=False, device="cpu")
+    members = [LoadedModel([Constant(v)], params, torch.device("cpu"), 0) for v in (-1., 1.)]
+    dev = SplitArrays.concat("dev", [arrays["train"], arrays["valid"]])
+    oof = cv_module.out_of_fold(members, dev, keys, folds, tta=False)
+    expected = np.where(np.arange(len(keys)) % 2 == 0, torch.sigmoid(torch.tensor(-1.)),
+                        torch.sigmoid(torch.tensor(1.)))
+    assert np.allclose(oof.probs.mean((1, 2)), expected)
+
+
+def test_ensemble_probability_is_the_members_mean():
+    from brainseg_lib.config import Params
+
+    params = Params(image_size=64, channels_last=False, device="cpu")
+    nets = [torch.nn.Conv2d(3, 1, 3, padding=1) for _ in range(3)]
+    x = torch.randint(0, 255, (2, 3, 16, 16), dtype=torch.uint8)
+    ens = LoadedModel(nets, params, torch.device("cpu"), 0)
+    singles = [torch.sigmoid(predict_logits(LoadedModel([n], params, torch.device("cpu"), 0),
+                                            x, tta=True)) for n in nets]
+    mean = torch.stack(singles).mean(0)
+    assert torch.allclose(torch.sigmoid(predict_logits(ens, x, tta=True)), mean, atol=1e-5)
+
+
+def test_a_two_variant_sweep_runs_resumes_and_selects_on_validation(tmp_path, synthetic_root):
+    grid = tmp_path / "grid.yaml"
+    grid.write_text(yaml.safe_dump({
+        "base": str(ROOT / "params" / "smoke.yaml"), "parallel": 1, "select_on": "val_iou",
+        "common": {"synthetic": False, "data_dir": str(synthetic_root), "epochs": 2,
+                   "batch_size": 8, "bootstrap": 20, "eval_original_size": False,
+                   "cache_dir": str(tmp_path / "cache")},
+        "variants": {"slow": {"lr": 1e-6}, "fast": {"lr": 0.003}}}))
+    out = tmp_path / "sweep"
+    # "interrupted": one variant has only its first epoch (last.pt), the other nothing
+    from brainseg_lib.config import load_params
+    from brainseg_lib.modeling.train import train
+
+    def stop_after_first_epoch(epoch, step):
+        if epoch == 2:
+            raise KeyboardInterrupt
+
+    first = load_params(ROOT / "params" / "smoke.yaml", synthetic=False,
+                        data_dir=str(synthetic_root), epochs=2, batch_size=8, lr=1e-6,
+                        bootstrap=20, cache_dir=str(tmp_path / "cache"),
+                        runs_dir=str(out), run_id="slow")
+    with pytest.raises(KeyboardInterrupt):
+        train(first, progress=False, step_callback=stop_after_first_epoch)
+    table = run_sweep(grid, out)
+    assert (table.status == "finished").all()
+    slow_history = pd.read_csv(out / "slow" / "history.csv")
+    assert list(slow_history.epoch) == [1, 2]  # resumed, not restarted
+    assert "resuming slow after epoch 1" in (out / "logs" / "slow.log").read_text()
+    picked = table.loc[table.selected, "variant"].item()
+    assert picked == table.loc[table.val_iou.idxmax(), "variant"]
+    summary = json.loads((out / "sweep.json").read_text())
+    assert summary["selected"] == picked and "headline" in summary["selected_test"]
+    # the table itself is built from validation numbers only
+    assert not any("test" in c for c in sweep_table(
+        {"select_on": "val_iou", "variants": {"slow": {}, "fast": {}},
+         "base": grid, "common": {}}, out).columns)
