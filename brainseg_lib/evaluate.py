@@ -10,7 +10,7 @@ annotations at full size).
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -34,7 +34,12 @@ from brainseg_lib.metrics import (
     per_image_iou,
     summarise,
 )
-from brainseg_lib.modeling.predict import LoadedModel, load_checkpoint, predict_logits
+from brainseg_lib.modeling.predict import (
+    LoadedModel,
+    load_model,
+    predict_both,
+    predict_logits,
+)
 
 POSTPROCESSING = {
     "none": "no post-processing",
@@ -79,6 +84,9 @@ class SplitPrediction:
 
 def predict_split(loaded: LoadedModel, arrays: SplitArrays, tta: bool,
                   batch_size: int = 32) -> SplitPrediction:
+    """Probabilities for a split; losses per image, as the trainer's validation loss."""
+    from brainseg_lib.modeling.train import per_image_loss
+
     loss_fn, bce_fn = build_loss(loaded.params.loss), torch.nn.BCEWithLogitsLoss()
     probs, probs_tta = [], []
     loss = torch.zeros((), device=loaded.device)
@@ -87,13 +95,14 @@ def predict_split(loaded: LoadedModel, arrays: SplitArrays, tta: bool,
         x = torch.from_numpy(arrays.images[i:i + batch_size])
         y = torch.from_numpy(arrays.masks[i:i + batch_size]).to(loaded.device)
         y = y.unsqueeze(1).float()
-        logits = predict_logits(loaded, x)
-        loss += loss_fn(logits, y) * len(x)
-        bce += bce_fn(logits, y) * len(x)
-        probs.append(torch.sigmoid(logits)[:, 0].cpu().numpy())
         if tta:
-            probs_tta.append(torch.sigmoid(predict_logits(loaded, x, tta=True))[:, 0]
-                             .cpu().numpy())
+            logits, logits_tta = predict_both(loaded, x)
+            probs_tta.append(torch.sigmoid(logits_tta)[:, 0].cpu().numpy())
+        else:
+            logits = predict_logits(loaded, x)
+        loss += per_image_loss(loss_fn, logits, y).sum()
+        bce += per_image_loss(bce_fn, logits, y).sum()
+        probs.append(torch.sigmoid(logits)[:, 0].cpu().numpy())
     n = len(arrays)
     return SplitPrediction(arrays, np.concatenate(probs),
                            np.concatenate(probs_tta) if tta else None, loss.item() / n,
@@ -175,88 +184,205 @@ def describe(setting: dict[str, Any], resolution: str) -> str:
 
 
 def data_source_of(run_dir: Path, loaded: LoadedModel) -> DataSource:
-    """The dataset the run was trained on, as recorded in env.json, else resolved anew."""
+    """The data to evaluate on: what the caller configured (``data_dir``, $BRAINSEG_DATA,
+    data/ in the repository), else the path the run recorded when it still exists there.
+    Synthetic runs are evaluated on their own synthetic data. The identity of whatever is
+    chosen is checked against the training record (:func:`check_data_identity`)."""
     import json
 
+    from brainseg_lib.locate import find_real_dataset
+
     env_file = run_dir / "env.json"
-    if env_file.exists():
-        recorded = json.loads(env_file.read_text()).get("dataset", {})
-        path = Path(recorded.get("path", ""))
-        if recorded and (path / "test").is_dir():
-            return DataSource(path, recorded["kind"], recorded.get("found_by", "env.json"))
+    recorded = json.loads(env_file.read_text()).get("dataset", {}) if env_file.exists() \
+        else {}
+    if loaded.params.synthetic or recorded.get("kind") == "synthetic":
+        return data_source(loaded.params)
+    found = find_real_dataset(loaded.params.data_dir)
+    if found:
+        return found
+    path = Path(recorded.get("path", ""))
+    if recorded and (path / "test").is_dir():
+        return DataSource(path, recorded["kind"], "the path recorded in env.json")
     return data_source(loaded.params)
 
 
-def evaluate_run(run_dir: str | Path, split: str = "test", device: str = "auto",
-                 verbose: bool = True) -> dict[str, Any]:
-    """Evaluate ``run_dir/best.pt`` on ``split``; writes ``run_dir/eval-<split>/`` (and, for
-    the test split, the run's ``metrics.json``).
+@dataclass
+class EvalSettings:
+    """What shapes a measurement (not the weights): taken from the call, never from the run."""
 
-    Files: ``metrics.json`` (all blocks below), ``per_image.csv``, ``variants.csv``
-    (validation search), ``threshold_curve.csv`` (validation, no TTA).
+    threshold: float = 0.5
+    tune_threshold: bool = True
+    tta: bool = True
+    min_component_px: int = 20
+    bootstrap: int = 1000
+    eval_original_size: bool = True
+    seed: int = 42
+    duplicate_bits: int = 4
+
+    @classmethod
+    def from_params(cls, p: Any) -> EvalSettings:
+        return cls(**{k: getattr(p, k) for k in cls.__dataclass_fields__})
+
+
+def clean_test_files(source: DataSource, bits: int,
+                     cache_dir: Path | None = None) -> dict[str, Any]:
+    """Near-duplicate groups of the dataset (cached): which test images are clean. Hashed
+    at one fixed size, so every profile sees the same groups."""
+    from brainseg_lib.dataset import load_dataset
+    from brainseg_lib.folds import HASH_SIZE, duplicate_groups
+    from brainseg_lib.runs import dataset_hash
+
+    arrays = load_dataset(source.path, HASH_SIZE, cache_dir)
+    return duplicate_groups(arrays, bits, dataset_hash(source.path), cache_dir)
+
+
+def evaluate_model(loaded: LoadedModel, source: DataSource, split: str, out_dir: Path,
+                   settings: EvalSettings, selection: SplitPrediction,
+                   selection_name: str = "valid", verbose: bool = True,
+                   data_note: str = "") -> dict[str, Any]:
+    """Score ``loaded`` on ``split`` of ``source``; write ``out_dir/metrics.json`` and tables.
+
+    ``selection`` holds the predictions that threshold, TTA and post-processing are chosen
+    on (the validation split, or out-of-fold predictions). Every block is reported for the
+    full split and, on test, for the clean subset (images with no near-duplicate in
+    train/valid). Files: ``metrics.json``, ``per_image.csv``, ``variants.csv``,
+    ``threshold_curve.csv`` (both on the selection predictions).
     """
-    run_dir = Path(run_dir)
-    loaded = load_checkpoint(run_dir / "best.pt", device)
-    p = loaded.params
-    source = data_source_of(run_dir, loaded)
-    test_arrays = load_split_arrays(source.path, split, p.image_size, p.cache_path())
-    valid_arrays = load_split_arrays(source.path, "valid", p.image_size, p.cache_path())
-    say = print if verbose else (lambda *a, **k: None)
-    say(f"evaluating {run_dir.name} (epoch {loaded.epoch}) on {split}: {len(test_arrays)} "
-        f"images, {source.kind} data, {loaded.device}")
-    test = predict_split(loaded, test_arrays, p.tta)
-    valid = predict_split(loaded, valid_arrays, p.tta)
+    from brainseg_lib.runs import dataset_hash, git_commit
 
-    plain = {"threshold": p.threshold, "tta": False, "postprocess": "none"}
-    chosen, variants = choose_setting(valid, p.min_component_px, p.tune_threshold, p.tta)
+    p, st = loaded.params, settings
+    arrays = load_split_arrays(source.path, split, p.image_size, p.cache_path())
+    say = print if verbose else (lambda *a, **k: None)
+    say(f"evaluating {loaded.source} on {split}: {len(arrays)} images, {source.kind} data, "
+        f"{loaded.device}")
+    pred = predict_split(loaded, arrays, st.tta)
+    plain = {"threshold": st.threshold, "tta": False, "postprocess": "none"}
+    chosen, variants = choose_setting(selection, st.min_component_px, st.tune_threshold,
+                                      st.tta)
+    in_sample = split == selection_name
+    clean = None
+    if split == "test":
+        groups = clean_test_files(source, st.duplicate_bits, p.cache_path())
+        clean_set = set(groups["clean_test"])
+        clean = np.array([f in clean_set for f in arrays.files])
     res = f"{p.image_size}px (model resolution)"
     out: dict[str, Any] = {
-        "run": run_dir.name, "split": split, "checkpoint_epoch": loaded.epoch,
-        "dataset": {"kind": source.kind, "path": str(source.path), "images": len(test_arrays)},
-        "loss": {"name": p.loss, "value": test.loss, "bce": test.bce},
+        "model": loaded.source, "split": split, "checkpoint_epoch": loaded.epoch,
+        "members": len(loaded.members),
+        "dataset": {"kind": source.kind, "path": str(source.path), "images": len(arrays),
+                    "annotations_sha256": dataset_hash(source.path)},
+        "data_identity": data_note,
+        "evaluated_with": {"git_commit": git_commit(), "device": str(loaded.device),
+                           "torch": torch.__version__, "settings": asdict(st)},
+        "loss": {"name": p.loss, "value": pred.loss, "bce": pred.bce,
+                 "definition": "mean over images of each image's own loss"},
         "definitions": HEADLINE, "batch_size_for_batch_pooled_iou": p.batch_size,
-        "chosen_on_valid": chosen,
+        "chosen_on": selection_name, "chosen_on_valid": chosen,
+        "selected_is_in_sample": in_sample,
     }
-    per_image = pd.DataFrame({"file": test_arrays.files,
-                              "tumour_area_fraction": test_arrays.masks.mean((1, 2))})
+    if clean is not None:
+        out["clean_test"] = {
+            "images": int(clean.sum()), "of": len(clean),
+            "definition": f"test images with no near-duplicate (pHash within "
+                          f"{st.duplicate_bits} bits, transitively) in train or valid"}
+    per_image = pd.DataFrame({"file": arrays.files,
+                              "tumour_area_fraction": arrays.masks.mean((1, 2))})
+    if clean is not None:
+        per_image["clean"] = clean
     for key, setting in (("headline", plain), ("selected", chosen)):
-        masks = binarise(test.probs_tta if setting["tta"] else test.probs,
-                         setting["threshold"], setting["postprocess"], p.min_component_px)
-        counts = ConfusionCounts.from_masks(masks, test_arrays.masks)
-        dists = np.asarray([hd95(m, t) for m, t in zip(masks, test_arrays.masks, strict=True)])
-        out[key] = _block(counts, dists, p.batch_size, p.bootstrap, p.seed,
-                          describe(setting, res))
+        label = describe(setting, res) + (" — IN-SAMPLE: chosen on this same split"
+                                           if key == "selected" and in_sample else "")
+        masks = binarise(pred.probs_tta if setting["tta"] else pred.probs,
+                         setting["threshold"], setting["postprocess"], st.min_component_px)
+        counts = ConfusionCounts.from_masks(masks, arrays.masks)
+        dists = np.asarray([hd95(m, t) for m, t in zip(masks, arrays.masks, strict=True)])
+        _blocks(out, key, counts, dists, clean, p.batch_size, st, label)
         per_image[f"iou_{key}"] = per_image_iou(counts)
         per_image[f"dice_{key}"] = per_image_dice(counts)
         per_image[f"hd95_{key}"] = dists
         per_image[f"pred_area_fraction_{key}"] = masks.mean((1, 2))
-        if p.eval_original_size:
-            c_orig, d_orig = _per_image_original(test, source.path, split,
+        per_image[f"threshold_{key}"] = setting["threshold"]
+        if st.eval_original_size:
+            c_orig, d_orig = _per_image_original(pred, source.path, split,
                                                  setting["threshold"], setting["tta"],
-                                                 setting["postprocess"], p.min_component_px)
-            sizes = sorted({f"{w}x{h}" for h, w in test_arrays.source_sizes})
-            out[f"{key}_original_resolution"] = _block(
-                c_orig, d_orig, p.batch_size, p.bootstrap, p.seed,
-                describe(setting, f"source resolution ({', '.join(sizes)})"))
+                                                 setting["postprocess"], st.min_component_px)
+            sizes = sorted({f"{w}x{h}" for h, w in arrays.source_sizes})
+            _blocks(out, f"{key}_original_resolution", c_orig, d_orig, clean, p.batch_size,
+                    st, describe(setting, f"source resolution ({', '.join(sizes)})"))
     out["reference_comparison"] = {
         "reference_test_loss (BCE)": REFERENCE["test_loss"],
-        "our_test_bce": test.bce,
+        "our_test_bce": pred.bce,
         "reference_test_iou (as published; closest to fg+bg mIoU)": REFERENCE["test_iou"],
         "our_fg_bg_miou": out["headline"]["metrics"]["fg_bg_miou"],
         "our_batch_pooled_iou": out["headline"]["metrics"]["batch_pooled_iou"],
         "our_pooled_foreground_iou": out["headline"]["metrics"]["pooled_iou"],
     }
-    eval_dir = run_dir / f"eval-{split}"
-    atomic_write_json(eval_dir / "metrics.json", out)
-    if split == "test":  # the run's headline file
-        atomic_write_json(run_dir / "metrics.json", out)
+    atomic_write_json(out_dir / "metrics.json", out)
     for name, table in (("per_image", per_image), ("variants", variants),
-                        ("threshold_curve", threshold_curve(valid, False))):
-        atomic_write(eval_dir / f"{name}.csv", lambda tmp, t=table: t.to_csv(tmp, index=False))
+                        ("threshold_curve", threshold_curve(selection, False))):
+        atomic_write(out_dir / f"{name}.csv", lambda tmp, t=table: t.to_csv(tmp, index=False))
     m = out["headline"]["metrics"]
-    say(f"test {p.loss} loss {test.loss:.4f} (BCE {test.bce:.4f}) | pooled IoU "
+    say(f"{split} {p.loss} loss {pred.loss:.4f} (BCE {pred.bce:.4f}) | pooled IoU "
         f"{m['pooled_iou']:.4f} | mean image Dice {m['mean_image_dice']:.4f} | fg+bg mIoU "
-        f"{m['fg_bg_miou']:.4f} | chosen on valid: {describe(chosen, res)} -> pooled IoU "
+        f"{m['fg_bg_miou']:.4f}" + (
+            f" | clean subset ({int(clean.sum())}): pooled IoU "
+            f"{out['headline_clean']['metrics']['pooled_iou']:.4f}, image Dice "
+            f"{out['headline_clean']['metrics']['mean_image_dice']:.4f}" if clean is not None
+            else "") + f" | chosen on {selection_name}: {describe(chosen, res)} -> pooled IoU "
         f"{out['selected']['metrics']['pooled_iou']:.4f}, mean image Dice "
         f"{out['selected']['metrics']['mean_image_dice']:.4f}")
     return out
+
+
+def _blocks(out: dict[str, Any], key: str, counts: ConfusionCounts, dists: np.ndarray,
+            clean: np.ndarray | None, batch_size: int, st: EvalSettings, label: str) -> None:
+    out[key] = _block(counts, dists, batch_size, st.bootstrap, st.seed, label)
+    if clean is not None and clean.any():
+        idx = np.flatnonzero(clean)
+        out[f"{key}_clean"] = _block(counts.take(idx), dists[idx], batch_size, st.bootstrap,
+                                     st.seed, label + "; clean test subset")
+
+
+def evaluate_run(run_dir: str | Path, split: str = "test", device: str = "auto",
+                 verbose: bool = True, settings: Any = None) -> dict[str, Any]:
+    """Evaluate a run's ``best.pt`` (or an exported model folder) on ``split``.
+
+    ``settings``: the caller's parameters (threshold, TTA, post-processing, bootstrap...);
+    default: the run's. Writes ``run_dir/eval-<split>/`` and, for test, ``run_dir/metrics.json``.
+    The data must be what the run trained on (same annotations hash) or what its training
+    copy was made from (recorded provenance); anything else is an error.
+    """
+    run_dir = Path(run_dir)
+    loaded = load_model(run_dir)
+    st = EvalSettings.from_params(settings if settings is not None else loaded.params)
+    source = data_source_of(run_dir, loaded)
+    data_note = check_data_identity(run_dir, source)
+    valid_arrays = load_split_arrays(source.path, "valid", loaded.params.image_size,
+                                     loaded.params.cache_path())
+    valid = predict_split(loaded, valid_arrays, st.tta)
+    out = evaluate_model(loaded, source, split, run_dir / f"eval-{split}", st, valid,
+                         "valid", verbose, data_note)
+    if split == "test":  # the run's headline file
+        atomic_write_json(run_dir / "metrics.json", out)
+    return out
+
+
+def check_data_identity(run_dir: Path, source: DataSource) -> str:
+    """Compare the evaluated labels with those the run trained on; returns a sentence for
+    reports. Raises ValueError on a mismatch that no recorded provenance explains."""
+    import json
+
+    from brainseg_lib.runs import dataset_hash
+
+    env_file = run_dir / "env.json"
+    if not env_file.exists():
+        return "training data not recorded"
+    trained = json.loads(env_file.read_text()).get("dataset", {})
+    now = dataset_hash(source.path)
+    if trained.get("annotations_sha256") in (None, now):
+        return f"evaluated on the training data (annotations {now})"
+    origin = trained.get("derived_from", {}).get("source_annotations_sha256")
+    if origin == now:
+        return f"{trained.get('provenance')}; evaluated on that dataset ({now})"
+    raise ValueError(f"{run_dir}: trained on annotations {trained.get('annotations_sha256')} "
+                     f"but {source.path} holds {now}, and no recorded provenance links them")

@@ -19,7 +19,7 @@ from brainseg_lib.dataset import SplitArrays, load_split_arrays
 from brainseg_lib.evaluate import REFERENCE, predict_split
 from brainseg_lib.locate import SYNTHETIC_BANNER, DataSource, data_source
 from brainseg_lib.metrics import HEADLINE, ConfusionCounts, per_image_dice
-from brainseg_lib.modeling.predict import LoadedModel, load_checkpoint
+from brainseg_lib.modeling.predict import LoadedModel, load_model
 from brainseg_lib.plots import overlay_rows
 from brainseg_lib.runs import git_commit, latest_run, run_dir_for
 
@@ -79,8 +79,10 @@ def _fmt_ci(block: dict[str, Any], key: str) -> str:
 
 def metrics_table(metrics: dict[str, Any]) -> pd.DataFrame:
     """Every metric of an evaluation: rows are metrics, columns the settings (with 95 % CIs)."""
-    blocks = [(k, metrics[k]) for k in ("headline", "headline_original_resolution", "selected",
-                                        "selected_original_resolution") if k in metrics]
+    order = ("headline", "headline_clean", "headline_original_resolution",
+             "headline_original_resolution_clean", "selected", "selected_clean",
+             "selected_original_resolution", "selected_original_resolution_clean")
+    blocks = [(k, metrics[k]) for k in order if k in metrics]
     table = pd.DataFrame(
         {block["setting"]: [_fmt_ci(block, k) for k in HEADLINE] for _, block in blocks},
         index=pd.Index([f"{HEADLINE[k]} ({k})" for k in HEADLINE], name="metric"))
@@ -117,7 +119,7 @@ class TestPredictions:
 
     @classmethod
     def load(cls, run_dir: Path, split: str = "test") -> TestPredictions:
-        loaded = load_checkpoint(run_dir / "best.pt")
+        loaded = load_model(run_dir)
         p = loaded.params
         source = data_source(p)
         arrays = load_split_arrays(source.path, split, p.image_size, p.cache_path())

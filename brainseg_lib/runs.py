@@ -13,7 +13,7 @@ from typing import Any
 
 import torch
 
-from brainseg_lib.coco import ANNOTATION_FILE, SPLITS
+from brainseg_lib.coco import SPLITS, split_files
 from brainseg_lib.config import Params, project_root
 
 PACKAGES = ("torch", "torchvision", "segmentation-models-pytorch", "numpy", "pycocotools",
@@ -53,8 +53,23 @@ def dataset_hash(data_dir: Path) -> str:
     """SHA-256 of the three annotation files: identifies the labels a run saw."""
     digest = hashlib.sha256()
     for split in SPLITS:
-        digest.update((data_dir / split / ANNOTATION_FILE).read_bytes())
+        digest.update(split_files(data_dir, split).annotation_file.read_bytes())
     return digest.hexdigest()[:16]
+
+
+def dataset_record(source: Any, images: dict[str, int]) -> dict[str, Any]:
+    """What a run records about its data: where, which labels (hash), and, for a resized copy,
+    the dataset it was made from (``brainseg data resize`` writes provenance.json)."""
+    record = {"path": str(source.path), "kind": source.kind, "found_by": source.how,
+              "annotations_sha256": dataset_hash(source.path), "images": images}
+    provenance = source.path / "provenance.json"
+    if provenance.exists():
+        prov = json.loads(provenance.read_text())
+        record["derived_from"] = prov
+        record["provenance"] = (f"trained on a {prov['size']}-px "
+                                f"{'greyscale ' if prov.get('grey') else ''}copy of dataset "
+                                f"{prov['source_annotations_sha256']}")
+    return record
 
 
 def git_commit() -> str:
@@ -62,7 +77,8 @@ def git_commit() -> str:
         root = project_root()
         sha = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=root,
                              capture_output=True, text=True, timeout=5).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"],
+        # reports/ holds outputs (a report being written must not mark its own run dirty)
+        dirty = subprocess.run(["git", "status", "--porcelain", "--", ".", ":!reports"],
                                cwd=root, capture_output=True, text=True, timeout=5).stdout
         return (sha + ("-dirty" if dirty.strip() else "")) if sha else "unknown"
     except (OSError, subprocess.SubprocessError):
@@ -81,6 +97,17 @@ def environment_info(device: torch.device) -> dict[str, Any]:
         "packages": versions, "device": str(device), "torch_threads": torch.get_num_threads(),
         "git_commit": git_commit(), "created": datetime.now().isoformat(timespec="seconds"),
     }
+    if torch.cuda.is_available():
+        info["cuda"] = {"runtime": torch.version.cuda, "cudnn": torch.backends.cudnn.version(),
+                        "driver": _nvidia_driver()}
     if device.type == "cuda":
         info["gpu"] = torch.cuda.get_device_name(device)
     return info
+
+
+def _nvidia_driver() -> str:
+    try:
+        return subprocess.run(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
+                              capture_output=True, text=True, timeout=10).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"

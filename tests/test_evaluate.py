@@ -90,4 +90,30 @@ def test_predict_any_size_grey_or_rgb_and_skips_unreadable(trained_run, tmp_path
 
 def test_evaluate_cli_on_a_missing_run_is_a_clear_error(tmp_path, capsys):
     assert main(["evaluate", str(tmp_path / "nope")]) == 2
-    assert "best.pt does not exist" in capsys.readouterr().err
+    assert "nope: no such run directory, model folder or checkpoint" in capsys.readouterr().err
+
+
+def test_test_predictions_cannot_change_what_is_chosen_on_valid(trained_run, monkeypatch):
+    from brainseg_lib import evaluate as ev
+
+    honest = evaluate_run(trained_run, "test", verbose=False)["chosen_on_valid"]
+    real = ev.predict_split
+
+    def garbage_on_test(loaded, arrays, tta, batch_size=32):
+        pred = real(loaded, arrays, tta, batch_size)
+        if arrays.name == "test":
+            pred.probs[:] = 1.0
+            if pred.probs_tta is not None:
+                pred.probs_tta[:] = 0.0
+        return pred
+
+    monkeypatch.setattr(ev, "predict_split", garbage_on_test)
+    poisoned = evaluate_run(trained_run, "test", verbose=False)
+    assert poisoned["chosen_on_valid"] == honest
+    assert poisoned["headline"]["metrics"]["pooled_iou"] < 0.2  # the poison did reach test
+
+
+def test_valid_split_selected_result_is_labelled_in_sample(trained_run):
+    metrics = evaluate_run(trained_run, "valid", verbose=False)
+    assert metrics["selected_is_in_sample"]
+    assert "IN-SAMPLE" in metrics["selected"]["setting"]
