@@ -3,7 +3,7 @@
 The notebooks and the ``brainseg`` command are thin layers over this public API.
 """
 
-from brainseg_lib import datatools, explore, metrics, plots, report
+from brainseg_lib import datatools, explore, folds, metrics, plots, report, runs
 from brainseg_lib.coco import DatasetError
 from brainseg_lib.config import (
     Params,
@@ -25,7 +25,7 @@ from brainseg_lib.modeling.train import (
 )
 
 __all__ = [
-    "datatools", "explore", "metrics", "plots", "report",
+    "datatools", "explore", "folds", "metrics", "plots", "report", "runs",
     "DatasetError", "Params", "ParamsError", "TrainingDivergedError", "build_loaders",
     "create_model", "data_source", "evaluate_run", "finished_run", "load_checkpoint",
     "load_dataset",

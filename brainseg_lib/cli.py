@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import re
 import sys
 from pathlib import Path
 from typing import Any
@@ -12,6 +13,8 @@ import yaml
 from brainseg_lib.coco import DatasetError
 from brainseg_lib.config import ParamsError, load_params, profile_path
 
+_FLOAT = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+")
+
 
 def parse_overrides(items: list[str] | None) -> dict[str, Any]:
     """``KEY=VALUE`` pairs, each value read as YAML (``epochs=3``, ``augment=false``)."""
@@ -20,7 +23,10 @@ def parse_overrides(items: list[str] | None) -> dict[str, Any]:
         key, sep, value = item.partition("=")
         if not sep:
             raise ParamsError(f"--set {item!r}: expected KEY=VALUE")
-        out[key.strip()] = yaml.safe_load(value)
+        parsed = yaml.safe_load(value)
+        if isinstance(parsed, str) and _FLOAT.fullmatch(parsed):  # YAML 1.1 reads 1e-6 as text
+            parsed = float(parsed)
+        out[key.strip()] = parsed
     return out
 
 
@@ -36,7 +42,20 @@ def _data_check(args: argparse.Namespace) -> int:
     root = Path(args.dir) if args.dir else found.path
     report = check_dataset(root, decode=not args.no_decode)
     print(report.format(max_issues=args.max_issues))
-    return 1 if report.errors else 0
+    if report.errors:
+        return 1
+    if not args.no_decode:
+        from brainseg_lib.evaluate import clean_test_files
+        from brainseg_lib.locate import DataSource
+
+        groups = clean_test_files(DataSource(root, "real", "data check"), args.bits)
+        sizes = ", ".join(f"{n} x {size}" for size, n in sorted(
+            groups["cluster_sizes"].items(), key=lambda kv: int(kv[0])))
+        print(f"\nnear-duplicate clusters (pHash within {args.bits} bits, transitively): "
+              f"{groups['n_clusters']} over {groups['n_images']} images (clusters x size: "
+              f"{sizes}); {groups['clusters_across_splits']} span several splits; "
+              f"{len(groups['clean_test'])} of {groups['n_test']} test images are clean")
+    return 0
 
 
 def _data_download(args: argparse.Namespace) -> int:
@@ -62,26 +81,82 @@ def _train(args: argparse.Namespace) -> int:
     if args.run_id:
         overrides["run_id"] = args.run_id
     params = load_params(args.params, **overrides)
-    result = train(params, progress=not args.no_progress)
+    result = train(params, progress=not args.no_progress,
+                   resume_overrides=parse_overrides(args.set))
     print(f"run directory: {result.run_dir}")
     return 0
 
 
 def _evaluate(args: argparse.Namespace) -> int:
     from brainseg_lib.evaluate import evaluate_run
+    from brainseg_lib.modeling.artifacts import is_model_dir, materialise
 
-    evaluate_run(args.run_dir, args.split, args.device)
-    print(f"wrote {Path(args.run_dir) / f'eval-{args.split}'}")
+    target = Path(args.model or args.run_dir or "")
+    if not args.model and not args.run_dir:
+        raise ParamsError("evaluate: give a run directory or --model MODEL_DIR")
+    settings = None
+    if args.set or args.params:
+        settings = load_params(args.params or profile_path("reference"),
+                               **parse_overrides(args.set))
+    model_dir = target if is_model_dir(target) else None
+    if model_dir:  # a shipped model: laid out as a run under runs/
+        target = materialise(target, Path("runs") / f"model-{target.resolve().name}")
+    metrics = evaluate_run(target, args.split, args.device, settings=settings)
+    print(f"wrote {target / f'eval-{args.split}'}")
+    if args.record:
+        if not model_dir or args.split != "test":
+            raise ParamsError("--record needs --model DIR and the test split")
+        from brainseg_lib.modeling.artifacts import record_metrics
+
+        record_metrics(model_dir, metrics)
+        print(f"recorded the test metrics in {model_dir / 'README.md'}")
     return 0
 
 
 def _predict(args: argparse.Namespace) -> int:
     from brainseg_lib.modeling.predict import predict_files
 
-    written, skipped = predict_files(args.checkpoint, args.inputs, args.out, args.threshold,
+    model = args.model or args.checkpoint
+    if not model:
+        raise ParamsError("predict: give --model (a model folder or run directory) or "
+                          "--checkpoint FILE")
+    written, skipped = predict_files(model, args.inputs, args.out, args.threshold,
                                      args.tta, args.device)
     print(f"{len(written)} masks written to {args.out}; {len(skipped)} inputs skipped")
     return 0 if written or not skipped else 1
+
+
+def _export(args: argparse.Namespace) -> int:
+    from brainseg_lib.modeling.artifacts import export_model
+
+    out = export_model([Path(r) for r in args.run_dirs], Path(args.out),
+                       fp16=not args.fp32)
+    size = sum(f.stat().st_size for f in out.iterdir()) / 2**20
+    print(f"exported {len(args.run_dirs)} run(s) to {out} ({size:.1f} MiB)")
+    return 0
+
+
+def _sweep(args: argparse.Namespace) -> int:
+    from brainseg_lib.experiments.sweep import run_sweep
+
+    out = Path(args.out) if args.out else Path("runs") / f"sweep-{Path(args.grid).stem}"
+    table = run_sweep(args.grid, out, args.parallel, evaluate=not args.no_test)
+    cols = [c for c in ("variant", "status", "val_iou", "val_dice", "epochs", "minutes",
+                        "selected") if c in table]
+    print(table[cols].to_string(index=False))
+    print(f"wrote {out / 'sweep.csv'}")
+    return 0 if (table.status == "finished").all() else 1
+
+
+def _cv(args: argparse.Namespace) -> int:
+    from brainseg_lib.experiments.cv import run_cv
+
+    overrides = parse_overrides(args.set)
+    if args.run_id:
+        overrides["run_id"] = args.run_id
+    run_cv(Path(args.params), args.folds, overrides, args.parallel,
+           evaluate=not args.no_evaluate)
+    return 0
 
 
 def _main_profile() -> Path:
@@ -125,8 +200,12 @@ def build_parser() -> argparse.ArgumentParser:
                                                                         required=True)
     check = data.add_parser("check", help="report on a COCO dataset; exit 1 on errors")
     check.add_argument("dir", nargs="?", help="dataset folder (default: the resolved one)")
-    check.add_argument("--no-decode", action="store_true", help="skip decoding every image")
-    check.add_argument("--max-issues", type=int, default=50)
+    check.add_argument("--no-decode", action="store_true",
+                       help="skip decoding every image (and the near-duplicate clusters)")
+    check.add_argument("--bits", type=int, default=4,
+                       help="pHash distance for near-duplicates (default 4)")
+    check.add_argument("--max-issues", type=int, default=3,
+                       help="files listed per kind of problem (each kind is counted)")
     check.set_defaults(func=_data_check)
     download = data.add_parser("download", help="download the Kaggle dataset (kagglehub)")
     download.add_argument("--dest", help="default: data/brain-tumor-coco")
@@ -147,20 +226,49 @@ def build_parser() -> argparse.ArgumentParser:
                     help="override one parameter, e.g. --set epochs=2")
     tr.set_defaults(func=_train)
 
-    ev = sub.add_parser("evaluate", help="evaluate a run's best checkpoint")
-    ev.add_argument("run_dir")
+    ev = sub.add_parser("evaluate", help="evaluate a run's best checkpoint or a model folder")
+    ev.add_argument("run_dir", nargs="?", help="run directory (or a model folder)")
+    ev.add_argument("--model", help="an exported model folder, e.g. models/reference")
     ev.add_argument("--split", default="test", choices=["train", "valid", "test"])
     ev.add_argument("--device", default="auto")
+    ev.add_argument("--params", help="evaluation settings from this file (default: the run's)")
+    ev.add_argument("--set", action="append", metavar="KEY=YAML",
+                    help="an evaluation setting, e.g. --set threshold=0.4 --set tta=false")
+    ev.add_argument("--record", action="store_true",
+                    help="write the test metrics into the model folder's card")
     ev.set_defaults(func=_evaluate)
 
     pr = sub.add_parser("predict", help="write mask and overlay PNGs for images")
     pr.add_argument("inputs", nargs="+", help="image files or folders")
-    pr.add_argument("--checkpoint", required=True)
+    pr.add_argument("--model", help="model folder (brainseg export) or run directory")
+    pr.add_argument("--checkpoint", help="a checkpoint file (best.pt)")
     pr.add_argument("--out", required=True)
     pr.add_argument("--threshold", type=float)
     pr.add_argument("--tta", action="store_true")
     pr.add_argument("--device", default="auto")
     pr.set_defaults(func=_predict)
+
+    ex = sub.add_parser("export", help="write a run (or fold runs) as an smp model folder")
+    ex.add_argument("run_dirs", nargs="+", help="run directory; several = a fold ensemble")
+    ex.add_argument("--out", required=True, help="model folder, e.g. models/reference")
+    ex.add_argument("--fp32", action="store_true", help="keep float32 weights (default fp16)")
+    ex.set_defaults(func=_export)
+
+    sw = sub.add_parser("sweep", help="train parameter variants, select one on validation")
+    sw.add_argument("--grid", required=True, help="grid file (see brainseg_lib/experiments)")
+    sw.add_argument("--out", help="sweep folder (default runs/sweep-<grid name>)")
+    sw.add_argument("--parallel", type=int, default=0, help="runs at once (default: per GPU)")
+    sw.add_argument("--no-test", action="store_true", help="skip the selected run's test")
+    sw.set_defaults(func=_sweep)
+
+    cv = sub.add_parser("cv", help="grouped k-fold cross-validation and fold ensemble")
+    cv.add_argument("--params", required=True)
+    cv.add_argument("--folds", type=int, default=5)
+    cv.add_argument("--run-id", help="cv folder name under runs_dir (to resume one)")
+    cv.add_argument("--parallel", type=int, default=0, help="folds at once (default: per GPU)")
+    cv.add_argument("--no-evaluate", action="store_true", help="train the folds only")
+    cv.add_argument("--set", action="append", metavar="KEY=YAML")
+    cv.set_defaults(func=_cv)
 
     run = sub.add_parser("run", help="execute the four notebooks into a dated report")
     run.add_argument("--params", required=True,

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import imagehash
 import numpy as np
 import pandas as pd
 from PIL import Image
@@ -20,7 +19,7 @@ def annotation_table(root: str | Path) -> pd.DataFrame:
         coco = raise_on_errors(load_split(root, split))
         for img in coco.images:
             w, h = float(img["width"]), float(img["height"])
-            for ann in coco.annotations.get(int(img["id"]), []):
+            for ann in coco.annotations_of(img):
                 x, y, bw, bh = (float(v) for v in ann["bbox"])
                 rows.append({"split": split, "file": img["file_name"],
                              "category": str(ann.get("category_id")),
@@ -36,7 +35,7 @@ def split_table(root: str | Path) -> pd.DataFrame:
     rows = []
     for split in SPLITS:
         coco = raise_on_errors(load_split(root, split))
-        counts = [len(coco.annotations.get(int(i["id"]), [])) for i in coco.images]
+        counts = [len(coco.annotations_of(i)) for i in coco.images]
         sizes = sorted({f"{i['width']}x{i['height']}" for i in coco.images})
         rows.append({"split": split, "images": len(coco.images), "annotations": sum(counts),
                      "images without annotation": counts.count(0),
@@ -50,6 +49,8 @@ def split_table(root: str | Path) -> pd.DataFrame:
 def near_duplicates(arrays: dict[str, SplitArrays], max_distance: int = 4) -> pd.DataFrame:
     """Pairs of images in *different* splits whose 64-bit perceptual hashes (pHash) differ
     in at most ``max_distance`` bits: likely the same slice, a leak between splits."""
+    import imagehash
+
     names, splits, hashes = [], [], []
     for split, a in arrays.items():
         for file, img in zip(a.files, a.images, strict=True):

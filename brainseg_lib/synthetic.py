@@ -90,15 +90,29 @@ def write_synthetic_coco(out_dir: str | Path, counts: tuple[int, int, int] = (96
 
 def ensure_synthetic_coco(out_dir: str | Path, counts: tuple[int, int, int] = (96, 24, 24),
                           size: int = 128, seed: int = 0) -> Path:
-    """Generate once per (counts, size, seed) into ``out_dir``; complete or absent, never half."""
+    """Generate once per (counts, size, seed) into ``out_dir``; complete or absent, never half.
+
+    Safe when several processes (a sweep's runs) ask at once: each writes its own temporary
+    folder, the first rename wins and the others discard theirs.
+    """
+    import tempfile
+
     out_dir = Path(out_dir)
-    done = out_dir / ".complete"
-    if done.exists():
+    if (out_dir / ".complete").exists():
         return out_dir
-    tmp = out_dir.with_name(out_dir.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    write_synthetic_coco(tmp, counts, size, seed)
-    (tmp / ".complete").touch()
-    shutil.rmtree(out_dir, ignore_errors=True)
-    tmp.rename(out_dir)
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
+    try:
+        write_synthetic_coco(tmp, counts, size, seed)
+        (tmp / ".complete").touch()
+        tmp.chmod(0o755)
+        if out_dir.exists() and not (out_dir / ".complete").exists():
+            shutil.rmtree(out_dir, ignore_errors=True)  # a half-written folder of old code
+        try:
+            tmp.rename(out_dir)
+        except OSError:  # another process finished first
+            if not (out_dir / ".complete").exists():
+                raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
     return out_dir
