@@ -1,68 +1,102 @@
 #!/usr/bin/env bash
-# One GPU-machine session (see README "Running on a GPU"): benchmark, then train the
-# reference recipe, a variant of it and the seed method side by side on a 256 px copy of
-# the data, evaluate them, and pack the results (and the best reference checkpoint in fp16
-# chunks, under the transfer limits) into $OUT.
-#   carried: .whl (smp + pycocotools wheels for Python 3.12), .gpu/data256 (brainseg data resize)
-# DRY=1 runs the same steps tiny on the CPU to check the script before spending GPU time.
+# One lent-GPU session, unattended, in under 10 minutes (README "Running on a GPU machine"):
+#   1. benchmark: bare vs trainer step, eager at batch 32/64 and compiled at 32
+#      (which also fills the compile cache the runs below reuse);
+#   2. the accuracy sweep of params/grids/gpu_session.yaml, its variants side by side under
+#      one time budget, selected on validation IoU, the selected one scored on test;
+#   3. 5-fold grouped cross-validation of the selected recipe, folds side by side, then the
+#      out-of-fold scores and the fold ensemble on test (full and clean);
+#   4. pack: logs, tables and metrics in results.tgz, the selected model exported in smp's
+#      format with its weights split into <16 MiB parts.
+# Carried (git-ignored): .whl (smp + pycocotools wheels for the device's Python),
+# .gpu/data256 (brainseg data resize ... --size 256 --grey) and .gpu/cache (its
+# near-duplicate groups, so the device needs no imagehash).
+# DRY=1 runs every step tiny on the CPU, to check the script before spending GPU time.
 set -u
 export PYTHONUNBUFFERED=1
 OUT=${OUT:-/tmp/gpu-out}; mkdir -p "$OUT"
-if [ -d .whl ] && ! python3 -c "import segmentation_models_pytorch" 2>/dev/null; then
+ROOT=$PWD
+if [ -d .whl ] && ! python3 -c "import segmentation_models_pytorch, pycocotools" 2>/dev/null
+then
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
-    --target /tmp/site .whl/*.whl && export PYTHONPATH=/tmp/site:$PWD
+    --target /tmp/site .whl/*.whl && export PYTHONPATH=/tmp/site
 fi
-export PYTHONPATH=${PYTHONPATH:-$PWD}
-export BRAINSEG_DATA=$PWD/.gpu/data256 BRAINSEG_CACHE=/tmp/brainseg-cache
-RUNS=/tmp/gpu-runs; L=$RUNS/logs; mkdir -p "$L"
-CAP=${CAP:-5.5}; SEEDCAP=${SEEDCAP:-4}
-EXTRA=(--set runs_dir=$RUNS)
-BENCH=(--device cuda --steps 40 --threads 4)
-if [ "${DRY:-0}" = 1 ]; then
-  EXTRA+=(--set device=cpu --set epochs=2 --set limit_train_images=32 --set image_size=64
-          --set num_workers=0 --set bootstrap=50)
-  BENCH=(--device cpu --steps 2 --size 64); CAP=0.3; SEEDCAP=0.3
+export PYTHONPATH=${PYTHONPATH:+$PYTHONPATH:}$ROOT
+export BRAINSEG_DATA=$ROOT/.gpu/data256 BRAINSEG_CACHE=/tmp/brainseg-cache
+mkdir -p "$BRAINSEG_CACHE"; cp .gpu/cache/duplicates-*.json "$BRAINSEG_CACHE"/ 2>/dev/null
+RUNS=/tmp/gpu-runs; mkdir -p "$RUNS"
+GRID=params/grids/gpu_session.yaml
+SWEEP_MIN=${SWEEP_MIN:-2.8}; CV_MIN=${CV_MIN:-1.5}
+T_BENCH=110; T_SWEEP=250; T_CV=170
+BENCH=(--device cuda --batches 32 64 --compile-batch 32 --steps 20 --threads 4)
+CVSET=()
+if [ "${DRY:-0}" = 1 ]; then  # tiny, on the CPU
+  BENCH=(--device cpu --batches 4 --steps 2 --size 64 --encoder resnet18)
+  sed -e 's/train_minutes: 3.0/train_minutes: 0.05/' -e 's/epochs: 1000/epochs: 2/' \
+      -e 's#base: ../reference.yaml#base: ../smoke.yaml#' $GRID > params/grids/_dry.yaml
+  GRID=params/grids/_dry.yaml; SWEEP_MIN=0.05; CV_MIN=0.05
+  CVSET=(--set synthetic=true --set image_size=64 --set encoder=resnet18 --set device=cpu)
+  T_BENCH=200; T_SWEEP=400; T_CV=400
 fi
 log() { echo "[$(date +%T)] $*" | tee -a "$OUT/session.log"; }
-log "start"; nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv 2>&1 | tee -a "$OUT/session.log"
-python3 -c "import torch, segmentation_models_pytorch as s; print('torch', torch.__version__, 'smp', s.__version__)" 2>&1 | tee -a "$OUT/session.log"
-python3 -c "from brainseg_lib.dataset import load_dataset; import os; load_dataset(os.environ['BRAINSEG_DATA'], 256)" 2>&1 | tail -2
+log "start"
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv 2>&1 | tee -a "$OUT/session.log"
+python3 -c "import torch, segmentation_models_pytorch as s; print('torch', torch.__version__, 'cuda', torch.version.cuda, 'smp', s.__version__)" 2>&1 | tee -a "$OUT/session.log"
+python3 -c "
+import os; from brainseg_lib.dataset import load_dataset
+load_dataset(os.environ['BRAINSEG_DATA'], 256)" 2>&1 | tail -2
+
 log "bench"
-timeout 90 python3 benchmarks/bench_train.py "${BENCH[@]}" > "$L/bench.log" 2>&1; tail -4 "$L/bench.log"
-timeout 90 python3 benchmarks/bench_train.py "${BENCH[@]}" --augment > "$L/bench_augment.log" 2>&1; tail -3 "$L/bench_augment.log"
-log "train"
-B=(--set aug_rotate_deg=15 --set aug_scale=0.15 --set aug_shift=0.08 --set aug_vflip=0.5
-   --set batch_size=32 --set lr=0.002 --set epochs=150)
-python3 -m brainseg_lib.cli train --params params/reference.yaml --run-id ref-a --no-progress \
-  "${EXTRA[@]}" --set max_train_minutes=$CAP > "$L/train_ref_a.log" 2>&1 &
-python3 -m brainseg_lib.cli train --params params/reference.yaml --run-id ref-b --no-progress \
-  "${B[@]}" "${EXTRA[@]}" --set max_train_minutes=$CAP > "$L/train_ref_b.log" 2>&1 &
-python3 -m brainseg_lib.cli train --params params/seed.yaml --run-id seed --no-progress \
-  "${EXTRA[@]}" --set max_train_minutes=$SEEDCAP > "$L/train_seed.log" 2>&1 &
-wait
-log "evaluate"
-for r in ref-a ref-b seed; do
-  tail -2 "$L/train_$(echo $r | tr - _).log"
-  python3 -m brainseg_lib.cli evaluate $RUNS/$r > "$L/eval_$r.log" 2>&1; tail -2 "$L/eval_$r.log"
-done
-log "pack"
-python3 - "$RUNS" "$OUT" <<'PY'
-import json, sys, torch
+timeout $T_BENCH python3 benchmarks/bench_train.py "${BENCH[@]}" --json "$RUNS/bench.json" \
+  > "$RUNS/bench.log" 2>&1; tail -6 "$RUNS/bench.log" | tee -a "$OUT/session.log"
+
+log "sweep ($SWEEP_MIN min per variant)"
+if [ "${DRY:-0}" != 1 ]; then
+  sed -e "s/train_minutes: 3.0/train_minutes: $SWEEP_MIN/" $GRID > params/grids/_session.yaml
+  GRID=params/grids/_session.yaml
+fi
+timeout $T_SWEEP python3 -m brainseg_lib.cli sweep --grid $GRID --out "$RUNS/sweep" \
+  > "$RUNS/sweep.log" 2>&1; tail -9 "$RUNS/sweep.log" | tee -a "$OUT/session.log"
+
+# the selected variant (on validation IoU), also when the sweep was cut short
+WINNER_SETS=$(python3 - "$RUNS/sweep" "$GRID" <<'PY'
+import json, sys
 from pathlib import Path
-runs, out = Path(sys.argv[1]), Path(sys.argv[2])
-best = max((r for r in ("ref-a", "ref-b") if (runs / r / "train.json").exists()),
-           key=lambda r: json.loads((runs / r / "train.json").read_text())["best_val_iou"] or 0)
-print("reference winner on validation IoU:", best)
-(runs / "logs" / "winner.txt").write_text(best)
-state = torch.load(runs / best / "best.pt", map_location="cpu", weights_only=False)
-state["model"] = {k: v.half() if v.is_floating_point() else v for k, v in state["model"].items()}
-state["stored_as"] = "fp16 weights (transfer); load as fp32"
-blob = out / "best_fp16.pt"
-torch.save(state, blob)
-data = blob.read_bytes(); blob.unlink()
-chunk = 15 * 2**20
-for i in range(0, len(data), chunk):
-    (out / f"best_fp16.pt.part{i // chunk}").write_bytes(data[i:i + chunk])
+import pandas as pd
+from brainseg_lib.experiments.sweep import read_grid
+sweep, grid = Path(sys.argv[1]), read_grid(Path(sys.argv[2]))
+scores = {}
+for name in grid["variants"]:
+    h = sweep / name / "history.csv"
+    if h.exists() and (sweep / name / "best.pt").exists():
+        scores[name] = pd.read_csv(h).val_iou.max()
+best = max(scores, key=scores.get)
+(sweep / "winner.txt").write_text(best + "\n")
+sets = {k: v for k, v in grid["variants"][best].items() if k != "compile"}
+print(" ".join(f"--set {k}={json.dumps(v)}" for k, v in sets.items()))
 PY
-tar czf "$OUT/runs.tgz" --exclude='*.pt' -C "$RUNS" . 2>/dev/null
+)
+log "winner: $(cat $RUNS/sweep/winner.txt 2>/dev/null) [$WINNER_SETS]"
+
+log "export the selected model"
+W=$(cat "$RUNS/sweep/winner.txt" 2>/dev/null)
+python3 -m brainseg_lib.cli export "$RUNS/sweep/$W" --out "$RUNS/model" 2>&1 | tail -1
+if [ -f "$RUNS/model/model.safetensors" ]; then
+  split -b 15M -d "$RUNS/model/model.safetensors" "$OUT/model.safetensors.part"
+  mv "$RUNS/model/model.safetensors" "$RUNS/model.safetensors.full"
+  sha256sum "$RUNS/model.safetensors.full" | tee -a "$OUT/session.log"
+fi
+tar czf "$OUT/results.tgz" --exclude='*.pt' --exclude='*.full' -C "$RUNS" . 2>/dev/null
+
+log "cv (5 folds, $CV_MIN min each)"
+# shellcheck disable=SC2086
+timeout $T_CV python3 -m brainseg_lib.cli cv --params params/reference.yaml --folds 5 \
+  --parallel 5 --run-id cv5 --set runs_dir=$RUNS --set train_minutes=$CV_MIN \
+  --set epochs=1000 --set eval_original_size=false --set bootstrap=200 \
+  $WINNER_SETS "${CVSET[@]}" > "$RUNS/cv.log" 2>&1
+tail -4 "$RUNS/cv.log" | tee -a "$OUT/session.log"
+
+log "pack"
+tar czf "$OUT/results.tgz" --exclude='*.pt' --exclude='*.full' -C "$RUNS" . 2>/dev/null
+rm -f params/grids/_session.yaml params/grids/_dry.yaml
 log "done"; ls -la "$OUT"
