@@ -25,7 +25,7 @@ from brainseg_lib.evaluate import predict_split
 from brainseg_lib.locate import resolve_data
 from brainseg_lib.modeling.artifacts import build_network
 from brainseg_lib.modeling.predict import LoadedModel
-from brainseg_lib.modeling.train import Trainer, autocast_dtype, select_device
+from brainseg_lib.modeling.trainer import Trainer, autocast_dtype, select_device
 
 
 def sync(device: torch.device) -> None:

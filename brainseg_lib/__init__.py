@@ -17,12 +17,8 @@ from brainseg_lib.evaluate import evaluate_run
 from brainseg_lib.locate import data_source, resolve_data
 from brainseg_lib.model import create_model
 from brainseg_lib.modeling.predict import load_checkpoint, predict_files
-from brainseg_lib.modeling.train import (
-    TrainingDivergedError,
-    finished_run,
-    read_history,
-    train,
-)
+from brainseg_lib.modeling.train import finished_run, read_history, train
+from brainseg_lib.modeling.trainer import TrainingDivergedError
 
 __all__ = [
     "datatools", "explore", "folds", "metrics", "plots", "report", "runs",

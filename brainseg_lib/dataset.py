@@ -214,15 +214,21 @@ class ResidentBatches:
 
     Same order as a DataLoader shuffled with the same generator (one ``randperm`` per epoch).
     Training drops the ragged last batch, so every step has the same shape (what
-    ``torch.compile`` and cuDNN's autotuner want); evaluation keeps every image.
+    ``torch.compile`` and cuDNN's autotuner want); evaluation keeps every image. Under
+    data parallelism every rank draws the same order and serves its own slice
+    (``rank::world``) of each global batch of ``batch_size``: nothing is padded or repeated.
     """
 
     def __init__(self, arrays: SplitArrays, device: torch.device, batch_size: int,
-                 shuffle: bool = False, seed: int = 0):
+                 shuffle: bool = False, seed: int = 0, rank: int = 0, world: int = 1):
+        if batch_size % world:
+            raise ValueError(f"batch_size {batch_size} must be divisible by the {world} "
+                             "data-parallel processes")
         self.images = torch.from_numpy(arrays.images).to(device)
         self.masks = torch.from_numpy(arrays.masks).unsqueeze(1).to(device)
         self.n, self.shuffle = len(arrays), shuffle
         self.batch_size = min(batch_size, self.n)
+        self.rank, self.world = rank, world
         self.generator = torch.Generator().manual_seed(seed)
 
     def __len__(self) -> int:
@@ -238,7 +244,7 @@ class ResidentBatches:
             order = torch.arange(self.n)
         order = order.to(self.images.device)
         for i in range(len(self)):
-            idx = order[i * self.batch_size:(i + 1) * self.batch_size]
+            idx = order[i * self.batch_size:(i + 1) * self.batch_size][self.rank::self.world]
             yield self.images[idx], self.masks[idx]
 
 

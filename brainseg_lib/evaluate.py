@@ -85,7 +85,7 @@ class SplitPrediction:
 def predict_split(loaded: LoadedModel, arrays: SplitArrays, tta: bool,
                   batch_size: int = 32) -> SplitPrediction:
     """Probabilities for a split; losses per image, as the trainer's validation loss."""
-    from brainseg_lib.modeling.train import per_image_loss
+    from brainseg_lib.modeling.trainer import per_image_loss
 
     loss_fn, bce_fn = build_loss(loaded.params.loss), torch.nn.BCEWithLogitsLoss()
     probs, probs_tta = [], []

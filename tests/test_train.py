@@ -9,16 +9,15 @@ from brainseg_lib.augment import BatchAugment
 from brainseg_lib.config import Params
 from brainseg_lib.evaluate import predict_split
 from brainseg_lib.metrics import ConfusionCounts, pooled_iou
-from brainseg_lib.modeling import train as train_module
+from brainseg_lib.modeling import trainer as trainer_module
 from brainseg_lib.modeling.artifacts import read_checkpoint
 from brainseg_lib.modeling.predict import load_checkpoint
 from brainseg_lib.modeling.train import (
-    EarlyStopping,
-    TrainingDivergedError,
     load_training_data,
     read_history,
     train,
 )
+from brainseg_lib.modeling.trainer import EarlyStopping, TrainingDivergedError
 from conftest import tiny_params
 
 
@@ -98,7 +97,7 @@ def test_nan_loss_stops_with_a_clear_error_and_keeps_the_checkpoint(tmp_path, sy
                                                                      monkeypatch):
     params = tiny_params(tmp_path, synthetic_root, epochs=3, limit_train_images=8,
                          run_id="nan")
-    real_loss = train_module.build_loss
+    real_loss = trainer_module.build_loss
 
     class PoisonAfterFirstEpoch(torch.nn.Module):
         def __init__(self):
@@ -110,7 +109,7 @@ def test_nan_loss_stops_with_a_clear_error_and_keeps_the_checkpoint(tmp_path, sy
             loss = self.inner(logits, target)
             return loss * float("nan") if self.calls > 2 else loss
 
-    monkeypatch.setattr(train_module, "build_loss", lambda name: PoisonAfterFirstEpoch())
+    monkeypatch.setattr(trainer_module, "build_loss", lambda name: PoisonAfterFirstEpoch())
     with pytest.raises(TrainingDivergedError, match="non-finite loss in epoch 2"):
         train(params, progress=False)
     state = read_checkpoint(tmp_path / "runs" / "nan" / "last.pt")
@@ -184,7 +183,7 @@ def test_compile_on_the_cpu_is_ignored_with_a_message(tmp_path, synthetic_root, 
 
 
 def test_time_budget_shapes_the_schedule():
-    from brainseg_lib.modeling.train import Schedule
+    from brainseg_lib.modeling.trainer import Schedule
 
     sched = Schedule(Params(scheduler="cosine", epochs=100, train_minutes=1.0), 10)
     assert sched.factor() == pytest.approx(1.0)

@@ -22,7 +22,7 @@ from brainseg_lib.modeling.artifacts import (
     load_model_dir,
     model_from_checkpoint,
 )
-from brainseg_lib.modeling.train import autocast_dtype, select_device
+from brainseg_lib.modeling.trainer import autocast_dtype, select_device
 
 
 @dataclass
