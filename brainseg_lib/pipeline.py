@@ -37,9 +37,13 @@ def render_html(notebook: Path) -> Path:
     """nbconvert's HTML (lab template) beside the notebook, written atomically."""
     import nbformat
     from nbconvert import HTMLExporter
+    from nbconvert.preprocessors import TagRemovePreprocessor
 
-    body, _ = HTMLExporter(template_name="lab").from_notebook_node(
-        nbformat.read(notebook, as_version=4))
+    exporter = HTMLExporter(template_name="lab")
+    # the header lists every parameter already; papermill's injected cell is noise there
+    exporter.register_preprocessor(TagRemovePreprocessor(
+        remove_cell_tags={"injected-parameters"}, enabled=True), enabled=True)
+    body, _ = exporter.from_notebook_node(nbformat.read(notebook, as_version=4))
     return atomic_write_text(notebook.with_suffix(".html"), body)
 
 

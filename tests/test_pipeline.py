@@ -105,3 +105,18 @@ def test_index_renders_in_a_real_browser(smoke_reports, tmp_path):
                     f"--screenshot={shot}", url], capture_output=True, timeout=120)
     assert shot.exists() and shot.stat().st_size > 10_000
     assert Path(shot).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_html_reports_hide_papermill_injected_cell(tmp_path):
+    import nbformat
+
+    from brainseg_lib.pipeline import render_html
+
+    nb = nbformat.v4.new_notebook()
+    nb.cells = [nbformat.v4.new_code_cell("VISIBLE_MARKER = 1"),
+                nbformat.v4.new_code_cell("INJECTED_MARKER = 2",
+                                          metadata={"tags": ["injected-parameters"]})]
+    path = tmp_path / "n.ipynb"
+    nbformat.write(nb, path)
+    html = render_html(path).read_text()
+    assert "VISIBLE_MARKER" in html and "INJECTED_MARKER" not in html

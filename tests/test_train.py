@@ -191,6 +191,8 @@ def test_time_budget_shapes_the_schedule():
     assert sched.factor() == pytest.approx(0.5)
     sched.elapsed = 60.0
     assert sched.factor() == pytest.approx(0.0, abs=1e-9) and sched.out_of_time
+    sched.elapsed = 50.0  # of 60 s: a 25 s epoch would end 15 s late (> half of it), 15 s 5 s
+    assert sched.next_epoch_overruns(25.0) and not sched.next_epoch_overruns(15.0)
     no_budget = Schedule(Params(scheduler="cosine", epochs=2), 10)
     no_budget.step_count, no_budget.elapsed = 10, 1e6
     assert no_budget.factor() == pytest.approx(0.5) and not no_budget.out_of_time

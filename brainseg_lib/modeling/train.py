@@ -263,7 +263,8 @@ def _train(params: Params, ctx: DistContext, progress: bool,
                   flush=True)
         if stopper.should_stop:
             break
-        if trainer.schedule.out_of_time:
+        if trainer.schedule.out_of_time or trainer.schedule.next_epoch_overruns(
+                row["seconds"]):
             stop_reason = "time budget"
             break
         if capped:

@@ -125,6 +125,12 @@ class Schedule:
     def out_of_time(self) -> bool:
         return bool(self.budget) and self.elapsed >= self.budget
 
+    def next_epoch_overruns(self, epoch_seconds: float) -> bool:
+        """Another epoch of ``epoch_seconds`` would end more than half an epoch past the
+        budget: stop now, so a run ends within half an epoch of its budget (on a slow CPU an
+        epoch can be minutes)."""
+        return bool(self.budget) and self.elapsed + 0.5 * epoch_seconds > self.budget
+
     def state_dict(self) -> dict[str, Any]:
         return {"step_count": self.step_count, "elapsed": self.elapsed}
 
