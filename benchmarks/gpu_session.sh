@@ -23,7 +23,10 @@ then
 fi
 export PYTHONPATH=${PYTHONPATH:+$PYTHONPATH:}$ROOT
 export BRAINSEG_DATA=$ROOT/.gpu/data256 BRAINSEG_CACHE=/tmp/brainseg-cache
-mkdir -p "$BRAINSEG_CACHE"; cp .gpu/cache/duplicates-*.json "$BRAINSEG_CACHE"/ 2>/dev/null
+mkdir -p "$BRAINSEG_CACHE"
+cp .gpu/cache/duplicates-*.json "$BRAINSEG_CACHE"/ 2>/dev/null || \
+  echo "warning: no .gpu/cache/duplicates-*.json: test evaluations will need imagehash" \
+  | tee -a "$OUT/session.log"
 RUNS=/tmp/gpu-runs; mkdir -p "$RUNS"
 GRID=params/grids/gpu_session.yaml
 SWEEP_MIN=${SWEEP_MIN:-2.8}; CV_MIN=${CV_MIN:-1.5}
