@@ -117,3 +117,24 @@ def test_valid_split_selected_result_is_labelled_in_sample(trained_run):
     metrics = evaluate_run(trained_run, "valid", verbose=False)
     assert metrics["selected_is_in_sample"]
     assert "IN-SAMPLE" in metrics["selected"]["setting"]
+
+
+def test_batched_prediction_equals_one_image_at_a_time(trained_run, tmp_path, monkeypatch):
+    from brainseg_lib.modeling import predict as predict_module
+
+    rng = np.random.default_rng(0)
+    inputs = tmp_path / "in"
+    inputs.mkdir()
+    shapes = [(64, 64, 3), (50, 90, 3), (120, 40, 3)]
+    for i, shape in enumerate(shapes):
+        Image.fromarray(rng.integers(0, 255, shape, dtype=np.uint8)).save(inputs / f"{i}.png")
+    monkeypatch.setattr(predict_module, "PREDICT_BATCH", 2)  # a full and a partial batch
+    written, _ = predict_module.predict_files(trained_run, [inputs], tmp_path / "out",
+                                              threshold=0.5)
+    loaded = predict_module.load_model(trained_run)
+    for i, shape in enumerate(shapes):
+        rgb = np.asarray(Image.open(inputs / f"{i}.png").convert("RGB"))
+        alone = (predict_module.predict_image(loaded, rgb) >= 0.5).astype(np.uint8) * 255
+        batched = np.asarray(Image.open(tmp_path / "out" / f"{i}_mask.png"))
+        assert batched.shape == shape[:2]
+        assert (batched != alone).mean() < 0.001  # float reduction order only

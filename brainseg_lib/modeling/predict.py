@@ -24,6 +24,8 @@ from brainseg_lib.modeling.artifacts import (
 )
 from brainseg_lib.modeling.trainer import autocast_dtype, select_device
 
+PREDICT_BATCH = 16  # images per forward pass in brainseg predict
+
 
 @dataclass
 class LoadedModel:
@@ -120,13 +122,25 @@ def _combine(member_logits: list[torch.Tensor]) -> torch.Tensor:
     return torch.logit(mean.clamp(1e-7, 1 - 1e-7))
 
 
+def predict_images(loaded: LoadedModel, images: list[np.ndarray], tta: bool = False,
+                   ) -> list[np.ndarray]:
+    """Tumour probabilities (H,W) float32 for RGB uint8 images of any sizes, in one batch.
+
+    Each image is resized to the model's square input (a non-square image is squashed, as
+    in training, where every image is resized the same way) and its probabilities are
+    resized back to its own size.
+    """
+    size = loaded.params.image_size
+    x = torch.from_numpy(np.stack([resize_image(rgb, size) for rgb in images]))
+    probs = torch.sigmoid(predict_logits(loaded, x, tta))
+    return [F.interpolate(probs[i:i + 1], size=rgb.shape[:2], mode="bilinear",
+                          align_corners=False)[0, 0].cpu().numpy()
+            for i, rgb in enumerate(images)]
+
+
 def predict_image(loaded: LoadedModel, rgb: np.ndarray, tta: bool = False) -> np.ndarray:
     """Tumour probability (H,W) float32 for one RGB uint8 image of any size."""
-    size = loaded.params.image_size
-    x = torch.from_numpy(resize_image(rgb, size)).unsqueeze(0)
-    probs = torch.sigmoid(predict_logits(loaded, x, tta))
-    probs = F.interpolate(probs, size=rgb.shape[:2], mode="bilinear", align_corners=False)
-    return probs[0, 0].cpu().numpy()
+    return predict_images(loaded, [rgb], tta)[0]
 
 
 def overlay(rgb: np.ndarray, mask: np.ndarray, color: tuple[int, int, int] = (255, 60, 60),
@@ -159,16 +173,22 @@ def predict_files(model: str | Path, inputs: list[str | Path], out_dir: str | Pa
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     written, skipped = [], []
-    for path in collect_inputs(inputs):
-        try:
-            with Image.open(path) as pil:
-                rgb = np.asarray(pil.convert("RGB"))
-        except (FileNotFoundError, UnidentifiedImageError, OSError) as err:
-            skipped.append((path, str(err)))
-            print(f"skipped {path}: {err}", file=sys.stderr)
+    files = collect_inputs(inputs)
+    for start in range(0, len(files), PREDICT_BATCH):
+        batch: list[tuple[Path, np.ndarray]] = []
+        for path in files[start:start + PREDICT_BATCH]:
+            try:
+                with Image.open(path) as pil:
+                    batch.append((path, np.asarray(pil.convert("RGB"))))
+            except (FileNotFoundError, UnidentifiedImageError, OSError) as err:
+                skipped.append((path, str(err)))
+                print(f"skipped {path}: {err}", file=sys.stderr)
+        if not batch:
             continue
-        mask = (predict_image(loaded, rgb, tta) >= threshold).astype(np.uint8)
-        Image.fromarray(mask * 255).save(out_dir / f"{path.stem}_mask.png")
-        Image.fromarray(overlay(rgb, mask)).save(out_dir / f"{path.stem}_overlay.png")
-        written.append(out_dir / f"{path.stem}_mask.png")
+        probs = predict_images(loaded, [rgb for _, rgb in batch], tta)
+        for (path, rgb), prob in zip(batch, probs, strict=True):
+            mask = (prob >= threshold).astype(np.uint8)
+            Image.fromarray(mask * 255).save(out_dir / f"{path.stem}_mask.png")
+            Image.fromarray(overlay(rgb, mask)).save(out_dir / f"{path.stem}_overlay.png")
+            written.append(out_dir / f"{path.stem}_mask.png")
     return written, skipped
