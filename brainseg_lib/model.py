@@ -8,6 +8,7 @@ metadata records where its weights came from.
 
 from __future__ import annotations
 
+import pickle
 import socket
 import warnings
 from pathlib import Path
@@ -32,11 +33,17 @@ def _hub_reachable(timeout: float = 2.0) -> bool:
 
 
 def _load_state_file(path: Path) -> dict[str, torch.Tensor]:
+    """A weights file's tensors; a pickle that needs more than tensors is refused unread."""
     if path.suffix == ".safetensors":
         from safetensors.torch import load_file
 
         return load_file(path, device="cpu")
-    state = torch.load(path, map_location="cpu", weights_only=False)
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as err:
+        raise PretrainedWeightsError(
+            f"{path}: refused: it needs more than tensors and plain values to load, so it "
+            f"was not unpickled ({str(err).strip().splitlines()[0][:200]})") from None
     return state.get("model", state.get("state_dict", state)) if isinstance(state, dict) else state
 
 
@@ -85,6 +92,8 @@ def create_model(arch: str = "Unet", encoder: str = "resnet34", encoder_weights:
         model = build(None)
         try:
             _load_encoder_weights(model, path)
+        except PretrainedWeightsError:
+            raise  # already one line naming the file
         except (RuntimeError, KeyError, OSError) as err:
             raise PretrainedWeightsError(
                 f"{path}: not an encoder state dict for {encoder}: {str(err)[:300]}") from None

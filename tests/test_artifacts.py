@@ -2,7 +2,9 @@
 
 import json
 import pickle
+import pickletools
 import shutil
+import zipfile
 
 import numpy as np
 import pytest
@@ -40,10 +42,12 @@ def malicious_checkpoint(tmp_path):
     path.parent.mkdir()
     torch.save({"model": {}, "params": {}, "payload": Trap(marker)}, path)
     assert not marker.exists()
-    # the trap is real: a plain unpickling would spring it
-    torch.load(path, weights_only=False)
-    assert marker.exists()
-    marker.unlink()
+    # the trap is real: the pickle calls open() when unpickled (read without unpickling)
+    with zipfile.ZipFile(path) as archive:
+        pickled = archive.read(next(n for n in archive.namelist() if n.endswith("data.pkl")))
+    calls = [arg for op, arg, _ in pickletools.genops(pickled)
+             if op.name in ("GLOBAL", "STACK_GLOBAL") or op.name.endswith("UNICODE")]
+    assert any("open" in str(arg) for arg in calls)
     return path, marker
 
 

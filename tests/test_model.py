@@ -56,3 +56,16 @@ def test_local_weights_file(tmp_path):
 def test_unknown_encoder_is_a_clear_error():
     with pytest.raises(ValueError, match="unknown architecture or encoder"):
         create_model("Unet", "resnet-3000", "none")
+
+
+def test_an_encoder_weights_pickle_that_runs_code_is_refused(tmp_path):
+    marker = tmp_path / "PWNED"
+
+    class Trap:
+        def __reduce__(self):
+            return (open, (str(marker), "w"))
+
+    torch.save({"conv1.weight": Trap()}, tmp_path / "evil.pth")
+    with pytest.raises(PretrainedWeightsError, match="evil.pth: refused"):
+        create_model("Unet", "resnet18", str(tmp_path / "evil.pth"))
+    assert not marker.exists()
