@@ -94,10 +94,10 @@ def _evaluate(args: argparse.Namespace) -> int:
     target = Path(args.model or args.run_dir or "")
     if not args.model and not args.run_dir:
         raise ParamsError("evaluate: give a run directory or --model MODEL_DIR")
-    settings = None
-    if args.set or args.params:
-        settings = load_params(args.params or profile_path("reference"),
-                               **parse_overrides(args.set))
+    # evaluation settings from the call: a file, or changes to the run's own settings
+    settings: Any = parse_overrides(args.set) or None
+    if args.params:
+        settings = load_params(args.params, **(settings or {}))
     model_dir = target if is_model_dir(target) else None
     if model_dir:  # a shipped model: laid out as a run under runs/
         target = materialise(target, Path("runs") / f"model-{target.resolve().name}")
@@ -231,7 +231,8 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--model", help="an exported model folder, e.g. models/reference")
     ev.add_argument("--split", default="test", choices=["train", "valid", "test"])
     ev.add_argument("--device", default="auto")
-    ev.add_argument("--params", help="evaluation settings from this file (default: the run's)")
+    ev.add_argument("--params", help="evaluation settings from this file (default: the run's, "
+                    "changed by --set)")
     ev.add_argument("--set", action="append", metavar="KEY=YAML",
                     help="an evaluation setting, e.g. --set threshold=0.4 --set tta=false")
     ev.add_argument("--record", action="store_true",

@@ -21,6 +21,7 @@ import torch.nn.functional as F
 from scipy import ndimage
 
 from brainseg_lib.coco import load_split
+from brainseg_lib.config import params_from_dict
 from brainseg_lib.dataset import SplitArrays, load_split_arrays
 from brainseg_lib.io import atomic_write, atomic_write_json
 from brainseg_lib.locate import DataSource, data_source
@@ -347,13 +348,16 @@ def evaluate_run(run_dir: str | Path, split: str = "test", device: str = "auto",
                  verbose: bool = True, settings: Any = None) -> dict[str, Any]:
     """Evaluate a run's ``best.pt`` (or an exported model folder) on ``split``.
 
-    ``settings``: the caller's parameters (threshold, TTA, post-processing, bootstrap...);
-    default: the run's. Writes ``run_dir/eval-<split>/`` and, for test, ``run_dir/metrics.json``.
+    ``settings``: the caller's parameters (threshold, TTA, post-processing, bootstrap...),
+    or a mapping of just those to change; default: the run's. Writes
+    ``run_dir/eval-<split>/`` and, for test, ``run_dir/metrics.json``.
     The data must be what the run trained on (same annotations hash) or what its training
     copy was made from (recorded provenance); anything else is an error.
     """
     run_dir = Path(run_dir)
-    loaded = load_model(run_dir)
+    loaded = load_model(run_dir, device)
+    if isinstance(settings, dict):
+        settings = params_from_dict(loaded.params.to_dict() | settings, "evaluation settings")
     st = EvalSettings.from_params(settings if settings is not None else loaded.params)
     source = data_source_of(run_dir, loaded)
     data_note = check_data_identity(run_dir, source)

@@ -204,6 +204,8 @@ def test_a_budgeted_run_stops_on_time_at_a_low_learning_rate(tmp_path, synthetic
     result = train(params, progress=False)
     assert result.stop_reason == "time budget" and 1 <= len(result.history) < 500
     assert result.history[-1]["lr"] < 0.2 * params.lr
+    # the epoch the budget ended on is resumable (last.pt written although < 60 s passed)
+    assert read_checkpoint(result.run_dir / "last.pt")["epoch"] == len(result.history)
 
 
 def test_deterministic_runs_repeat_exactly(tmp_path, synthetic_root):

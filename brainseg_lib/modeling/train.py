@@ -226,16 +226,19 @@ def _train(params: Params, ctx: DistContext, progress: bool,
         val = validate(trainer.eval_model, valid_batches, trainer.loss_fn, params, device) \
             if ctx.is_main else {}
         val_seconds = time.perf_counter() - val_start
+        epoch_seconds = time.perf_counter() - epoch_start
         capped = bool(params.max_train_minutes) and (
             time.perf_counter() - started > params.max_train_minutes * 60)
         if ctx.enabled:
-            val, trainer.schedule.elapsed, capped = from_main(ctx, (
-                val, trainer.schedule.elapsed + train_seconds + val_seconds, capped))
+            val, trainer.schedule.elapsed, capped, epoch_seconds = from_main(ctx, (
+                val, trainer.schedule.elapsed + train_seconds + val_seconds, capped,
+                epoch_seconds))
         else:
             trainer.schedule.elapsed += val_seconds
+        time_up = trainer.schedule.next_epoch_overruns(epoch_seconds)
         row = {"epoch": epoch, "train_loss": train_loss, **val,
                "lr": float(trainer.optimizer.param_groups[0]["lr"]),
-               "seconds": time.perf_counter() - epoch_start,
+               "seconds": epoch_seconds,
                "train_img_per_s": seen * ctx.world / train_seconds}
         history.append(row)
         improved = stopper.step(val[params.monitor], epoch)
@@ -244,8 +247,8 @@ def _train(params: Params, ctx: DistContext, progress: bool,
                  "ema": trainer.ema is not None}
         if improved and ctx.is_main:
             save_checkpoint(run_dir / "best.pt", state)
-        last_due = (epoch == first_epoch or stopper.should_stop or capped
-                    or trainer.schedule.out_of_time or epoch == params.epochs
+        last_due = (epoch == first_epoch or stopper.should_stop or capped or time_up
+                    or epoch == params.epochs
                     or time.perf_counter() - last_saved > LAST_EVERY_S)
         if last_due and ctx.is_main:  # ~4x the weights: at most once a minute on a fast GPU
             save_checkpoint(run_dir / "last.pt", state | trainer.state_dict() | {
@@ -263,8 +266,7 @@ def _train(params: Params, ctx: DistContext, progress: bool,
                   flush=True)
         if stopper.should_stop:
             break
-        if trainer.schedule.out_of_time or trainer.schedule.next_epoch_overruns(
-                row["seconds"]):
+        if time_up:
             stop_reason = "time budget"
             break
         if capped:

@@ -127,8 +127,8 @@ class Schedule:
 
     def next_epoch_overruns(self, epoch_seconds: float) -> bool:
         """Another epoch of ``epoch_seconds`` would end more than half an epoch past the
-        budget: stop now, so a run ends within half an epoch of its budget (on a slow CPU an
-        epoch can be minutes)."""
+        budget (always true once the budget is spent): stop now, so a run ends within half
+        an epoch of its budget (on a slow CPU an epoch can be minutes)."""
         return bool(self.budget) and self.elapsed + 0.5 * epoch_seconds > self.budget
 
     def state_dict(self) -> dict[str, Any]:
@@ -187,7 +187,7 @@ def _progress(iterable: Any, total: int, desc: str, enabled: bool) -> Any:
 
 def use_compile(params: Params, device: torch.device) -> bool:
     """``compile`` auto = on CUDA only; asked for on the CPU it is ignored with a message
-    (inductor's CPU code was not faster here: see benchmarks/bench_train.py)."""
+    (whether inductor helps on a 2-core CPU has not been measured)."""
     if params.compile == "auto":
         return device.type == "cuda"
     if params.compile and device.type != "cuda":
