@@ -23,7 +23,7 @@ from brainseg_lib.config import Params
 from brainseg_lib.dataset import ResidentBatches, SplitArrays, load_split_arrays
 from brainseg_lib.evaluate import predict_split
 from brainseg_lib.locate import resolve_data
-from brainseg_lib.modeling.artifacts import build_network
+from brainseg_lib.model import build_network
 from brainseg_lib.modeling.predict import LoadedModel
 from brainseg_lib.modeling.trainer import Trainer, autocast_dtype, select_device
 

@@ -223,11 +223,11 @@ def params_from_dict(values: dict[str, Any], source: str = "<dict>") -> Params:
         raise ParamsError(f"{source}: {err}") from None
 
 
-def read_params_file(path: str | Path) -> dict[str, Any]:
-    """The raw flat mapping of a YAML parameter file, with errors naming the file."""
+def read_params_file(path: str | Path, kind: str = "parameter file") -> dict[str, Any]:
+    """The raw mapping of a YAML parameter (or sweep grid) file, with errors naming it."""
     path = Path(path)
     if not path.is_file():
-        raise ParamsError(f"{path}: parameter file not found")
+        raise ParamsError(f"{path}: {kind} not found")
     try:
         values = yaml.safe_load(path.read_text()) or {}
     except yaml.YAMLError as err:

@@ -230,11 +230,15 @@ def clean_test_files(source: DataSource, bits: int,
     """Near-duplicate groups of the dataset (cached): which test images are clean. Hashed
     at one fixed size, so every profile sees the same groups."""
     from brainseg_lib.dataset import load_dataset
-    from brainseg_lib.folds import HASH_SIZE, duplicate_groups
+    from brainseg_lib.folds import HASH_SIZE, cached_groups, duplicate_groups
     from brainseg_lib.runs import dataset_hash
 
+    data_hash = dataset_hash(source.path)
+    cached = cached_groups(data_hash, bits, cache_dir)  # no image is read then
+    if cached is not None:
+        return cached
     arrays = load_dataset(source.path, HASH_SIZE, cache_dir)
-    return duplicate_groups(arrays, bits, dataset_hash(source.path), cache_dir)
+    return duplicate_groups(arrays, bits, data_hash, cache_dir)
 
 
 def evaluate_model(loaded: LoadedModel, source: DataSource, split: str, out_dir: Path,

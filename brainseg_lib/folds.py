@@ -55,11 +55,9 @@ def duplicate_groups(arrays: dict[str, SplitArrays], max_bits: int, data_hash: s
 
     Returns ``{"clusters": {"split/file": label}, "clean_test": [...], ...}``.
     """
-    cache = (cache_dir or default_cache_dir()) / f"duplicates-{data_hash}-{max_bits}bits.json"
-    if cache.exists():
-        cached = json.loads(cache.read_text())
-        if cached.get("data_hash") == data_hash and cached.get("max_bits") == max_bits:
-            return cached
+    cached = cached_groups(data_hash, max_bits, cache_dir)
+    if cached is not None:
+        return cached
     keys, hashes = [], []
     for split, a in arrays.items():
         keys += [f"{split}/{f}" for f in a.files]
@@ -68,8 +66,23 @@ def duplicate_groups(arrays: dict[str, SplitArrays], max_bits: int, data_hash: s
     clusters = {k: int(v) for k, v in zip(keys, labels, strict=True)}
     groups = summarise_groups(clusters)
     groups |= {"data_hash": data_hash, "max_bits": max_bits, "clusters": clusters}
-    atomic_write_json(cache, groups)
+    atomic_write_json(_groups_file(data_hash, max_bits, cache_dir), groups)
     return groups
+
+
+def _groups_file(data_hash: str, max_bits: int, cache_dir: Path | None) -> Path:
+    return (cache_dir or default_cache_dir()) / f"duplicates-{data_hash}-{max_bits}bits.json"
+
+
+def cached_groups(data_hash: str, max_bits: int, cache_dir: Path | None = None,
+                  ) -> dict[str, Any] | None:
+    """The saved grouping of this data at this threshold, or None (then it must be hashed)."""
+    path = _groups_file(data_hash, max_bits, cache_dir)
+    if not path.exists():
+        return None
+    cached = json.loads(path.read_text())
+    ok = cached.get("data_hash") == data_hash and cached.get("max_bits") == max_bits
+    return cached if ok else None
 
 
 def summarise_groups(clusters: dict[str, int]) -> dict[str, Any]:
@@ -131,7 +144,7 @@ def fold_split(data: dict[str, SplitArrays], folds_file: Path, fold: int,
     if not 0 <= fold < len(folds):
         raise ValueError(f"{folds_file}: fold {fold} out of range (0..{len(folds) - 1})")
     dev = SplitArrays.concat("dev", [data[s] for s in DEV_SPLITS])
-    keys = [f"{s}/{f}" for s in DEV_SPLITS for f in data[s].files]
+    keys = dev_keys(data)
     assigned = [k for f in folds for k in f]
     if sorted(assigned) != sorted(keys):
         missing = set(keys) - set(assigned)
@@ -147,4 +160,11 @@ def fold_split(data: dict[str, SplitArrays], folds_file: Path, fold: int,
 
 
 def dev_keys(data: dict[str, SplitArrays]) -> list[str]:
+    """``split/file`` of every development image, in the order of train+valid concatenated."""
     return [f"{s}/{f}" for s in DEV_SPLITS for f in data[s].files]
+
+
+def fold_indices(keys: list[str], folds: list[list[str]]) -> list[np.ndarray]:
+    """Each fold's positions in ``keys`` (sorted, as ``SplitArrays.subset`` orders them)."""
+    position = {k: i for i, k in enumerate(keys)}
+    return [np.sort([position[k] for k in fold]) for fold in folds]

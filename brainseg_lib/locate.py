@@ -34,7 +34,7 @@ class DataSource:
 
 
 def looks_like_dataset(path: Path) -> bool:
-    return path.is_dir() and not missing_parts(path)
+    return not missing_parts(path)
 
 
 def missing_parts(path: Path) -> str:

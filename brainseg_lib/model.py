@@ -67,6 +67,17 @@ def _cached_imagenet_file(encoder: str) -> Path | None:
     return Path(found) if isinstance(found, str) else None
 
 
+def build_network(arch: str, encoder: str, in_channels: int = 3,
+                  weights: str | None = None) -> nn.Module:
+    """The smp network with one output channel of logits; ``weights=None`` never touches the
+    network (what loading a checkpoint or model folder needs)."""
+    try:
+        return smp.create_model(arch, encoder_name=encoder, encoder_weights=weights,
+                                in_channels=in_channels, classes=1)
+    except KeyError as err:
+        raise ValueError(f"unknown architecture or encoder: {err}") from None
+
+
 def create_model(arch: str = "Unet", encoder: str = "resnet34", encoder_weights: str = "none",
                  in_channels: int = 3, require_pretrained: bool = False,
                  ) -> tuple[nn.Module, str]:
@@ -76,11 +87,7 @@ def create_model(arch: str = "Unet", encoder: str = "resnet34", encoder_weights:
     Returns ``(model, provenance)``; provenance is a sentence for the run's metadata.
     """
     def build(weights: str | None) -> nn.Module:
-        try:
-            return smp.create_model(arch, encoder_name=encoder, encoder_weights=weights,
-                                    in_channels=in_channels, classes=1)
-        except KeyError as err:
-            raise ValueError(f"unknown architecture or encoder: {err}") from None
+        return build_network(arch, encoder, in_channels, weights)
 
     choice = encoder_weights.strip()
     if choice.lower() in ("", "none", "null", "random"):

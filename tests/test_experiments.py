@@ -12,7 +12,13 @@ import yaml
 from brainseg_lib.dataset import load_dataset
 from brainseg_lib.experiments import cv as cv_module
 from brainseg_lib.experiments.sweep import run_sweep, sweep_table
-from brainseg_lib.folds import dev_keys, duplicate_groups, fold_split, make_folds
+from brainseg_lib.folds import (
+    dev_keys,
+    duplicate_groups,
+    fold_indices,
+    fold_split,
+    make_folds,
+)
 from brainseg_lib.modeling.predict import LoadedModel, predict_logits
 from brainseg_lib.synthetic import write_synthetic_coco
 from conftest import ROOT
@@ -123,7 +129,7 @@ def test_out_of_fold_predictions_cover_each_image_once_by_the_right_model(leaky_
     params = Params(image_size=64, channels_last=False, device="cpu")
     members = [LoadedModel([Constant(v)], params, torch.device("cpu"), 0) for v in (-1., 1.)]
     dev = SplitArrays.concat("dev", [arrays["train"], arrays["valid"]])
-    oof = cv_module.out_of_fold(members, dev, keys, folds, tta=False)
+    oof = cv_module.out_of_fold(members, dev, fold_indices(keys, folds), tta=False)
     expected = np.where(np.arange(len(keys)) % 2 == 0, torch.sigmoid(torch.tensor(-1.)),
                         torch.sigmoid(torch.tensor(1.)))
     assert np.allclose(oof.probs.mean((1, 2)), expected)

@@ -15,7 +15,7 @@ from typing import Any
 
 import numpy as np
 
-from brainseg_lib.config import load_params
+from brainseg_lib.config import Params, load_params
 from brainseg_lib.dataset import SplitArrays, load_dataset
 from brainseg_lib.evaluate import (
     EvalSettings,
@@ -28,28 +28,26 @@ from brainseg_lib.evaluate import (
     score,
 )
 from brainseg_lib.experiments.runner import Job, run_jobs
-from brainseg_lib.folds import dev_keys, make_folds, read_folds
+from brainseg_lib.folds import dev_keys, fold_indices, make_folds, read_folds
 from brainseg_lib.io import atomic_write_json
 from brainseg_lib.locate import data_source
-from brainseg_lib.metrics import ConfusionCounts, hd95
+from brainseg_lib.metrics import hd95, pooled_iou
 from brainseg_lib.modeling.predict import LoadedModel, load_model
 
 
-def cv_dir_for(params_file: Path, overrides: dict[str, Any], k: int) -> Path:
-    params = load_params(params_file, **overrides)
+def cv_dir_for(params: Params, k: int) -> Path:
     name = params.run_id or f"{datetime.now():%Y%m%d-%H%M%S}-{params.profile}-cv{k}"
     return params.resolve_path(params.runs_dir) / name
 
 
-def out_of_fold(members: list[LoadedModel], dev: SplitArrays, keys: list[str],
-                folds: list[list[str]], tta: bool) -> SplitPrediction:
-    """Each development image predicted by the one fold model that did not train on it."""
-    position = {k: i for i, k in enumerate(keys)}
+def out_of_fold(members: list[LoadedModel], dev: SplitArrays,
+                indices: list[np.ndarray], tta: bool) -> SplitPrediction:
+    """Each development image predicted by the one fold model that did not train on it
+    (``indices``: each fold's positions in ``dev``, from :func:`folds.fold_indices`)."""
     probs = np.full((len(dev), *dev.masks.shape[1:]), np.nan, np.float32)
     probs_tta = probs.copy() if tta else None
     loss = bce = 0.0
-    for model, fold in zip(members, folds, strict=True):
-        idx = np.sort([position[k] for k in fold])
+    for model, idx in zip(members, indices, strict=True):
         pred = predict_split(model, dev.subset(idx), tta)
         probs[idx] = pred.probs
         if tta:
@@ -70,7 +68,7 @@ def run_cv(params_file: str | Path, k: int = 5, overrides: dict[str, Any] | None
     source = data_source(params)
     data = load_dataset(source.path, params.image_size, params.cache_path())
     groups = clean_test_files(source, params.duplicate_bits, params.cache_path())
-    cv_dir = cv_dir_for(params_file, overrides, k)
+    cv_dir = cv_dir_for(params, k)
     folds_file = cv_dir / "folds.json"
     if not folds_file.exists():
         atomic_write_json(folds_file, make_folds(groups, k, params.seed))
@@ -99,14 +97,15 @@ def run_cv(params_file: str | Path, k: int = 5, overrides: dict[str, Any] | None
     st = EvalSettings.from_params(params)
     members = [load_model(job.run_dir) for job in jobs]
     dev = SplitArrays.concat("dev", [data["train"], data["valid"]])
-    oof = out_of_fold(members, dev, dev_keys(data), folds, st.tta)
+    indices = fold_indices(dev_keys(data), folds)
+    oof = out_of_fold(members, dev, indices, st.tta)
     plain = {"threshold": st.threshold, "tta": False, "postprocess": "none"}
     counts = score(oof, st.threshold, False, "none", 0)
     dists = np.asarray([hd95(m, t) for m, t in zip(oof.probs >= st.threshold, dev.masks,
                                                    strict=True)])
     result["cv"] = _block(counts, dists, params.batch_size, st.bootstrap, st.seed,
                           "out-of-fold, " + describe(plain, f"{params.image_size}px"))
-    result["cv"]["per_fold_pooled_iou"] = _per_fold_iou(counts, dev_keys(data), folds)
+    result["cv"]["per_fold_pooled_iou"] = [pooled_iou(counts.take(idx)) for idx in indices]
     result["cv"]["loss"] = {"name": params.loss, "value": oof.loss, "bce": oof.bce}
     ensemble = LoadedModel([m.model for m in members], members[0].params, members[0].device,
                            0, f"{cv_dir.name}: ensemble of {len(members)} fold models")
@@ -122,10 +121,3 @@ def run_cv(params_file: str | Path, k: int = 5, overrides: dict[str, Any] | None
         f"{cv['mean_image_dice']:.4f}; wrote {cv_dir / 'cv.json'}")
     return result
 
-
-def _per_fold_iou(counts: ConfusionCounts, keys: list[str], folds: list[list[str]],
-                  ) -> list[float]:
-    from brainseg_lib.metrics import pooled_iou
-
-    position = {k: i for i, k in enumerate(keys)}
-    return [pooled_iou(counts.take(np.sort([position[k] for k in f]))) for f in folds]

@@ -23,9 +23,8 @@ from pathlib import Path
 from typing import Any
 
 import pandas as pd
-import yaml
 
-from brainseg_lib.config import ParamsError, load_params
+from brainseg_lib.config import ParamsError, load_params, read_params_file
 from brainseg_lib.experiments.runner import Job, run_jobs
 from brainseg_lib.io import atomic_write, atomic_write_json
 
@@ -34,12 +33,7 @@ SELECT_ON = ("val_iou", "val_dice", "val_loss")
 
 def read_grid(path: Path) -> dict[str, Any]:
     """The grid file, checked: base profile, variants (named and/or a product grid)."""
-    if not path.is_file():
-        raise FileNotFoundError(f"grid file {path} does not exist")
-    try:
-        grid = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as err:
-        raise ParamsError(f"{path}: not valid YAML: {err}") from None
+    grid = read_params_file(path, kind="grid file")
     unknown = set(grid) - {"base", "parallel", "select_on", "common", "variants", "grid"}
     if unknown:
         raise ParamsError(f"{path}: unknown key(s) {sorted(unknown)}")

@@ -22,6 +22,7 @@ from torch import nn
 
 from brainseg_lib.config import Params, ParamsError, params_from_dict
 from brainseg_lib.io import atomic_write, atomic_write_json, atomic_write_text
+from brainseg_lib.model import build_network
 
 WEIGHTS_FILE = "model.safetensors"
 CONFIG_FILE = "config.json"
@@ -78,15 +79,6 @@ def read_checkpoint(path: str | Path) -> dict[str, Any]:
     if not isinstance(state, dict) or "model" not in state or "params" not in state:
         raise ArtifactError(f"{path}: not a brainseg checkpoint (no 'model' and 'params')")
     return state
-
-
-def build_network(arch: str, encoder: str, in_channels: int = 3) -> nn.Module:
-    """The bare network (random weights): no download is ever attempted."""
-    try:
-        return smp.create_model(arch, encoder_name=encoder, encoder_weights=None,
-                                in_channels=in_channels, classes=1)
-    except KeyError as err:
-        raise ValueError(f"unknown architecture or encoder: {err}") from None
 
 
 def load_weights(model: nn.Module, state: dict[str, torch.Tensor], path: Path,
@@ -161,6 +153,13 @@ def read_model_info(model_dir: str | Path) -> dict[str, Any]:
     return info
 
 
+def _training_params(model_dir: Path, info: dict[str, Any]) -> Params:
+    try:
+        return params_from_dict(info["params"], source=str(model_dir / INFO_FILE))
+    except (ParamsError, KeyError, TypeError) as err:
+        raise ArtifactError(f"{model_dir / INFO_FILE}: invalid parameters ({err})") from None
+
+
 def load_model_dir(model_dir: str | Path) -> tuple[list[nn.Module], Params, dict[str, Any]]:
     """The member networks (one, or k for a fold ensemble), their training parameters and info.
 
@@ -173,10 +172,7 @@ def load_model_dir(model_dir: str | Path) -> tuple[list[nn.Module], Params, dict
     model_dir = Path(model_dir)
     info = read_model_info(model_dir)
     config = {k: v for k, v in info["config"].items() if not k.startswith("_")}
-    try:
-        params = params_from_dict(info["params"], source=str(model_dir / INFO_FILE))
-    except (ParamsError, KeyError, TypeError) as err:
-        raise ArtifactError(f"{model_dir / INFO_FILE}: invalid parameters ({err})") from None
+    params = _training_params(model_dir, info)
     expected = f"{params.arch}/{params.encoder}"
     found = f"{info['config']['_model_class']}/{config.get('encoder_name')}"
     if found.lower() != expected.lower():
@@ -349,10 +345,12 @@ def materialise(model_dir: str | Path, run_dir: Path, expected: Params | None = 
     """
     from brainseg_lib.config import save_params
 
-    models, params, info = load_model_dir(model_dir)
-    if len(models) != 1:
-        raise ArtifactError(f"{model_dir}: a {len(models)}-member ensemble; report it with "
-                            "brainseg cv, predict with brainseg predict --model")
+    model_dir = Path(model_dir)
+    info = read_model_info(model_dir)
+    params = _training_params(model_dir, info)
+    if len(info["members"]) != 1:
+        raise ArtifactError(f"{model_dir}: a {len(info['members'])}-member ensemble; report "
+                            "it with brainseg cv, predict with brainseg predict --model")
     if expected is not None:
         diff = {k: (getattr(expected, k), getattr(params, k)) for k in TRAINING_KEYS
                 if getattr(expected, k) != getattr(params, k)}
@@ -360,10 +358,12 @@ def materialise(model_dir: str | Path, run_dir: Path, expected: Params | None = 
             listed = "; ".join(f"{k}: given {a!r}, model {b!r}" for k, (a, b) in diff.items())
             raise ArtifactError(f"{model_dir}: trained with other parameters than given "
                                 f"({listed}); unset model_dir to train anew")
+    weights_sha256 = _weights_hash(model_dir, info)
     if (run_dir / "best.pt").exists() and (run_dir / "source_model.json").exists():
         same = json.loads((run_dir / "source_model.json").read_text())
-        if same.get("weights_sha256") == _weights_hash(Path(model_dir), info):
-            return run_dir
+        if same.get("weights_sha256") == weights_sha256:
+            return run_dir  # laid out before from these very weights
+    models, _, _ = load_model_dir(model_dir)
     epoch = (info.get("checkpoint_epochs") or [0])[0]
     save_checkpoint(run_dir / "best.pt", {"model": models[0].state_dict(),
                                           "params": params.to_dict(), "epoch": epoch,
@@ -379,12 +379,12 @@ def materialise(model_dir: str | Path, run_dir: Path, expected: Params | None = 
     if record:
         atomic_write_json(run_dir / "train.json", {k: v for k, v in record.items()
                                                    if k not in ("device", "trained_on")})
-    if (Path(model_dir) / "history.csv").exists():
+    if (model_dir / "history.csv").exists():
         import shutil
 
-        shutil.copy(Path(model_dir) / "history.csv", run_dir / "history.csv")
+        shutil.copy(model_dir / "history.csv", run_dir / "history.csv")
     atomic_write_json(run_dir / "source_model.json", {
-        "model_dir": str(model_dir), "weights_sha256": _weights_hash(Path(model_dir), info)})
+        "model_dir": str(model_dir), "weights_sha256": weights_sha256})
     return run_dir
 
 

@@ -77,6 +77,17 @@ def load_model(path: str | Path, device: str = "auto") -> LoadedModel:
     return load_checkpoint(path, device)
 
 
+def _model_input(loaded: LoadedModel, images_u8: torch.Tensor,
+                 ) -> tuple[torch.Tensor, torch.dtype | None]:
+    """A uint8 batch as the model takes it (on its device, normalised, its memory format)
+    and the autocast dtype to run it in."""
+    p = loaded.params
+    x = normalize(images_u8.to(loaded.device), p.normalize_mean, p.normalize_std)
+    if p.channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    return x, autocast_dtype(p, loaded.device)
+
+
 @torch.inference_mode()
 def predict_both(loaded: LoadedModel, images_u8: torch.Tensor,
                  ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -86,11 +97,7 @@ def predict_both(loaded: LoadedModel, images_u8: torch.Tensor,
     TTA averages the logits of the image and its mirror inside each member; an ensemble
     averages its members' probabilities (returned as the logit of the mean).
     """
-    p = loaded.params
-    x = normalize(images_u8.to(loaded.device), p.normalize_mean, p.normalize_std)
-    if p.channels_last:
-        x = x.contiguous(memory_format=torch.channels_last)
-    dtype = autocast_dtype(p, loaded.device)
+    x, dtype = _model_input(loaded, images_u8)
     plain, tta = [], []
     with torch.autocast(loaded.device.type, dtype=dtype, enabled=dtype is not None):
         for model in loaded.members:
@@ -106,11 +113,7 @@ def predict_logits(loaded: LoadedModel, images_u8: torch.Tensor, tta: bool = Fal
     """Logits (B,1,H,W) in float32 for a uint8 batch (B,3,H,W); see :func:`predict_both`."""
     if tta:
         return predict_both(loaded, images_u8)[1]
-    p = loaded.params
-    x = normalize(images_u8.to(loaded.device), p.normalize_mean, p.normalize_std)
-    if p.channels_last:
-        x = x.contiguous(memory_format=torch.channels_last)
-    dtype = autocast_dtype(p, loaded.device)
+    x, dtype = _model_input(loaded, images_u8)
     with torch.autocast(loaded.device.type, dtype=dtype, enabled=dtype is not None):
         return _combine([model(x).float() for model in loaded.members])
 
