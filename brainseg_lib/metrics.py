@@ -120,20 +120,22 @@ def _surface(mask: np.ndarray) -> np.ndarray:
 
 
 def hd95(pred: np.ndarray, target: np.ndarray) -> float:
-    """Symmetric 95th-percentile Hausdorff distance between mask surfaces, in pixels.
+    """95th-percentile Hausdorff distance between mask surfaces, in pixels, as MONAI defines it.
 
-    Both masks empty: 0. Exactly one empty: NaN (undefined; reported as a count and left
-    out of the mean), the same policy as MONAI's ``compute_hausdorff_distance``.
+    MONAI's ``compute_hausdorff_distance(percentile=95)``: the 95th percentile of the
+    prediction-to-truth surface distances and that of the truth-to-prediction distances,
+    then the larger of the two (medpy instead pools both directions before the
+    percentile, which gives a smaller figure). Surfaces are the pixels a 3x3 cross
+    erosion removes; percentiles interpolate linearly. Empty policy, also MONAI's: when
+    either mask is empty the distance is undefined (NaN), counted and left out of the mean.
     """
     pred, target = np.asarray(pred, bool), np.asarray(target, bool)
-    if not pred.any() and not target.any():
-        return 0.0
     if not pred.any() or not target.any():
         return float("nan")
     sp, st = _surface(pred), _surface(target)
     to_target = ndimage.distance_transform_edt(~st)[sp]
     to_pred = ndimage.distance_transform_edt(~sp)[st]
-    return float(np.percentile(np.concatenate([to_target, to_pred]), 95))
+    return float(max(np.percentile(to_target, 95), np.percentile(to_pred, 95)))
 
 
 HEADLINE = {
@@ -145,7 +147,7 @@ HEADLINE = {
     "batch_pooled_iou": "Foreground IoU pooled per batch, mean over batches",
     "precision": "Pixel precision, pooled",
     "recall": "Pixel recall, pooled",
-    "hd95": "HD95 in pixels, mean over images with both masks non-empty",
+    "hd95": "HD95 in pixels (MONAI's definition), mean over images with both masks non-empty",
 }
 
 
