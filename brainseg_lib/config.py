@@ -252,8 +252,11 @@ def params_from_notebook(namespace: dict[str, Any], before: set[str]) -> Params:
 
     ``before`` is the set of global names that existed before the parameters cell, so every
     name defined since then is a parameter: an injected typo is caught here, before any work.
+    A parameter left at ``None`` (how the parameters cells declare them) keeps the profile's
+    value.
     """
-    injected = {k: v for k, v in namespace.items() if k not in before and not k.startswith("_")}
+    injected = {k: v for k, v in namespace.items()
+                if k not in before and not k.startswith("_") and v is not None}
     profile = injected.get("profile", "smoke")
     base_file = profile_path(profile)
     base = read_params_file(base_file) if base_file.exists() else {}

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import html
 import json
-import logging
 import sys
 import time
 from datetime import datetime
@@ -18,6 +17,7 @@ from typing import Any
 
 from brainseg_lib.config import Params, load_params, project_root
 from brainseg_lib.io import atomic_write_json, atomic_write_text
+from brainseg_lib.notebook_params import NOTEBOOK_PARAMETERS
 from brainseg_lib.runs import new_run_id, run_dir_for, training_record
 
 NOTEBOOKS = ("01_data_exploration", "02_train", "03_evaluate", "04_visualise")
@@ -96,9 +96,6 @@ def run_pipeline(params_file: str | Path, name: str | None = None,
     """Execute the notebooks in order; returns (and writes) the run's summary."""
     import papermill
 
-    # papermill warns once per key that the parameters cell does not declare; every key is
-    # validated by load_params below, so those warnings are noise.
-    logging.getLogger("papermill").setLevel(logging.ERROR)
     params = load_params(params_file, **(overrides or {}))  # errors before anything runs
     run_id = params.run_id or new_run_id(name or params.profile)
     params = load_params(params_file, **((overrides or {}) | {"run_id": run_id,
@@ -120,7 +117,9 @@ def run_pipeline(params_file: str | Path, name: str | None = None,
         print(f"  {nb} ...", end=" ", flush=True)
         try:
             papermill.execute_notebook(
-                notebooks_dir() / f"{nb}.ipynb", out, parameters=injected, kernel_name=KERNEL,
+                notebooks_dir() / f"{nb}.ipynb", out, kernel_name=KERNEL,
+                # each notebook gets the parameters its parameters cell declares
+                parameters={k: injected[k] for k in ("profile", *NOTEBOOK_PARAMETERS[nb])},
                 cwd=str(notebooks_dir()), progress_bar=False, log_output=False,
                 # the kernel's own start-up warnings (e.g. "running over TCP") are noise here
                 extra_arguments=["--IPKernelApp.log_level=ERROR"])

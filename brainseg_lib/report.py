@@ -27,8 +27,20 @@ _BANNER = ('<div style="background:#fff3cd;border:2px solid #d39e00;padding:10px
            'margin:8px 0;font-weight:bold">&#9888; {}</div>')
 
 
-def header_html(title: str, params: Params, source: DataSource | None = None) -> str:
-    """Title, synthetic-data banner, data source, environment and all parameters."""
+def _param_table(values: dict[str, Any]) -> str:
+    return "<table>" + "".join(
+        f"<tr><td style='text-align:left'>{k}</td>"
+        f"<td style='text-align:left'>{html.escape(json.dumps(v))}</td></tr>"
+        for k, v in values.items()) + "</table>"
+
+
+def header_html(title: str, params: Params, source: DataSource | None = None,
+                notebook: str | None = None, run_dir: Path | None = None) -> str:
+    """Title, synthetic-data banner, data source, environment and the parameters, each set
+    from where it came: this notebook's own (``notebook``'s parameters cell, as called) and,
+    with ``run_dir``, the training parameters saved with the run (they shaped the weights)."""
+    from brainseg_lib.notebook_params import DATA, NOTEBOOK_PARAMETERS, TRAINING
+
     parts = [f"<h2>{html.escape(title)}</h2>"]
     if source is not None and source.synthetic:
         parts.append(_BANNER.format(html.escape(SYNTHETIC_BANNER)))
@@ -40,19 +52,27 @@ def header_html(title: str, params: Params, source: DataSource | None = None) ->
     rows = "".join(f"<tr><th style='text-align:left'>{html.escape(k)}</th>"
                    f"<td style='text-align:left'>{html.escape(str(v))}</td></tr>"
                    for k, v in env.items())
-    prows = "".join(f"<tr><td style='text-align:left'>{k}</td>"
-                    f"<td style='text-align:left'>{html.escape(json.dumps(v))}</td></tr>"
-                    for k, v in params.to_dict().items())
     parts.append(f"<table>{rows}</table>")
-    parts.append(f"<details><summary>all {len(params.to_dict())} parameters</summary>"
-                 f"<table>{prows}</table></details>")
+    values = params.to_dict()
+    names = ("profile", *NOTEBOOK_PARAMETERS[notebook]) if notebook else tuple(values)
+    parts.append(f"<details><summary>{len(names)} parameters of this notebook (as called)"
+                 f"</summary>{_param_table({k: values[k] for k in names})}</details>")
+    if run_dir is not None and (run_dir / "params.yaml").exists():
+        from brainseg_lib.config import read_params_file
+
+        trained = read_params_file(run_dir / "params.yaml")
+        shown = {k: trained[k] for k in (*DATA, *TRAINING) if k in trained}
+        parts.append(f"<details><summary>{len(shown)} training parameters of the model "
+                     f"(from {html.escape(str(run_dir / 'params.yaml'))})</summary>"
+                     f"{_param_table(shown)}</details>")
     return "\n".join(parts)
 
 
-def show_header(title: str, params: Params, source: DataSource | None = None) -> None:
+def show_header(title: str, params: Params, source: DataSource | None = None,
+                notebook: str | None = None, run_dir: Path | None = None) -> None:
     from IPython.display import HTML, display
 
-    display(HTML(header_html(title, params, source)))
+    display(HTML(header_html(title, params, source, notebook, run_dir)))
 
 
 def run_dir_of(params: Params) -> Path:
