@@ -8,8 +8,17 @@ import pytest
 from PIL import Image
 
 from brainseg_lib.cli import main
-from brainseg_lib.evaluate import evaluate_run, postprocess
-from brainseg_lib.metrics import ConfusionCounts, pooled_iou
+from brainseg_lib.coco import load_split
+from brainseg_lib.dataset import load_split_arrays
+from brainseg_lib.evaluate import (
+    SplitPrediction,
+    _per_image_original,
+    evaluate_run,
+    postprocess,
+    predict_split,
+)
+from brainseg_lib.metrics import ConfusionCounts, hd95, per_image_iou
+from brainseg_lib.modeling.predict import load_model
 from brainseg_lib.modeling.train import train
 from conftest import tiny_params
 
@@ -50,25 +59,80 @@ def test_evaluate_run_writes_consistent_results(trained_run, synthetic_root):
     # the mean of the per-image column must equal the reported mean per-image IoU
     assert per_image.iou_headline.mean() == pytest.approx(
         metrics["headline"]["metrics"]["mean_image_iou"])
-    for block in ("headline", "selected", "headline_original_resolution"):
-        m = metrics[block]["metrics"]
-        low, high = metrics[block]["ci95"]["pooled_iou"]
-        assert low <= m["pooled_iou"] <= high
     assert metrics["headline"]["setting"].startswith("64px (model resolution), threshold 0.50")
     variants = pd.read_csv(out / "variants.csv")
     assert set(variants.postprocess) == {"none", "drop_small", "keep_largest", "fill_box"}
     assert set(variants.tta) == {True, False}
+    # the selection table is right: the chosen row recomputed from the model's validation
+    # probabilities with plain numpy, and the plain setting is one of the candidates
+    loaded = load_model(trained_run)
+    p = loaded.params
+    pred = predict_split(loaded, load_split_arrays(synthetic_root, "valid", p.image_size,
+                                                   p.cache_path()), tta=True)
     chosen = metrics["chosen_on_valid"]
-    best = variants.loc[variants.pooled_iou.idxmax()]
-    assert (chosen["threshold"], chosen["postprocess"]) == (best.threshold, best.postprocess)
+    masks = np.stack([postprocess(prob >= chosen["threshold"], chosen["postprocess"],
+                                  p.min_component_px)
+                      for prob in (pred.probs_tta if chosen["tta"] else pred.probs)])
+    truth = pred.arrays.masks.astype(bool)
+    row = variants[(variants.threshold == chosen["threshold"]) & (variants.tta == chosen["tta"])
+                   & (variants.postprocess == chosen["postprocess"])]
+    assert row.pooled_iou.item() == pytest.approx((masks & truth).sum() / (masks | truth).sum())
+    plain = variants[(variants.threshold == 0.5) & ~variants.tta
+                     & (variants.postprocess == "none")]
+    assert row.pooled_iou.item() >= plain.pooled_iou.item()
     assert metrics["loss"]["bce"] > 0
     assert metrics["reference_comparison"]["reference_test_loss (BCE)"] == 0.07201
 
 
-def test_counts_of_an_oracle_prediction_are_perfect():
-    target = np.zeros((2, 8, 8), np.uint8)
-    target[0, 2:5, 2:6] = 1
-    assert pooled_iou(ConfusionCounts.from_masks(target, target)) == 1.0
+def _non_square_set(root):
+    """Two non-square images (96x32 and 64x128, W x H) whose tumour boxes both land on
+    model pixels [8, 24) x [8, 24) at 32 px: source and model grids align exactly."""
+    (root / "test").mkdir(parents=True)
+    images, annotations = [], []
+    for n, (w, h, box) in enumerate(((96, 32, [24, 8, 48, 16]), (64, 128, [16, 32, 32, 64]))):
+        Image.fromarray(np.full((h, w), 90, np.uint8)).save(root / "test" / f"s{n}.png")
+        x, y, bw, bh = box
+        images.append({"id": n, "file_name": f"s{n}.png", "width": w, "height": h})
+        annotations.append({"id": n, "image_id": n, "category_id": 1, "bbox": box,
+                            "segmentation": [[x, y, x + bw, y, x + bw, y + bh, x, y + bh]]})
+    (root / "test" / "_annotations.coco.json").write_text(json.dumps(
+        {"images": images, "annotations": annotations,
+         "categories": [{"id": 1, "name": "tumour"}]}))
+
+
+def _box(shape, x0, x1, y0, y1, round_corners=False):
+    m = np.zeros(shape, bool)
+    m[y0:y1, x0:x1] = True
+    if round_corners:  # bilinear x4 / x2 upsampling leaves each corner at 0.625 * 0.75 < 0.5
+        m[[y0, y0, y1 - 1, y1 - 1], [x0, x1 - 1, x0, x1 - 1]] = False
+    return m
+
+
+@pytest.mark.parametrize("shift", [0, 1])
+def test_source_resolution_path_maps_predictions_onto_each_images_own_grid(tmp_path, shift):
+    """Model-resolution probabilities are resized back to each non-square source image:
+    the oracle (the truth at 32 px) and the oracle moved one model pixel to the right
+    (3 source pixels on the 96-wide image, 2 on the 64-wide one) give exactly the source
+    masks worked out by hand, so the counts and HD95 are those of these masks."""
+    root = tmp_path / "ns"
+    _non_square_set(root)
+    arrays = load_split_arrays(root, "test", 32, tmp_path / "cache")
+    assert arrays.masks[:, 8:24, 8:24].all() and arrays.masks.sum() == 2 * 16 * 16
+    probs = np.roll(arrays.masks.astype(np.float32), shift, axis=2)
+    counts, dists = _per_image_original(SplitPrediction(arrays, probs, None, 0.0, 0.0), root,
+                                        "test", 0.5, False, "none", 0)
+    split = load_split(root, "test")
+    truths = [split.mask(img) for img in split.images]
+    expected = [_box((32, 96), 24 + 3 * shift, 72 + 3 * shift, 8, 24),
+                _box((128, 64), 16 + 2 * shift, 48 + 2 * shift, 32, 96, round_corners=True)]
+    for i, (truth, mask) in enumerate(zip(truths, expected, strict=True)):
+        c = ConfusionCounts.from_masks(mask[None], truth[None])
+        assert (counts.tp[i], counts.fp[i], counts.fn[i]) == (c.tp[0], c.fp[0], c.fn[0])
+        assert dists[i] == pytest.approx(hd95(mask, truth))
+    if shift == 0:
+        assert per_image_iou(counts).tolist() == pytest.approx([1.0, 2044 / 2048])
+    else:
+        assert per_image_iou(counts)[0] == pytest.approx(45 / 51) and dists[0] > 0
 
 
 def test_predict_any_size_grey_or_rgb_and_skips_unreadable(trained_run, tmp_path, capsys):
@@ -138,3 +202,19 @@ def test_batched_prediction_equals_one_image_at_a_time(trained_run, tmp_path, mo
         batched = np.asarray(Image.open(tmp_path / "out" / f"{i}_mask.png"))
         assert batched.shape == shape[:2]
         assert (batched != alone).mean() < 0.001  # float reduction order only
+
+
+def test_non_square_images_are_padded_to_a_square_not_squashed(trained_run):
+    """A 40x100 image is predicted as the centre of its black-padded 100x100 square: the
+    probabilities equal that square's, cropped back, and the model never sees it stretched."""
+    from brainseg_lib.modeling.predict import load_model, pad_to_square, predict_image
+
+    loaded = load_model(trained_run)
+    rng = np.random.default_rng(3)
+    rgb = rng.integers(0, 255, (40, 100, 3), dtype=np.uint8)
+    square, (top, left) = pad_to_square(rgb)
+    assert square.shape == (100, 100, 3) and (top, left) == (30, 0)
+    assert not square[:30].any() and (square[30:70] == rgb).all()
+    prob = predict_image(loaded, rgb)
+    assert prob.shape == (40, 100)
+    np.testing.assert_allclose(prob, predict_image(loaded, square)[30:70], atol=1e-6)

@@ -6,6 +6,7 @@ import shutil
 import subprocess
 from pathlib import Path
 
+import pandas as pd
 import pytest
 
 from brainseg_lib.cli import main
@@ -25,6 +26,7 @@ def smoke_reports(tmp_path_factory):
     code = main(["run", "--params", str(ROOT / "params" / "smoke.yaml"), "--reports-dir",
                  str(reports), "--set", f"runs_dir={tmp / 'runs'}",
                  "--set", f"cache_dir={tmp / 'cache'}", "--set", "run_id=smoke-fixed",
+                 "--set", "threshold=0.3",
                  "--name", "smoke-test"])
     return code, reports
 
@@ -41,9 +43,20 @@ def test_smoke_pipeline_writes_a_full_report(smoke_reports):
     assert summary["status"] == "succeeded" and summary["dataset"]["kind"] == "synthetic"
     assert summary["run_id"] == run_dir.name == "smoke-fixed"
     assert summary["training"]["epochs"] == 10 and summary["training"]["device"] == "cpu"
-    assert 0 <= summary["headline"]["pooled_iou"] <= 1
+    # the summary carries the run's own evaluation, and ten epochs on the demo data learn
+    run_metrics = json.loads((reports.parent / "runs" / "smoke-fixed" / "eval-test"
+                              / "metrics.json").read_text())
+    assert summary["headline"]["pooled_iou"] == run_metrics["headline"]["metrics"]["pooled_iou"]
+    assert summary["headline"]["pooled_iou"] > 0.5
+    # ... computed at the threshold given on the command line (the per-image table says so)
+    per_image = (reports.parent / "runs" / "smoke-fixed" / "eval-test" / "per_image.csv")
+    assert set(pd.read_csv(per_image).threshold_headline) == {0.3}
+    assert run_metrics["headline"]["setting"].startswith("64px (model resolution), threshold 0.30")
     assert [n["status"] for n in summary["notebooks"]] == ["succeeded"] * 4
     executed = json.loads((run_dir / "03_evaluate.ipynb").read_text())
+    injected = "".join(next(c["source"] for c in executed["cells"]
+                            if "injected-parameters" in c["metadata"].get("tags", [])))
+    assert "threshold = 0.3" in injected and "\nlr = " not in injected  # only what 03 takes
     text = json.dumps(executed)
     assert "SYNTHETIC DEMO DATA" in text and "0.80568" in text
     index = (reports / "index.html").read_text()
