@@ -3,7 +3,7 @@
 The notebooks and the ``brainseg`` command are thin layers over this public API.
 """
 
-from brainseg_lib import datatools, explore, folds, metrics, plots, report, runs
+from brainseg_lib import compare, datatools, explore, folds, metrics, plots, report, runs
 from brainseg_lib.coco import DatasetError
 from brainseg_lib.config import (
     Params,
@@ -21,7 +21,7 @@ from brainseg_lib.modeling.train import finished_run, read_history, train
 from brainseg_lib.modeling.trainer import TrainingDivergedError
 
 __all__ = [
-    "datatools", "explore", "folds", "metrics", "plots", "report", "runs",
+    "compare", "datatools", "explore", "folds", "metrics", "plots", "report", "runs",
     "DatasetError", "Params", "ParamsError", "TrainingDivergedError", "build_loaders",
     "create_model", "data_source", "evaluate_run", "finished_run", "load_checkpoint",
     "load_dataset",

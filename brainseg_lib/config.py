@@ -106,6 +106,9 @@ class Params:
     min_component_px: int = 20  # post-processing: components smaller than this are dropped
     n_examples: int = 6  # overlays per gallery in the reports
 
+    # --- comparison (notebooks/05_compare)
+    compare: list[str] = field(default_factory=list)  # run ids, run dirs, sweep/CV folders
+
     def __post_init__(self) -> None:
         _check_types(self)
         _check_ranges(self)

@@ -302,6 +302,8 @@ def evaluate_model(loaded: LoadedModel, source: DataSource, split: str, out_dir:
         counts = ConfusionCounts.from_masks(masks, arrays.masks)
         dists = np.asarray([hd95(m, t) for m, t in zip(masks, arrays.masks, strict=True)])
         _blocks(out, key, counts, dists, clean, p.batch_size, st, label)
+        for name in ("tp", "fp", "fn"):  # pooled metrics of any subset, paired comparisons
+            per_image[f"{name}_{key}"] = getattr(counts, name)
         per_image[f"iou_{key}"] = per_image_iou(counts)
         per_image[f"dice_{key}"] = per_image_dice(counts)
         per_image[f"hd95_{key}"] = dists

@@ -23,7 +23,7 @@ DATA = ("data_dir", "synthetic", "synthetic_counts", "synthetic_size", "image_si
 RUN = ("runs_dir", "run_id", "device")
 TRAINING = tuple(n for n in PARAM_NAMES if n not in DATA + RUN + (
     "profile", "threshold", "tune_threshold", "eval_original_size", "tta", "bootstrap",
-    "min_component_px", "n_examples"))
+    "min_component_px", "n_examples", "compare"))
 EVALUATION = ("threshold", "tune_threshold", "tta", "min_component_px", "eval_original_size",
               "bootstrap", "seed")
 
@@ -33,6 +33,8 @@ NOTEBOOK_SECTIONS: dict[str, dict[str, tuple[str, ...]]] = {
     "03_evaluate": {"data": DATA, "evaluation (what shapes the measurement)": EVALUATION,
                     "run": RUN},
     "04_visualise": {"data": DATA, "figures": ("n_examples", "seed"), "run": RUN},
+    "05_compare": {"data": DATA, "comparison": ("compare",),
+                   "evaluation (of runs not yet evaluated)": EVALUATION, "run": RUN},
 }
 NOTEBOOK_PARAMETERS = {nb: tuple(n for names in sections.values() for n in names)
                        for nb, sections in NOTEBOOK_SECTIONS.items()}

@@ -21,6 +21,7 @@ from brainseg_lib.notebook_params import NOTEBOOK_PARAMETERS
 from brainseg_lib.runs import new_run_id, run_dir_for, training_record
 
 NOTEBOOKS = ("01_data_exploration", "02_train", "03_evaluate", "04_visualise")
+COMPARE = "05_compare"  # runs after the four when ``compare`` names runs to set this one beside
 KERNEL = "python3"
 HEADLINE_KEYS = ("pooled_iou", "mean_image_dice", "fg_bg_miou")
 
@@ -103,6 +104,8 @@ def run_pipeline(params_file: str | Path, name: str | None = None,
     reports_dir = Path(reports_dir) if reports_dir else default_reports_dir()
     out_dir = _unique_report_dir(reports_dir, run_id)
     injected = params.to_dict()
+    if params.compare:
+        injected["compare"] = [*params.compare, run_id]
     summary: dict[str, Any] = {
         "run_id": run_id, "name": name or params.profile, "profile": params.profile,
         "params_file": str(params_file), "started": datetime.now().isoformat(timespec="seconds"),
@@ -110,7 +113,7 @@ def run_pipeline(params_file: str | Path, name: str | None = None,
     }
     print(f"brainseg run {run_id}: reports in {out_dir}")
     started, started_wall = time.perf_counter(), time.time()
-    for nb in NOTEBOOKS:
+    for nb in NOTEBOOKS + ((COMPARE,) if params.compare else ()):
         out = out_dir / f"{nb}.ipynb"
         t0 = time.perf_counter()
         entry: dict[str, Any] = {"name": nb, "notebook": out.name, "status": "succeeded"}

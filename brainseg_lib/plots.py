@@ -79,22 +79,46 @@ def sample_grid(images: np.ndarray, masks: np.ndarray, titles: list[str],
     return fig
 
 
+def zoom_window(*masks: np.ndarray, margin: float = 0.5, min_frac: float = 0.2,
+                ) -> tuple[slice, slice]:
+    """A square window around everything the masks mark (tumour boxes are ~3 % of the image
+    and vanish at thumbnail size): their joint bounding box grown by ``margin`` of its side,
+    at least ``min_frac`` of the image, kept inside it. The centre when the masks are empty."""
+    h, w = masks[0].shape
+    ys, xs = np.nonzero(np.logical_or.reduce([m > 0 for m in masks]))
+    if len(ys) == 0:
+        ys, xs = np.array([h // 2]), np.array([w // 2])
+    side = max(ys.max() - ys.min() + 1, xs.max() - xs.min() + 1)
+    side = int(min(max(side * (1 + 2 * margin), min_frac * max(h, w)), h, w))
+    cy, cx = (ys.min() + ys.max() + 1) // 2, (xs.min() + xs.max() + 1) // 2
+    top = int(np.clip(cy - side // 2, 0, h - side))
+    left = int(np.clip(cx - side // 2, 0, w - side))
+    return slice(top, top + side), slice(left, left + side)
+
+
 def overlay_rows(images: np.ndarray, targets: np.ndarray, preds: np.ndarray,
                  titles: list[str], title: str) -> Figure:
-    """Like the reference: original | ground truth on the image | prediction on the image."""
+    """Like the reference: original | ground truth on the image | prediction on the image,
+    plus a zoom on the tumour with truth and prediction outlined."""
     n = len(images)
-    fig, axes = plt.subplots(n, 3, figsize=(8, 2.8 * n), squeeze=False)
+    fig, axes = plt.subplots(n, 4, figsize=(10.5, 2.8 * n), squeeze=False)
     for row, (img, gt, pr, t) in enumerate(zip(images, targets, preds, titles, strict=True)):
         g = _grey(img)
-        for ax in axes[row]:
-            ax.imshow(g, cmap="gray")
+        rows, cols = zoom_window(gt if gt.any() else pr)  # the tumour, or what was found
+        zoom = axes[row, 3]
+        for ax, picture in zip(axes[row], (g, g, g, g[rows, cols]), strict=True):
+            ax.imshow(picture, cmap="gray")
             ax.axis("off")
         _tint(axes[row, 1], gt, GT_COLOUR)
         _tint(axes[row, 2], pr, PRED_COLOUR)
         _outline(axes[row, 2], gt, GT_COLOUR)
+        _outline(zoom, gt[rows, cols], GT_COLOUR)
+        _outline(zoom, pr[rows, cols], PRED_COLOUR)
         axes[row, 0].set_title(f"original\n{t}", fontsize=8)
         axes[row, 1].set_title("ground truth (green)", fontsize=8)
         axes[row, 2].set_title("prediction (red), truth outlined", fontsize=8)
+        zoom.set_title(f"zoom: rows {rows.start}-{rows.stop}, cols {cols.start}-{cols.stop}",
+                       fontsize=8)
     fig.suptitle(title)
     fig.tight_layout()
     return fig
@@ -144,3 +168,37 @@ def variants_chart(variants: pd.DataFrame) -> Figure:
     fig.tight_layout()
     return fig
 
+
+
+def learning_curves_overlay(histories: dict[str, pd.DataFrame]) -> Figure:
+    """Validation loss and IoU of several runs against the epoch, one line per run."""
+    fig, axes = plt.subplots(1, 2, figsize=(13, 3.8))
+    for ax, (col, title) in zip(axes, (("val_loss", "Validation loss"),
+                                       ("val_iou", "Validation IoU (pooled)")), strict=True):
+        for name, history in histories.items():
+            if col in history:
+                ax.plot(history.epoch, history[col], marker=".", ms=3, label=name)
+        ax.set(title=title, xlabel="epoch")
+        ax.legend(fontsize=8)
+    fig.suptitle("Learning curves")
+    fig.tight_layout()
+    return fig
+
+
+def paired_scatter(a: pd.Series, b: pd.Series, name_a: str, name_b: str,
+                   clean: pd.Series | None = None) -> Figure:
+    """Per-image Dice of run B against run A; points above the diagonal are B's wins."""
+    fig, ax = plt.subplots(figsize=(5, 5))
+    groups = [(np.ones(len(a), bool), "test image", "tab:blue")] if clean is None else [
+        (clean.to_numpy(bool), "clean", "tab:blue"),
+        (~clean.to_numpy(bool), "has a near-duplicate in train/valid", "tab:orange")]
+    for keep, label, colour in groups:
+        ax.scatter(a[keep], b[keep], s=12, alpha=0.6, color=colour, label=label)
+    ax.plot([0, 1], [0, 1], color="grey", lw=1, ls="--")
+    wins = int((b > a).sum()), int((b < a).sum())
+    ax.set(xlabel=f"Dice, {name_a}", ylabel=f"Dice, {name_b}", xlim=(-0.02, 1.02),
+           ylim=(-0.02, 1.02), title=f"Per-image Dice: B higher on {wins[0]}, lower on "
+                                     f"{wins[1]} images")
+    ax.legend(fontsize=8, loc="lower right")
+    fig.tight_layout()
+    return fig

@@ -10,7 +10,7 @@ from brainseg_lib.notebook_params import (
     stale_notebooks,
     write_cells,
 )
-from brainseg_lib.pipeline import NOTEBOOKS
+from brainseg_lib.pipeline import COMPARE, NOTEBOOKS
 from conftest import ROOT
 
 
@@ -21,13 +21,13 @@ def test_committed_parameters_cells_are_the_generated_ones():
 def test_every_parameter_is_taken_by_some_notebook_and_each_notebook_is_covered():
     declared = {n for names in NOTEBOOK_PARAMETERS.values() for n in names}
     assert declared | {"profile"} == set(PARAM_NAMES)
-    assert tuple(NOTEBOOK_PARAMETERS) == NOTEBOOKS
+    assert tuple(NOTEBOOK_PARAMETERS) == (*NOTEBOOKS, COMPARE)
     assert "lr" in NOTEBOOK_PARAMETERS["02_train"]
     assert "lr" not in NOTEBOOK_PARAMETERS["03_evaluate"]
     assert "threshold" in NOTEBOOK_PARAMETERS["03_evaluate"]
 
 
-@pytest.mark.parametrize("notebook", NOTEBOOKS)
+@pytest.mark.parametrize("notebook", (*NOTEBOOKS, COMPARE))
 def test_papermill_help_lists_exactly_the_declared_parameters(notebook):
     inferred = papermill.inspect_notebook(str(ROOT / "notebooks" / f"{notebook}.ipynb"))
     assert list(inferred) == ["profile", *NOTEBOOK_PARAMETERS[notebook]]
@@ -39,7 +39,7 @@ def test_papermill_help_lists_exactly_the_declared_parameters(notebook):
 def test_a_stale_cell_is_found_and_rewritten(tmp_path):
     folder = tmp_path / "notebooks"
     folder.mkdir()
-    for name in NOTEBOOKS:
+    for name in (*NOTEBOOKS, COMPARE):
         (folder / f"{name}.ipynb").write_bytes(
             (ROOT / "notebooks" / f"{name}.ipynb").read_bytes())
     path = folder / "03_evaluate.ipynb"

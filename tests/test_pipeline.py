@@ -133,3 +133,22 @@ def test_html_reports_hide_papermill_injected_cell(tmp_path):
     nbformat.write(nb, path)
     html = render_html(path).read_text()
     assert "VISIBLE_MARKER" in html and "INJECTED_MARKER" not in html
+
+
+def test_run_with_compare_adds_05_beside_the_named_runs(smoke_reports, tmp_path):
+    """The finished smoke run again (02 shows its record, no retraining), now compared with
+    itself by 05: the five notebooks succeed and the difference is exactly nothing."""
+    _, reports = smoke_reports
+    runs = reports.parent / "runs"
+    code = main(["run", "--params", str(ROOT / "params" / "smoke.yaml"), "--reports-dir",
+                 str(tmp_path / "reports"), "--set", f"runs_dir={runs}",
+                 "--set", f"cache_dir={reports.parent / 'cache'}", "--set", "run_id=smoke-fixed",
+                 "--set", "threshold=0.3", "--set", "compare=[smoke-fixed]"])
+    assert code == 0
+    (summary_file,) = (tmp_path / "reports").glob("*/*/summary.json")
+    summary = json.loads(summary_file.read_text())
+    assert [n["name"] for n in summary["notebooks"]][-1] == "05_compare"
+    assert {n["status"] for n in summary["notebooks"]} == {"succeeded"}
+    assert summary["params"]["compare"] == ["smoke-fixed", "smoke-fixed"]
+    compared = (summary_file.parent / "05_compare.ipynb").read_text()
+    assert "no clear difference" in compared and "smoke-fixed better" not in compared

@@ -118,7 +118,7 @@ SAFE_ON_RESUME = ("epochs", "train_minutes", "max_train_minutes", "patience", "p
                   "num_threads", "num_workers", "device", "compile", "runs_dir",
                   # evaluation settings: they shape measurements, not weights
                   "threshold", "tune_threshold", "eval_original_size", "tta", "bootstrap",
-                  "min_component_px", "n_examples", "duplicate_bits")
+                  "min_component_px", "n_examples", "duplicate_bits", "compare")
 
 
 def _resume_params(run_dir: Path, overrides: dict[str, Any]) -> Params:
