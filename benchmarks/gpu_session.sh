@@ -1,7 +1,12 @@
 #!/usr/bin/env bash
-# One lent-GPU session, unattended, in under 10 minutes (README "Running on a GPU machine"):
-#   1. benchmark: bare vs trainer step, eager at batch 32/64 and compiled at 32
+# One lent-GPU session, unattended, in under 10 minutes (README "Running on a GPU machine"),
+# for every open issue's GPU work. Phases (PHASES="bench ddp sweep cv" by default; "ref" is
+# the 150-epoch reference alone on the card, ~4 min, for a session with time to spare):
+#   1. bench: bare vs trainer step, eager at batch 32/64 and compiled at 32
 #      (which also fills the compile cache the runs below reuse);
+#   ddp: torchrun with NCCL (one process per visible GPU) on the smoke profile: the
+#      data-parallel path on CUDA, SyncBatchNorm included;
+#   ref: params/reference.yaml for 150 epochs, no budget, alone: its wall time;
 #   2. the accuracy sweep of params/grids/gpu_session.yaml, its variants side by side under
 #      one time budget, selected on validation IoU, the selected one scored on test;
 #   3. 5-fold grouped cross-validation of the selected recipe, folds side by side, then the
@@ -28,9 +33,13 @@ cp .gpu/cache/duplicates-*.json "$BRAINSEG_CACHE"/ 2>/dev/null || \
   echo "warning: no .gpu/cache/duplicates-*.json: test evaluations will need imagehash" \
   | tee -a "$OUT/session.log"
 RUNS=/tmp/gpu-runs; mkdir -p "$RUNS"
+WINNER_SETS=""
 GRID=params/grids/gpu_session.yaml
 SWEEP_MIN=${SWEEP_MIN:-2.8}; CV_MIN=${CV_MIN:-1.5}
-T_BENCH=110; T_SWEEP=250; T_CV=170
+PHASES=${PHASES:-bench ddp sweep cv}
+T_BENCH=150; T_DDP=60; T_REF=260; T_SWEEP=230; T_CV=170
+NGPU=$(python3 -c "import torch; print(max(torch.cuda.device_count(), 1))" 2>/dev/null || echo 1)
+DDPSET=()
 BENCH=(--device cuda --batches 32 64 --compile-batch 32 --steps 20 --threads 4)
 CVSET=()
 if [ "${DRY:-0}" = 1 ]; then  # tiny, on the CPU
@@ -39,9 +48,11 @@ if [ "${DRY:-0}" = 1 ]; then  # tiny, on the CPU
       -e 's#base: ../reference.yaml#base: ../smoke.yaml#' $GRID > params/grids/_dry.yaml
   GRID=params/grids/_dry.yaml; SWEEP_MIN=0.05; CV_MIN=0.05
   CVSET=(--set synthetic=true --set image_size=64 --set encoder=resnet18 --set device=cpu)
-  T_BENCH=200; T_SWEEP=400; T_CV=400
+  DDPSET=(--set device=cpu --set epochs=2); NGPU=2
+  T_BENCH=200; T_DDP=300; T_REF=60; T_SWEEP=400; T_CV=400
 fi
 log() { echo "[$(date +%T)] $*" | tee -a "$OUT/session.log"; }
+want() { [[ " $PHASES " == *" $1 "* ]]; }
 log "start"
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv 2>&1 | tee -a "$OUT/session.log"
 python3 -c "import torch, segmentation_models_pytorch as s; print('torch', torch.__version__, 'cuda', torch.version.cuda, 'smp', s.__version__)" 2>&1 | tee -a "$OUT/session.log"
@@ -49,10 +60,33 @@ python3 -c "
 import os; from brainseg_lib.dataset import load_dataset
 load_dataset(os.environ['BRAINSEG_DATA'], 256)" 2>&1 | tail -2
 
-log "bench"
-timeout $T_BENCH python3 benchmarks/bench_train.py "${BENCH[@]}" --json "$RUNS/bench.json" \
-  > "$RUNS/bench.log" 2>&1; tail -6 "$RUNS/bench.log" | tee -a "$OUT/session.log"
+if want bench; then
+  log "bench"
+  timeout $T_BENCH python3 benchmarks/bench_train.py "${BENCH[@]}" --json "$RUNS/bench.json" \
+    > "$RUNS/bench.log" 2>&1; tail -8 "$RUNS/bench.log" | tee -a "$OUT/session.log"
+fi
 
+if want ddp; then
+  log "ddp: torchrun --nproc_per_node=$NGPU, smoke profile"
+  timeout $T_DDP python3 -m torch.distributed.run --standalone --nproc_per_node="$NGPU" \
+    -m brainseg_lib.cli train --params params/smoke.yaml --run-id ddp --no-progress \
+    --set runs_dir=$RUNS "${DDPSET[@]}" > "$RUNS/ddp.log" 2>&1
+  echo "exit $?" >> "$RUNS/ddp.log"; grep -E "epoch|stopped|exit|Error" "$RUNS/ddp.log" \
+    | tail -5 | tee -a "$OUT/session.log"
+fi
+
+if want ref; then
+  log "ref: params/reference.yaml, 150 epochs, no budget, alone on the card"
+  T0=$(date +%s)
+  timeout $T_REF python3 -m brainseg_lib.cli train --params params/reference.yaml \
+    --run-id ref150 --no-progress --set runs_dir=$RUNS --set model_dir='""' \
+    --set train_minutes=0 --set epochs=150 --set patience=0 "${CVSET[@]}" \
+    > "$RUNS/ref150.log" 2>&1
+  log "ref: exit $?, $(( $(date +%s) - T0 )) s wall; $(tail -2 "$RUNS/ref150.log" | head -1)"
+fi
+
+
+if want sweep; then
 log "sweep ($SWEEP_MIN min per variant)"
 if [ "${DRY:-0}" != 1 ]; then
   sed -e "s/train_minutes: 3.0/train_minutes: $SWEEP_MIN/" $GRID > params/grids/_session.yaml
@@ -90,7 +124,9 @@ if [ -f "$RUNS/model/model.safetensors" ]; then
   sha256sum "$RUNS/model.safetensors.full" | tee -a "$OUT/session.log"
 fi
 tar czf "$OUT/results.tgz" --exclude='*.pt' --exclude='*.full' -C "$RUNS" . 2>/dev/null
+fi
 
+if want cv; then
 log "cv (5 folds, $CV_MIN min each)"
 # shellcheck disable=SC2086
 timeout $T_CV python3 -m brainseg_lib.cli cv --params params/reference.yaml --folds 5 \
@@ -98,6 +134,7 @@ timeout $T_CV python3 -m brainseg_lib.cli cv --params params/reference.yaml --fo
   --set epochs=1000 --set eval_original_size=false --set bootstrap=200 \
   $WINNER_SETS "${CVSET[@]}" > "$RUNS/cv.log" 2>&1
 tail -4 "$RUNS/cv.log" | tee -a "$OUT/session.log"
+fi
 
 log "pack"
 tar czf "$OUT/results.tgz" --exclude='*.pt' --exclude='*.full' -C "$RUNS" . 2>/dev/null
