@@ -75,6 +75,9 @@ def find_runs(names: list[str], runs_dir: Path, reports_dir: Path | None = None,
         evaluated = sorted(runs_dir.glob("*/eval-test/metrics.json"),
                            key=lambda p: p.stat().st_mtime)
         found = [p.parent.parent for p in evaluated[-2:]]
+    if not found:
+        raise FileNotFoundError(f"no evaluated run under {runs_dir}: run notebooks 02 and 03 "
+                                "(or brainseg run) first, or set compare")
     return found
 
 

@@ -56,6 +56,8 @@ def test_runs_are_found_by_id_folder_or_latest_report(two_runs, tmp_path):
     assert find_runs([], runs_dir, tmp_path / "reports") == sorted(two_runs)
     with pytest.raises(FileNotFoundError, match="no-such-run"):
         find_runs(["no-such-run"], runs_dir)
+    with pytest.raises(FileNotFoundError, match="no evaluated run"):
+        find_runs([], tmp_path / "empty", tmp_path / "reports-none")
 
 
 def test_differences_match_each_runs_own_metrics_whatever_the_row_order(two_runs):
