@@ -22,9 +22,9 @@ def test_environment_yml_pins_match_pyproject():
     assert "python=3.11" in env["dependencies"]
 
 
-def test_four_numbered_notebooks():
+def test_five_numbered_notebooks():
     assert [p.stem for p in NOTEBOOKS] == ["01_data_exploration", "02_train", "03_evaluate",
-                                           "04_visualise"]
+                                           "04_visualise", "05_compare"]
 
 
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.stem)
@@ -35,7 +35,7 @@ def test_notebook_committed_clean_with_one_parameters_cell(path):
         f"{path.name} has outputs: clear them before committing"
     tagged = [c for c in code if "parameters" in c.get("metadata", {}).get("tags", [])]
     assert len(tagged) == 1
-    assert re.search(r'^profile = "smoke"', "".join(tagged[0]["source"]), re.M)
+    assert re.search(r'^profile: str = "smoke"', "".join(tagged[0]["source"]), re.M)
     assert nb["metadata"]["kernelspec"]["name"] == "python3"
 
 
