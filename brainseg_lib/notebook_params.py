@@ -29,7 +29,9 @@ EVALUATION = ("threshold", "tune_threshold", "tta", "min_component_px", "eval_or
 
 NOTEBOOK_SECTIONS: dict[str, dict[str, tuple[str, ...]]] = {
     "01_data_exploration": {"data": DATA},
-    "02_train": {"data": DATA, "training (what shapes the weights)": TRAINING, "run": RUN},
+    "02_train": {"data": DATA, "training (what shapes the weights)": TRAINING,
+                 "validation while training (val IoU, hence the best checkpoint)": ("threshold",),
+                 "run": RUN},
     "03_evaluate": {"data": DATA, "evaluation (what shapes the measurement)": EVALUATION,
                     "run": RUN},
     "04_visualise": {"data": DATA, "figures": ("n_examples", "seed"), "run": RUN},
