@@ -127,6 +127,10 @@ class Params:
 
 
 PARAM_NAMES = tuple(f.name for f in fields(Params))
+# what shapes a measurement or a report, never the weights: taken from the call at evaluation,
+# free to change on resume, and not what notebook 02 is given
+MEASUREMENT_KEYS = ("threshold", "tune_threshold", "eval_original_size", "tta", "bootstrap",
+                    "min_component_px", "n_examples", "compare")
 
 
 def _closest(key: str) -> str:

@@ -15,15 +15,13 @@ import json
 import re
 from pathlib import Path
 
-from brainseg_lib.config import PARAM_NAMES, Params, project_root
+from brainseg_lib.config import MEASUREMENT_KEYS, PARAM_NAMES, Params, project_root
 
 DATA = ("data_dir", "synthetic", "synthetic_counts", "synthetic_size", "image_size",
         "limit_train_images", "cache_dir", "normalize_mean", "normalize_std", "folds_file",
         "fold", "duplicate_bits")
 RUN = ("runs_dir", "run_id", "device")
-TRAINING = tuple(n for n in PARAM_NAMES if n not in DATA + RUN + (
-    "profile", "threshold", "tune_threshold", "eval_original_size", "tta", "bootstrap",
-    "min_component_px", "n_examples", "compare"))
+TRAINING = tuple(n for n in PARAM_NAMES if n not in ("profile", *DATA, *RUN, *MEASUREMENT_KEYS))
 EVALUATION = ("threshold", "tune_threshold", "tta", "min_component_px", "eval_original_size",
               "bootstrap", "seed")
 

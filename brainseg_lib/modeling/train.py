@@ -19,7 +19,13 @@ import numpy as np
 import torch
 from torch import nn
 
-from brainseg_lib.config import Params, load_params, params_from_dict, save_params
+from brainseg_lib.config import (
+    MEASUREMENT_KEYS,
+    Params,
+    load_params,
+    params_from_dict,
+    save_params,
+)
 from brainseg_lib.dataset import ResidentBatches, SplitArrays, load_split_arrays
 from brainseg_lib.io import atomic_write_json, atomic_write_text
 from brainseg_lib.locate import DataSource, data_source
@@ -116,9 +122,7 @@ def finished_run(params: Params) -> TrainResult | None:
 
 SAFE_ON_RESUME = ("epochs", "train_minutes", "max_train_minutes", "patience", "progress_bar",
                   "num_threads", "num_workers", "device", "compile", "runs_dir",
-                  # evaluation settings: they shape measurements, not weights
-                  "threshold", "tune_threshold", "eval_original_size", "tta", "bootstrap",
-                  "min_component_px", "n_examples", "duplicate_bits", "compare")
+                  "duplicate_bits", *MEASUREMENT_KEYS)
 
 
 def _resume_params(run_dir: Path, overrides: dict[str, Any]) -> Params:
