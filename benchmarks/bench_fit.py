@@ -24,8 +24,19 @@ import torch.nn.functional as F
 
 from brainseg_lib.coco import load_split, read_image
 from brainseg_lib.dataset import resize_image
-from brainseg_lib.metrics import ConfusionCounts, bootstrap_ci, per_image_dice, pooled_iou
-from brainseg_lib.modeling.predict import load_model, pad_to_square, predict_logits
+from brainseg_lib.metrics import (
+    ConfusionCounts,
+    bootstrap_ci,
+    paired_bootstrap,
+    per_image_dice,
+    pooled_iou,
+)
+from brainseg_lib.modeling.predict import (
+    LoadedModel,
+    load_model,
+    predict_images,
+    predict_logits,
+)
 
 
 def crops(data_dir: str, split_name: str, limit: int, seed: int = 0):
@@ -51,21 +62,17 @@ def _offset(rng: np.random.Generator, full: int, size: int, coords: np.ndarray) 
     return int(rng.integers(low, high + 1))
 
 
-def squash(rgb: np.ndarray, size: int) -> tuple[np.ndarray, callable]:
-    h, w = rgb.shape[:2]
-    return resize_image(rgb, size), lambda p: F.interpolate(
-        p, size=(h, w), mode="bilinear", align_corners=False)
+def squash(loaded: LoadedModel, rgb: np.ndarray) -> np.ndarray:
+    """The alternative: resize the image to the model's square, then back."""
+    x = torch.from_numpy(resize_image(rgb, loaded.params.image_size))[None]
+    prob = torch.sigmoid(predict_logits(loaded, x))
+    return F.interpolate(prob, size=rgb.shape[:2], mode="bilinear",
+                         align_corners=False)[0, 0].cpu().numpy()
 
 
-def pad(rgb: np.ndarray, size: int) -> tuple[np.ndarray, callable]:
-    """What ``brainseg predict`` does: pad to a centred black square, then resize."""
-    square, (top, left) = pad_to_square(rgb)
-    h, w = rgb.shape[:2]
-
-    def back(p: torch.Tensor) -> torch.Tensor:
-        full = F.interpolate(p, size=square.shape[:2], mode="bilinear", align_corners=False)
-        return full[..., top:top + h, left:left + w]
-    return resize_image(square, size), back
+def pad(loaded: LoadedModel, rgb: np.ndarray) -> np.ndarray:
+    """What ``brainseg predict`` does (pad to a centred black square)."""
+    return predict_images(loaded, [rgb])[0]
 
 
 def main() -> None:
@@ -78,30 +85,24 @@ def main() -> None:
     if not args.data:
         raise SystemExit("set BRAINSEG_DATA or --data to the real dataset")
     loaded = load_model(args.model, "auto")
-    size = loaded.params.image_size
     counts: dict[str, list[ConfusionCounts]] = {"squash": [], "pad": []}
     t0, shapes = time.perf_counter(), set()
     for rgb, mask in crops(args.data, args.split, args.limit):
         shapes.add("landscape" if rgb.shape[1] > rgb.shape[0] else "portrait")
         for name, fit in (("squash", squash), ("pad", pad)):
-            x, back = fit(rgb, size)
-            prob = back(torch.sigmoid(predict_logits(loaded, torch.from_numpy(x)[None])))
-            pred = (prob[0, 0].cpu().numpy() >= 0.5)
+            pred = fit(loaded, rgb) >= 0.5
             counts[name].append(ConfusionCounts.from_masks(pred[None], mask[None]))
     n = len(counts["squash"])
     print(f"{n} non-square {args.split} crops ({', '.join(sorted(shapes))}), model {args.model} "
-          f"({size} px), {loaded.device}, {time.perf_counter() - t0:.0f} s")
+          f"({loaded.params.image_size} px), {loaded.device}, {time.perf_counter() - t0:.0f} s")
     joined = {k: ConfusionCounts.concat(v) for k, v in counts.items()}
     for name, c in joined.items():
         ci = bootstrap_ci(c, n_resamples=1000)
         print(f"  {name:6s} pooled IoU {pooled_iou(c):.4f} [{ci['pooled_iou'][0]:.3f}, "
               f"{ci['pooled_iou'][1]:.3f}]  mean image Dice {per_image_dice(c).mean():.4f} "
               f"[{ci['mean_image_dice'][0]:.3f}, {ci['mean_image_dice'][1]:.3f}]")
-    diff = per_image_dice(joined["pad"]) - per_image_dice(joined["squash"])
-    rng = np.random.default_rng(0)
-    boots = diff[rng.integers(0, n, (1000, n))].mean(1)
-    print(f"  pad - squash, mean image Dice: {diff.mean():+.4f} "
-          f"[{np.percentile(boots, 2.5):+.4f}, {np.percentile(boots, 97.5):+.4f}] (paired)")
+    for metric, (diff, low, high) in paired_bootstrap(joined["squash"], joined["pad"]).items():
+        print(f"  pad - squash, {metric}: {diff:+.4f} [{low:+.4f}, {high:+.4f}] (paired)")
 
 
 if __name__ == "__main__":

@@ -17,7 +17,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from brainseg_lib.config import project_root
+from brainseg_lib.config import project_root, read_params_file
 from brainseg_lib.metrics import ConfusionCounts, paired_bootstrap
 
 
@@ -104,11 +104,9 @@ def load_results(run_dirs: list[Path], settings: Any = None, device: str = "auto
 
 def summary_table(results: list[RunResult]) -> pd.DataFrame:
     """One row per run: what it is, how it trained, its test figures (full and clean)."""
-    import yaml
-
     rows = []
     for r in results:
-        params = yaml.safe_load((r.run_dir / "params.yaml").read_text())
+        params = read_params_file(r.run_dir / "params.yaml")
         head, clean = r.metrics["headline"]["metrics"], r.metrics.get("headline_clean", {})
         rows.append({
             "run": r.name, "profile": params.get("profile"),
@@ -130,12 +128,12 @@ def paired_differences(results: list[RunResult], n_resamples: int = 1000, seed: 
     """Each run minus the first (the baseline) on the test images both scored, full split
     and clean subset, with paired bootstrap 95 % intervals and a plain verdict."""
     base, rows = results[0], []
+    table = base.per_image
+    clean = set(table.file[table.clean.astype(bool)]) if "clean" in table else set()
     for other in results[1:]:
-        files = sorted(set(base.per_image.file) & set(other.per_image.file))
-        if len(files) < len(base.per_image):
+        files = sorted(set(table.file) & set(other.per_image.file))
+        if len(files) < len(table):
             print(f"{other.name}: {len(files)} test images in common with {base.name}")
-        table = base.per_image
-        clean = set(table.file[table.clean.astype(bool)]) if "clean" in table else set()
         subsets = {"full": files, "clean": [f for f in files if f in clean]}
         for subset, chosen in subsets.items():
             if not chosen:

@@ -169,7 +169,6 @@ def variants_chart(variants: pd.DataFrame) -> Figure:
     return fig
 
 
-
 def learning_curves_overlay(histories: dict[str, pd.DataFrame]) -> Figure:
     """Validation loss and IoU of several runs against the epoch, one line per run."""
     fig, axes = plt.subplots(1, 2, figsize=(13, 3.8))
