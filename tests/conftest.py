@@ -33,6 +33,25 @@ def real_root() -> Path:
     return Path(env)
 
 
+@pytest.fixture(scope="session")
+def evaluated_runs(tmp_path_factory: pytest.TempPathFactory, synthetic_root: Path,
+                   ) -> list[Path]:
+    """A barely trained run (1 epoch) and a better one (8), both evaluated on test, in one
+    runs folder (its cache beside it): what 05_compare and the JupyterLab test compare."""
+    from brainseg_lib.evaluate import evaluate_run
+    from brainseg_lib.modeling.train import train
+
+    tmp = tmp_path_factory.mktemp("evaluated")
+    runs = []
+    for run_id, epochs in (("a-short", 1), ("b-longer", 8)):
+        params = tiny_params(tmp, synthetic_root, epochs=epochs, lr=0.003, patience=0,
+                             monitor="val_iou", run_id=run_id)
+        run_dir = train(params, progress=False).run_dir
+        evaluate_run(run_dir, "test", verbose=False)
+        runs.append(run_dir)
+    return runs
+
+
 def tiny_params(tmp_path: Path, data_root: Path, **changes) -> Params:
     """The smoke profile shrunk further, on ``data_root``, writing under ``tmp_path``."""
     base = {"data_dir": str(data_root), "synthetic": False, "image_size": 64,

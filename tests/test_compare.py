@@ -14,24 +14,13 @@ from brainseg_lib.compare import (
     paired_differences,
     summary_table,
 )
-from brainseg_lib.evaluate import evaluate_run
 from brainseg_lib.metrics import ConfusionCounts, paired_bootstrap
-from brainseg_lib.modeling.train import train
-from conftest import ROOT, tiny_params
+from conftest import ROOT
 
 
-@pytest.fixture(scope="module")
-def two_runs(tmp_path_factory, synthetic_root):
-    """A barely trained run and a better one, both evaluated on the same test images."""
-    tmp = tmp_path_factory.mktemp("compare")
-    runs = []
-    for run_id, epochs in (("a-short", 1), ("b-longer", 8)):
-        params = tiny_params(tmp, synthetic_root, epochs=epochs, lr=0.003, patience=0,
-                             monitor="val_iou", run_id=run_id)
-        run_dir = train(params, progress=False).run_dir
-        evaluate_run(run_dir, "test", verbose=False)
-        runs.append(run_dir)
-    return runs
+@pytest.fixture
+def two_runs(evaluated_runs):
+    return evaluated_runs
 
 
 def test_paired_bootstrap_of_a_run_against_itself_is_exactly_zero():

@@ -1,9 +1,9 @@
 """JupyterLab as a new user meets it: open 04 and 05, Run All, move the image slider.
 
 playwright drives Debian's chromium (playwright's own browsers cannot be downloaded here);
-JupyterLab serves a copy of the two notebooks on a free local port, their run folder set in
-the parameters cell as a user would. Screenshots go to ``$BRAINSEG_SCREENSHOTS`` when set
-(the tmp folder otherwise).
+JupyterLab serves a copy of the two notebooks on a free local port, their run folder (and
+05's runs to compare) set in the parameters cell as a user would. Screenshots go to
+``$BRAINSEG_SCREENSHOTS`` when set (the tmp folder otherwise).
 """
 
 from __future__ import annotations
@@ -20,9 +20,7 @@ from pathlib import Path
 import nbformat
 import pytest
 
-from brainseg_lib.evaluate import evaluate_run
-from brainseg_lib.modeling.train import train
-from conftest import ROOT, tiny_params
+from conftest import ROOT
 
 CHROMIUM = shutil.which("chromium")
 pytestmark = [
@@ -41,21 +39,20 @@ def _free_port() -> int:
 
 
 @pytest.fixture(scope="module")
-def lab(tmp_path_factory, synthetic_root):
-    """Two evaluated runs, the notebooks 04/05 pointing at them, JupyterLab serving them."""
+def lab(tmp_path_factory, evaluated_runs):
+    """The notebooks 04/05 pointing at two evaluated runs, JupyterLab serving them."""
     tmp = tmp_path_factory.mktemp("lab")
-    for run_id, epochs in (("lab-a", 1), ("lab-b", 4)):
-        params = tiny_params(tmp, synthetic_root, epochs=epochs, lr=0.003, patience=0,
-                             run_id=run_id)
-        evaluate_run(train(params, progress=False).run_dir, "test", verbose=False)
+    folders = {"runs": evaluated_runs[0].parent, "cache": evaluated_runs[0].parent.parent / "cache"}
     root = tmp / "notebooks"
     root.mkdir()
     for name in ("04_visualise", "05_compare"):
         nb = nbformat.read(ROOT / "notebooks" / f"{name}.ipynb", as_version=4)
         cell = next(c for c in nb.cells if "parameters" in c.metadata.get("tags", []))
-        for name_ in ("runs", "cache"):
-            cell.source = cell.source.replace(f"{name_}_dir: str = None",
-                                              f'{name_}_dir: str = "{tmp / name_}"')
+        for key, folder in folders.items():
+            cell.source = cell.source.replace(f"{key}_dir: str = None",
+                                              f'{key}_dir: str = "{folder}"')
+        cell.source = cell.source.replace(  # in this order, whatever was evaluated last
+            "compare: list[str] = None", f"compare: list[str] = {[r.name for r in evaluated_runs]}")
         nbformat.write(nb, root / f"{name}.ipynb")
     port = _free_port()
     server = subprocess.Popen(
@@ -144,5 +141,5 @@ def test_04_runs_all_and_its_slider_changes_the_image(lab, page, shots):
 def test_05_runs_all_and_shows_the_comparison(lab, page, shots):
     text = _run_all(page, lab, "05_compare.ipynb")
     assert _errors(page) == []
-    assert "baseline (first): lab-a" in text and "pooled_iou" in text
+    assert "baseline (first): a-short" in text and "pooled_iou" in text
     page.screenshot(path=shots / "05_compare.png", full_page=True)
