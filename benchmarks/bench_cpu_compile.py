@@ -21,8 +21,8 @@ import time
 
 import torch
 
-from brainseg_lib.losses import build_loss
-from brainseg_lib.model import build_network
+from brainseg_lib.model.network import build_network
+from brainseg_lib.training.losses import build_loss
 
 
 def timed(fn, steps: int) -> float:

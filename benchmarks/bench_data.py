@@ -10,11 +10,13 @@ import argparse
 import tempfile
 import time
 
-from brainseg_lib.augment import BatchAugment, normalize
-from brainseg_lib.coco import SPLITS
 from brainseg_lib.config import Params
-from brainseg_lib.dataset import build_loader, load_split_arrays
-from brainseg_lib.locate import resolve_data
+from brainseg_lib.data.arrays import load_split_arrays
+from brainseg_lib.data.coco import SPLITS
+from brainseg_lib.data.locate import resolve_data
+from brainseg_lib.model.network import Normalizer
+from brainseg_lib.training.augment import BatchAugment
+from brainseg_lib.training.batches import ResidentBatches
 
 
 def main() -> None:
@@ -49,15 +51,17 @@ def main() -> None:
     augment = BatchAugment(params)
     import torch
 
+    cpu = torch.device("cpu")
+    normalize = Normalizer(params.normalize_mean, params.normalize_std, cpu)
     for with_aug in (False, True):
-        loader = build_loader(train, args.batch_size, train=True)
+        batches = ResidentBatches(train, cpu, args.batch_size, shuffle=True)
         gen = torch.Generator().manual_seed(0)
         t0 = time.perf_counter()
-        for images, masks in loader:
+        for images, masks in batches:
             x = images.float() / 255
             if with_aug:
                 x, _ = augment(x, masks.float(), gen)
-            normalize(x, params.normalize_mean, params.normalize_std)
+            normalize(x)
         seconds = time.perf_counter() - t0
         epoch_training = len(train) / args.train_img_per_s
         print(f"one epoch of batches{' + augmentation' if with_aug else ''}: {seconds:.2f} s "

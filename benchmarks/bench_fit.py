@@ -22,21 +22,11 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from brainseg_lib.coco import load_split, read_image
-from brainseg_lib.dataset import resize_image
-from brainseg_lib.metrics import (
-    ConfusionCounts,
-    bootstrap_ci,
-    paired_bootstrap,
-    per_image_dice,
-    pooled_iou,
-)
-from brainseg_lib.modeling.predict import (
-    LoadedModel,
-    load_model,
-    predict_images,
-    predict_logits,
-)
+from brainseg_lib.data.arrays import resize_image
+from brainseg_lib.data.coco import load_split, read_image
+from brainseg_lib.inference.predictor import LoadedModel, load_model, predict_images, predict_logits
+from brainseg_lib.metrics.functional import ConfusionCounts, per_image_dice, pooled_iou
+from brainseg_lib.metrics.intervals import bootstrap_ci, paired_bootstrap
 
 
 def crops(data_dir: str, split_name: str, limit: int, seed: int = 0):

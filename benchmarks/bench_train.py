@@ -20,12 +20,14 @@ import numpy as np
 import torch
 
 from brainseg_lib.config import Params
-from brainseg_lib.dataset import ResidentBatches, SplitArrays, load_split_arrays
-from brainseg_lib.evaluate import predict_split
-from brainseg_lib.locate import resolve_data
-from brainseg_lib.model import build_network
-from brainseg_lib.modeling.predict import LoadedModel
-from brainseg_lib.modeling.trainer import Trainer, autocast_dtype, select_device
+from brainseg_lib.data.arrays import SplitArrays, load_split_arrays
+from brainseg_lib.data.locate import resolve_data
+from brainseg_lib.evaluation.predictions import predict_split
+from brainseg_lib.inference.predictor import LoadedModel
+from brainseg_lib.model.device import autocast_dtype, select_device
+from brainseg_lib.model.network import build_network
+from brainseg_lib.training.batches import ResidentBatches
+from brainseg_lib.training.trainer import Trainer
 
 
 def sync(device: torch.device) -> None:

@@ -57,7 +57,7 @@ log "start"
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv 2>&1 | tee -a "$OUT/session.log"
 python3 -c "import torch, segmentation_models_pytorch as s; print('torch', torch.__version__, 'cuda', torch.version.cuda, 'smp', s.__version__)" 2>&1 | tee -a "$OUT/session.log"
 python3 -c "
-import os; from brainseg_lib.dataset import load_dataset
+import os; from brainseg_lib.data.arrays import load_dataset
 load_dataset(os.environ['BRAINSEG_DATA'], 256)" 2>&1 | tail -2
 
 if want bench; then

@@ -1,31 +1,17 @@
 """brainseg_lib: segment brain tumours in MRI slices (COCO data, smp U-Net, honest metrics).
 
-The notebooks and the ``brainseg`` command are thin layers over this public API.
+One concern per subpackage; imports flow one way (``tests/test_layers.py`` enforces it)::
+
+    config, io, rundir, metrics      foundations: parameters, atomic writes, run folders, formulas
+    data                             COCO reading, locating, caching, checks, near-duplicates, folds
+    model                            the network, safe checkpoints, model folders
+    training | inference             the fit (step, loop, DDP) | predicting with a trained model
+    evaluation                       scoring a model on a split, choosing settings on validation
+    experiments | reporting          sweeps and CV | notebooks, figures, reports
+    cli                              the ``brainseg`` command
+
+Importing the package itself loads nothing heavy: ``brainseg --help`` and ``brainseg data
+check`` never import torch or matplotlib.
 """
 
-from brainseg_lib import compare, datatools, explore, folds, metrics, plots, report, runs
-from brainseg_lib.coco import DatasetError
-from brainseg_lib.config import (
-    Params,
-    ParamsError,
-    load_params,
-    params_from_dict,
-    params_from_notebook,
-)
-from brainseg_lib.dataset import build_loaders, load_dataset, load_split_arrays
-from brainseg_lib.evaluate import evaluate_run
-from brainseg_lib.locate import data_source, resolve_data
-from brainseg_lib.model import create_model
-from brainseg_lib.modeling.predict import load_checkpoint, predict_files
-from brainseg_lib.modeling.train import finished_run, read_history, train
-from brainseg_lib.modeling.trainer import TrainingDivergedError
-
-__all__ = [
-    "compare", "datatools", "explore", "folds", "metrics", "plots", "report", "runs",
-    "DatasetError", "Params", "ParamsError", "TrainingDivergedError", "build_loaders",
-    "create_model", "data_source", "evaluate_run", "finished_run", "load_checkpoint",
-    "load_dataset",
-    "load_params", "load_split_arrays", "params_from_dict", "params_from_notebook",
-    "predict_files", "read_history", "resolve_data", "train",
-]
-__version__ = "0.1.0"
+__version__ = "0.2.0"

@@ -10,8 +10,8 @@ from typing import Any
 
 import yaml
 
-from brainseg_lib.coco import DatasetError
 from brainseg_lib.config import ParamsError, load_params, profile_path
+from brainseg_lib.data.coco import DatasetError
 
 _FLOAT = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+")
 
@@ -31,8 +31,8 @@ def parse_overrides(items: list[str] | None) -> dict[str, Any]:
 
 
 def _data_check(args: argparse.Namespace) -> int:
-    from brainseg_lib.datatools import check_dataset
-    from brainseg_lib.locate import find_real_dataset
+    from brainseg_lib.data.check import check_dataset
+    from brainseg_lib.data.locate import find_real_dataset
 
     found = None if args.dir else find_real_dataset()
     if not args.dir and found is None:
@@ -45,10 +45,10 @@ def _data_check(args: argparse.Namespace) -> int:
     if report.errors:
         return 1
     if not args.no_decode:
-        from brainseg_lib.evaluate import clean_test_files
-        from brainseg_lib.locate import DataSource
+        from brainseg_lib.data.duplicates import near_duplicate_groups
+        from brainseg_lib.data.locate import DataSource
 
-        groups = clean_test_files(DataSource(root, "real", "data check"), args.bits)
+        groups = near_duplicate_groups(DataSource(root, "real", "data check"), args.bits)
         sizes = ", ".join(f"{n} x {size}" for size, n in sorted(
             groups["cluster_sizes"].items(), key=lambda kv: int(kv[0])))
         print(f"\nnear-duplicate clusters (pHash within {args.bits} bits, transitively): "
@@ -59,21 +59,21 @@ def _data_check(args: argparse.Namespace) -> int:
 
 
 def _data_download(args: argparse.Namespace) -> int:
-    from brainseg_lib.locate import download_dataset
+    from brainseg_lib.data.locate import download_dataset
 
     print(f"dataset saved to {download_dataset(Path(args.dest) if args.dest else None)}")
     return 0
 
 
 def _data_resize(args: argparse.Namespace) -> int:
-    from brainseg_lib.datatools import resize_dataset
+    from brainseg_lib.data.resize import resize_dataset
 
     print(f"wrote {resize_dataset(args.src, args.dst, args.size, args.grey)}")
     return 0
 
 
 def _train(args: argparse.Namespace) -> int:
-    from brainseg_lib.modeling.train import train
+    from brainseg_lib.training.loop import train
 
     overrides = parse_overrides(args.set)
     if args.resume:
@@ -88,8 +88,8 @@ def _train(args: argparse.Namespace) -> int:
 
 
 def _evaluate(args: argparse.Namespace) -> int:
-    from brainseg_lib.evaluate import evaluate_run
-    from brainseg_lib.modeling.artifacts import is_model_dir, materialise
+    from brainseg_lib.evaluation.evaluate import evaluate_run
+    from brainseg_lib.model.package import is_model_dir, materialise
 
     target = Path(args.model or args.run_dir or "")
     if not args.model and not args.run_dir:
@@ -106,7 +106,7 @@ def _evaluate(args: argparse.Namespace) -> int:
     if args.record:
         if not model_dir or args.split != "test":
             raise ParamsError("--record needs --model DIR and the test split")
-        from brainseg_lib.modeling.artifacts import record_metrics
+        from brainseg_lib.model.package import record_metrics
 
         record_metrics(model_dir, metrics)
         print(f"recorded the test metrics in {model_dir / 'README.md'}")
@@ -114,7 +114,7 @@ def _evaluate(args: argparse.Namespace) -> int:
 
 
 def _predict(args: argparse.Namespace) -> int:
-    from brainseg_lib.modeling.predict import predict_files
+    from brainseg_lib.inference.files import predict_files
 
     model = args.model or args.checkpoint
     if not model:
@@ -127,7 +127,7 @@ def _predict(args: argparse.Namespace) -> int:
 
 
 def _export(args: argparse.Namespace) -> int:
-    from brainseg_lib.modeling.artifacts import export_model
+    from brainseg_lib.model.package import export_model
 
     out = export_model([Path(r) for r in args.run_dirs], Path(args.out),
                        fp16=not args.fp32)
@@ -169,7 +169,7 @@ def _main_profile() -> Path:
 def _ensure_dataset(params_file: Path, overrides: dict[str, Any]) -> None:
     """Try a download when no real dataset is found; on failure the run uses the synthetic
     demo (announced loudly by the run itself)."""
-    from brainseg_lib.locate import download_dataset, find_real_dataset
+    from brainseg_lib.data.locate import download_dataset, find_real_dataset
 
     params = load_params(params_file, **overrides)
     if params.synthetic or find_real_dataset(params.data_dir):
@@ -181,7 +181,7 @@ def _ensure_dataset(params_file: Path, overrides: dict[str, Any]) -> None:
 
 
 def _run(args: argparse.Namespace) -> int:
-    from brainseg_lib.pipeline import run_pipeline
+    from brainseg_lib.reporting.pipeline import run_pipeline
 
     params_file = _main_profile() if args.params == "auto" else Path(args.params)
     overrides = parse_overrides(args.set)

@@ -8,8 +8,8 @@ from pathlib import Path
 import pytest
 
 from brainseg_lib.config import Params, load_params, project_root
-from brainseg_lib.locate import looks_like_dataset
-from brainseg_lib.synthetic import write_synthetic_coco
+from brainseg_lib.data.locate import looks_like_dataset
+from brainseg_lib.data.synthetic import write_synthetic_coco
 
 ROOT = project_root()
 
@@ -38,8 +38,8 @@ def evaluated_runs(tmp_path_factory: pytest.TempPathFactory, synthetic_root: Pat
                    ) -> list[Path]:
     """A barely trained run (1 epoch) and a better one (8), both evaluated on test, in one
     runs folder (its cache beside it): what 05_compare and the JupyterLab test compare."""
-    from brainseg_lib.evaluate import evaluate_run
-    from brainseg_lib.modeling.train import train
+    from brainseg_lib.evaluation.evaluate import evaluate_run
+    from brainseg_lib.training.loop import train
 
     tmp = tmp_path_factory.mktemp("evaluated")
     runs = []

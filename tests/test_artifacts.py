@@ -13,15 +13,9 @@ import torch
 from PIL import Image
 
 from brainseg_lib.cli import main
-from brainseg_lib.modeling.artifacts import (
-    ArtifactError,
-    export_model,
-    load_model_dir,
-    materialise,
-    read_checkpoint,
-    save_checkpoint,
-)
-from brainseg_lib.modeling.predict import load_model, predict_logits
+from brainseg_lib.inference.predictor import load_model, predict_logits
+from brainseg_lib.model.checkpoint import ArtifactError, read_checkpoint, save_checkpoint
+from brainseg_lib.model.package import export_model, materialise, networks_from_model_dir
 from conftest import tiny_params
 
 
@@ -109,7 +103,7 @@ def test_export_roundtrip_smp_format_and_model_card(trained_run, tmp_path):
         assert needed in card
     # smp itself reads it (fp16 weights), and so do we, offline and fast
     by_smp = smp.from_pretrained(str(out))
-    members, params, info = load_model_dir(out)
+    members, params, info = networks_from_model_dir(out)
     original = load_model(trained_run)
     x = torch.randint(0, 255, (2, 3, 64, 64), dtype=torch.uint8)
     exported = load_model(out)
@@ -146,7 +140,7 @@ def test_broken_model_folders_are_one_line_errors(trained_run, tmp_path, capsys,
     image = next((synthetic_root / "test").glob("*.jpg"))
     if model_dir.exists():
         with pytest.raises(ArtifactError, match=message):
-            load_model_dir(model_dir)
+            networks_from_model_dir(model_dir)
     code = main(["predict", str(image), "--model", str(model_dir), "--out",
                  str(tmp_path / "out")])
     err = capsys.readouterr().err.strip()
@@ -187,7 +181,7 @@ def test_greyscale_input_predicts(trained_run, tmp_path):
 @pytest.fixture
 def trained_run(tmp_path_factory, synthetic_root):
     tmp = tmp_path_factory.mktemp("artifacts")
-    from brainseg_lib.modeling.train import train
+    from brainseg_lib.training.loop import train
 
     params = tiny_params(tmp, synthetic_root, epochs=1, limit_train_images=4, run_id="a",
                          bootstrap=0)

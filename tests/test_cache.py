@@ -6,15 +6,9 @@ import warnings
 
 import numpy as np
 import pytest
-import torch
 
-from brainseg_lib.coco import ANNOTATION_FILE
-from brainseg_lib.dataset import (
-    SegmentationDataset,
-    build_loaders,
-    load_dataset,
-    load_split_arrays,
-)
+from brainseg_lib.data.arrays import load_split_arrays
+from brainseg_lib.data.coco import ANNOTATION_FILE
 
 
 @pytest.fixture
@@ -70,21 +64,3 @@ def test_corrupt_cache_is_rebuilt_with_a_warning(root, cache_dir, capsys, damage
     assert "cache hit" in out
 
 
-def test_dataset_returns_normalised_float_tensors(root, cache_dir):
-    arrays = load_split_arrays(root, "train", 32, cache_dir)
-    ds = SegmentationDataset(arrays, [0.5] * 3, [0.25] * 3)
-    image, mask = ds[0]
-    assert image.shape == (3, 32, 32) and image.dtype == torch.float32
-    assert mask.shape == (1, 32, 32) and set(mask.unique().tolist()) <= {0.0, 1.0}
-    expected = (arrays.images[0, 0, 0, 0] / 255 - 0.5) / 0.25
-    assert image[0, 0, 0].item() == pytest.approx(expected, rel=1e-5)
-
-
-def test_loaders_shuffle_only_train(root, cache_dir):
-    data = load_dataset(root, 32, cache_dir)
-    loaders = build_loaders(data, batch_size=4, seed=1)
-    assert isinstance(loaders["train"].sampler, torch.utils.data.RandomSampler)
-    for split in ("valid", "test"):
-        assert isinstance(loaders[split].sampler, torch.utils.data.SequentialSampler)
-    images, masks = next(iter(loaders["valid"]))
-    assert images.dtype == torch.uint8 and images.shape == (4, 3, 32, 32)

@@ -4,7 +4,7 @@ import json
 import shutil
 
 from brainseg_lib.cli import main
-from brainseg_lib.coco import ANNOTATION_FILE
+from brainseg_lib.data.coco import ANNOTATION_FILE
 
 
 def test_data_check_on_a_clean_dataset(synthetic_root, capsys):
@@ -34,7 +34,7 @@ def test_train_with_an_unknown_key_fails_before_work(tmp_path, capsys):
 
 
 def test_download_offline_fails_fast_with_manual_steps(monkeypatch, capsys):
-    from brainseg_lib import locate
+    from brainseg_lib.data import locate
 
     monkeypatch.setattr(locate, "_online", lambda *a, **k: False)
     assert main(["data", "download"]) == 2

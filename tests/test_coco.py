@@ -8,7 +8,9 @@ import pytest
 from PIL import Image
 from pycocotools import mask as mask_utils
 
-from brainseg_lib.coco import (
+from brainseg_lib.data.arrays import load_split_arrays, resize_mask
+from brainseg_lib.data.check import check_dataset
+from brainseg_lib.data.coco import (
     ANNOTATION_FILE,
     DatasetError,
     annotation_mask,
@@ -18,8 +20,6 @@ from brainseg_lib.coco import (
     read_image,
     tumour_categories,
 )
-from brainseg_lib.dataset import load_split_arrays, resize_mask
-from brainseg_lib.datatools import check_dataset
 
 H = W = 8
 

@@ -9,10 +9,11 @@ import pytest
 from PIL import Image
 
 from brainseg_lib.cli import main
-from brainseg_lib.coco import ANNOTATION_FILE, SPLITS, detect_layout, load_split
-from brainseg_lib.dataset import load_split_arrays
-from brainseg_lib.datatools import check_dataset, resize_dataset
-from brainseg_lib.locate import find_real_dataset
+from brainseg_lib.data.arrays import load_split_arrays
+from brainseg_lib.data.check import check_dataset
+from brainseg_lib.data.coco import ANNOTATION_FILE, SPLITS, detect_layout, load_split
+from brainseg_lib.data.locate import find_real_dataset
+from brainseg_lib.data.resize import resize_dataset
 
 
 def to_standard_layout(src, dst, val_name="val"):

@@ -7,14 +7,15 @@ import pandas as pd
 import papermill
 import pytest
 
-from brainseg_lib.compare import (
+from brainseg_lib.evaluation.compare import (
     aligned_dice,
     find_runs,
     load_results,
     paired_differences,
     summary_table,
 )
-from brainseg_lib.metrics import ConfusionCounts, paired_bootstrap
+from brainseg_lib.metrics.functional import ConfusionCounts
+from brainseg_lib.metrics.intervals import paired_bootstrap
 from conftest import ROOT
 
 

@@ -51,7 +51,8 @@ def test_torchrun_two_processes_match_one(tmp_path, synthetic_root):
 def test_a_global_batch_must_split_evenly(synthetic_root, tmp_path):
     import torch
 
-    from brainseg_lib.dataset import ResidentBatches, load_split_arrays
+    from brainseg_lib.data.arrays import load_split_arrays
+    from brainseg_lib.training.batches import ResidentBatches
 
     arrays = load_split_arrays(synthetic_root, "train", 64, tmp_path)
     with pytest.raises(ValueError, match="divisible"):

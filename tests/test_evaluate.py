@@ -8,18 +8,14 @@ import pytest
 from PIL import Image
 
 from brainseg_lib.cli import main
-from brainseg_lib.coco import load_split
-from brainseg_lib.dataset import load_split_arrays
-from brainseg_lib.evaluate import (
-    SplitPrediction,
-    _per_image_original,
-    evaluate_run,
-    postprocess,
-    predict_split,
-)
-from brainseg_lib.metrics import ConfusionCounts, hd95, per_image_iou
-from brainseg_lib.modeling.predict import load_model
-from brainseg_lib.modeling.train import train
+from brainseg_lib.data.arrays import load_split_arrays
+from brainseg_lib.data.coco import load_split
+from brainseg_lib.evaluation.evaluate import _per_image_original, evaluate_run
+from brainseg_lib.evaluation.postprocess import postprocess
+from brainseg_lib.evaluation.predictions import SplitPrediction, predict_split
+from brainseg_lib.inference.predictor import load_model
+from brainseg_lib.metrics.functional import ConfusionCounts, hd95, per_image_iou
+from brainseg_lib.training.loop import train
 from conftest import tiny_params
 
 
@@ -158,7 +154,7 @@ def test_evaluate_cli_on_a_missing_run_is_a_clear_error(tmp_path, capsys):
 
 
 def test_test_predictions_cannot_change_what_is_chosen_on_valid(trained_run, monkeypatch):
-    from brainseg_lib import evaluate as ev
+    from brainseg_lib.evaluation import evaluate as ev
 
     honest = evaluate_run(trained_run, "test", verbose=False)["chosen_on_valid"]
     real = ev.predict_split
@@ -184,7 +180,8 @@ def test_valid_split_selected_result_is_labelled_in_sample(trained_run):
 
 
 def test_batched_prediction_equals_one_image_at_a_time(trained_run, tmp_path, monkeypatch):
-    from brainseg_lib.modeling import predict as predict_module
+    from brainseg_lib.inference import files as predict_module
+    from brainseg_lib.inference.predictor import load_model, predict_images
 
     rng = np.random.default_rng(0)
     inputs = tmp_path / "in"
@@ -195,10 +192,10 @@ def test_batched_prediction_equals_one_image_at_a_time(trained_run, tmp_path, mo
     monkeypatch.setattr(predict_module, "PREDICT_BATCH", 2)  # a full and a partial batch
     written, _ = predict_module.predict_files(trained_run, [inputs], tmp_path / "out",
                                               threshold=0.5)
-    loaded = predict_module.load_model(trained_run)
+    loaded = load_model(trained_run)
     for i, shape in enumerate(shapes):
         rgb = np.asarray(Image.open(inputs / f"{i}.png").convert("RGB"))
-        alone = (predict_module.predict_image(loaded, rgb) >= 0.5).astype(np.uint8) * 255
+        alone = (predict_images(loaded, [rgb])[0] >= 0.5).astype(np.uint8) * 255
         batched = np.asarray(Image.open(tmp_path / "out" / f"{i}_mask.png"))
         assert batched.shape == shape[:2]
         assert (batched != alone).mean() < 0.001  # float reduction order only
@@ -207,7 +204,7 @@ def test_batched_prediction_equals_one_image_at_a_time(trained_run, tmp_path, mo
 def test_non_square_images_are_padded_to_a_square_not_squashed(trained_run):
     """A 40x100 image is predicted as the centre of its black-padded 100x100 square: the
     probabilities equal that square's, cropped back, and the model never sees it stretched."""
-    from brainseg_lib.modeling.predict import load_model, pad_to_square, predict_image
+    from brainseg_lib.inference.predictor import load_model, pad_to_square, predict_images
 
     loaded = load_model(trained_run)
     rng = np.random.default_rng(3)
@@ -215,6 +212,6 @@ def test_non_square_images_are_padded_to_a_square_not_squashed(trained_run):
     square, (top, left) = pad_to_square(rgb)
     assert square.shape == (100, 100, 3) and (top, left) == (30, 0)
     assert not square[:30].any() and (square[30:70] == rgb).all()
-    prob = predict_image(loaded, rgb)
+    prob = predict_images(loaded, [rgb])[0]
     assert prob.shape == (40, 100)
-    np.testing.assert_allclose(prob, predict_image(loaded, square)[30:70], atol=1e-6)
+    np.testing.assert_allclose(prob, predict_images(loaded, [square])[0][30:70], atol=1e-6)

@@ -9,18 +9,13 @@ import pytest
 import torch
 import yaml
 
-from brainseg_lib.dataset import load_dataset
+from brainseg_lib.data.arrays import load_dataset
+from brainseg_lib.data.duplicates import duplicate_groups
+from brainseg_lib.data.splits import dev_keys, fold_indices, fold_split, make_folds
+from brainseg_lib.data.synthetic import write_synthetic_coco
 from brainseg_lib.experiments import cv as cv_module
 from brainseg_lib.experiments.sweep import run_sweep, sweep_table
-from brainseg_lib.folds import (
-    dev_keys,
-    duplicate_groups,
-    fold_indices,
-    fold_split,
-    make_folds,
-)
-from brainseg_lib.modeling.predict import LoadedModel, predict_logits
-from brainseg_lib.synthetic import write_synthetic_coco
+from brainseg_lib.inference.predictor import LoadedModel, predict_logits
 from conftest import ROOT
 
 PLANTED = 3  # train images copied into test under new names: leaks by construction
@@ -124,7 +119,7 @@ def test_out_of_fold_predictions_cover_each_image_once_by_the_right_model(leaky_
             return torch.full((len(x), 1, *x.shape[2:]), self.value)
 
     from brainseg_lib.config import Params
-    from brainseg_lib.dataset import SplitArrays
+    from brainseg_lib.data.arrays import SplitArrays
 
     params = Params(image_size=64, channels_last=False, device="cpu")
     members = [LoadedModel([Constant(v)], params, torch.device("cpu"), 0) for v in (-1., 1.)]
@@ -159,7 +154,7 @@ def test_a_two_variant_sweep_runs_resumes_and_selects_on_validation(tmp_path, sy
     out = tmp_path / "sweep"
     # "interrupted": one variant has only its first epoch (last.pt), the other nothing
     from brainseg_lib.config import load_params
-    from brainseg_lib.modeling.train import train
+    from brainseg_lib.training.loop import train
 
     def stop_after_first_epoch(epoch, step):
         if epoch == 2:

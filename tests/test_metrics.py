@@ -8,10 +8,9 @@ import pytest
 import segmentation_models_pytorch as smp
 import torch
 
-from brainseg_lib.metrics import (
+from brainseg_lib.metrics.functional import (
     ConfusionCounts,
     batch_pooled_iou,
-    bootstrap_ci,
     fg_bg_miou,
     hd95,
     per_image_dice,
@@ -23,6 +22,7 @@ from brainseg_lib.metrics import (
     pooled_recall,
     summarise,
 )
+from brainseg_lib.metrics.intervals import bootstrap_ci
 
 
 def masks():

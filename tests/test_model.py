@@ -5,8 +5,8 @@ import time
 import pytest
 import torch
 
-from brainseg_lib import model as model_module
-from brainseg_lib.model import PretrainedWeightsError, create_model
+from brainseg_lib.model import network as model_module
+from brainseg_lib.model.network import PretrainedWeightsError, create_model
 
 
 def test_random_init_gives_one_logit_channel():

@@ -4,18 +4,18 @@ import papermill
 import pytest
 
 from brainseg_lib.config import PARAM_NAMES, load_params, params_from_notebook
-from brainseg_lib.notebook_params import (
+from brainseg_lib.reporting.notebook_params import (
     NOTEBOOK_PARAMETERS,
     parameters_cell,
     stale_notebooks,
     write_cells,
 )
-from brainseg_lib.pipeline import COMPARE, NOTEBOOKS
+from brainseg_lib.reporting.pipeline import COMPARE, NOTEBOOKS
 from conftest import ROOT
 
 
 def test_committed_parameters_cells_are_the_generated_ones():
-    assert stale_notebooks() == [], "run: python -m brainseg_lib.notebook_params"
+    assert stale_notebooks() == [], "run: python -m brainseg_lib.reporting.notebook_params"
 
 
 def test_every_parameter_is_taken_by_some_notebook_and_each_notebook_is_covered():

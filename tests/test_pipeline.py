@@ -10,7 +10,7 @@ import pandas as pd
 import pytest
 
 from brainseg_lib.cli import main
-from brainseg_lib.pipeline import NOTEBOOKS
+from brainseg_lib.reporting.pipeline import NOTEBOOKS
 from conftest import ROOT
 
 CHROMIUM = shutil.which("chromium")
@@ -93,7 +93,7 @@ def test_a_failing_notebook_marks_the_run_failed_and_keeps_it(tmp_path):
 
 
 def test_runs_never_overwrite_each_other(smoke_reports, tmp_path):
-    from brainseg_lib.pipeline import _unique_report_dir
+    from brainseg_lib.reporting.pipeline import _unique_report_dir
 
     first = _unique_report_dir(tmp_path, "same-id")
     second = _unique_report_dir(tmp_path, "same-id")
@@ -123,7 +123,7 @@ def test_index_renders_in_a_real_browser(smoke_reports, tmp_path):
 def test_html_reports_hide_papermill_injected_cell(tmp_path):
     import nbformat
 
-    from brainseg_lib.pipeline import render_html
+    from brainseg_lib.reporting.pipeline import render_html
 
     nb = nbformat.v4.new_notebook()
     nb.cells = [nbformat.v4.new_code_cell("VISIBLE_MARKER = 1"),

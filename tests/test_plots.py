@@ -2,7 +2,7 @@
 
 import numpy as np
 
-from brainseg_lib.plots import overlay_rows, zoom_window
+from brainseg_lib.reporting.figures import overlay_rows, zoom_window
 
 
 def _box(y0, y1, x0, x1, size=256):

@@ -3,7 +3,7 @@
 import numpy as np
 
 from brainseg_lib.cli import main
-from brainseg_lib.dataset import load_split_arrays
+from brainseg_lib.data.arrays import load_split_arrays
 
 
 def test_data_check_report(real_root, capsys):

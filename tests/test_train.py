@@ -5,19 +5,15 @@ import json
 import pytest
 import torch
 
-from brainseg_lib.augment import BatchAugment
 from brainseg_lib.config import Params
-from brainseg_lib.evaluate import predict_split
-from brainseg_lib.metrics import ConfusionCounts, pooled_iou
-from brainseg_lib.modeling import trainer as trainer_module
-from brainseg_lib.modeling.artifacts import read_checkpoint
-from brainseg_lib.modeling.predict import load_checkpoint
-from brainseg_lib.modeling.train import (
-    load_training_data,
-    read_history,
-    train,
-)
-from brainseg_lib.modeling.trainer import EarlyStopping, TrainingDivergedError
+from brainseg_lib.evaluation.predictions import predict_split
+from brainseg_lib.inference.predictor import load_checkpoint
+from brainseg_lib.metrics.functional import ConfusionCounts, pooled_iou
+from brainseg_lib.model.checkpoint import read_checkpoint
+from brainseg_lib.training import trainer as trainer_module
+from brainseg_lib.training.augment import BatchAugment
+from brainseg_lib.training.loop import load_training_data, read_history, train
+from brainseg_lib.training.trainer import EarlyStopping, TrainingDivergedError
 from conftest import tiny_params
 
 
@@ -144,21 +140,6 @@ def test_resume_applies_safe_overrides_and_refuses_the_others(tmp_path, syntheti
     assert len(result.history) == 2
 
 
-def test_resident_batches_match_the_dataloader_order(synthetic_root, tmp_path):
-    from brainseg_lib.dataset import ResidentBatches, build_loader, load_split_arrays
-
-    arrays = load_split_arrays(synthetic_root, "train", 64, tmp_path)
-    loader = build_loader(arrays, 5, train=True, seed=7)
-    resident = ResidentBatches(arrays, torch.device("cpu"), 5, shuffle=True, seed=7)
-    for epoch in (1, 2):
-        loader.generator.manual_seed(epoch)
-        resident.generator.manual_seed(epoch)
-        pairs = list(zip(loader, resident, strict=False))
-        assert len(resident) == len(arrays) // 5 and len(pairs) == len(resident)
-        for (img_a, mask_a), (img_b, mask_b) in pairs:
-            assert torch.equal(img_a, img_b) and torch.equal(mask_a, mask_b)
-    valid = ResidentBatches(arrays, torch.device("cpu"), 5)
-    assert sum(len(b[0]) for b in valid) == len(arrays)  # evaluation keeps the ragged tail
 
 
 def test_ema_weights_differ_and_are_what_best_pt_holds(tmp_path, synthetic_root):
@@ -183,7 +164,7 @@ def test_compile_on_the_cpu_is_ignored_with_a_message(tmp_path, synthetic_root, 
 
 
 def test_time_budget_shapes_the_schedule():
-    from brainseg_lib.modeling.trainer import Schedule
+    from brainseg_lib.training.trainer import Schedule
 
     sched = Schedule(Params(scheduler="cosine", epochs=100, train_minutes=1.0), 10)
     assert sched.factor() == pytest.approx(1.0)

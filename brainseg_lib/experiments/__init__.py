@@ -1,1 +1,5 @@
-"""Experiments built from many training runs: sweeps and cross-validation."""
+"""Experiments built from many training runs: parameter sweeps and grouped cross-validation
+(fold ensembles), each run an ordinary run directory trained by a subprocess.
+
+May import: everything below it; never ``reporting`` or ``cli``.
+"""

@@ -16,23 +16,18 @@ from typing import Any
 import numpy as np
 
 from brainseg_lib.config import Params, load_params
-from brainseg_lib.dataset import SplitArrays, load_dataset
-from brainseg_lib.evaluate import (
-    EvalSettings,
-    SplitPrediction,
-    _block,
-    clean_test_files,
-    describe,
-    evaluate_model,
-    predict_split,
-    score,
-)
+from brainseg_lib.data.arrays import SplitArrays, load_dataset
+from brainseg_lib.data.duplicates import near_duplicate_groups
+from brainseg_lib.data.locate import data_source
+from brainseg_lib.data.splits import dev_keys, fold_indices, make_folds, read_folds
+from brainseg_lib.evaluation.evaluate import EvalSettings, evaluate_on_split
+from brainseg_lib.evaluation.predictions import SplitPrediction, predict_split
+from brainseg_lib.evaluation.records import metric_block
+from brainseg_lib.evaluation.selection import describe, score
 from brainseg_lib.experiments.runner import Job, run_jobs
-from brainseg_lib.folds import dev_keys, fold_indices, make_folds, read_folds
+from brainseg_lib.inference.predictor import LoadedModel, load_model
 from brainseg_lib.io import atomic_write_json
-from brainseg_lib.locate import data_source
-from brainseg_lib.metrics import hd95, pooled_iou
-from brainseg_lib.modeling.predict import LoadedModel, load_model
+from brainseg_lib.metrics.functional import hd95, pooled_iou
 
 
 def cv_dir_for(params: Params, k: int) -> Path:
@@ -67,7 +62,7 @@ def run_cv(params_file: str | Path, k: int = 5, overrides: dict[str, Any] | None
     params = load_params(params_file, **overrides)
     source = data_source(params)
     data = load_dataset(source.path, params.image_size, params.cache_path())
-    groups = clean_test_files(source, params.duplicate_bits, params.cache_path())
+    groups = near_duplicate_groups(source, params.duplicate_bits, params.cache_path())
     cv_dir = cv_dir_for(params, k)
     folds_file = cv_dir / "folds.json"
     if not folds_file.exists():
@@ -103,13 +98,13 @@ def run_cv(params_file: str | Path, k: int = 5, overrides: dict[str, Any] | None
     counts = score(oof, st.threshold, False, "none", 0)
     dists = np.asarray([hd95(m, t) for m, t in zip(oof.probs >= st.threshold, dev.masks,
                                                    strict=True)])
-    result["cv"] = _block(counts, dists, params.batch_size, st.bootstrap, st.seed,
+    result["cv"] = metric_block(counts, dists, params.batch_size, st.bootstrap, st.seed,
                           "out-of-fold, " + describe(plain, f"{params.image_size}px"))
     result["cv"]["per_fold_pooled_iou"] = [pooled_iou(counts.take(idx)) for idx in indices]
     result["cv"]["loss"] = {"name": params.loss, "value": oof.loss, "bce": oof.bce}
     ensemble = LoadedModel([m.model for m in members], members[0].params, members[0].device,
                            0, f"{cv_dir.name}: ensemble of {len(members)} fold models")
-    test = evaluate_model(ensemble, source, "test", cv_dir / "eval-test", st, oof,
+    test = evaluate_on_split(ensemble, source, "test", cv_dir / "eval-test", st, oof,
                           "out-of-fold predictions", verbose)
     result["chosen_on_oof"] = test["chosen_on_valid"]
     result["ensemble_test"] = {key: test[key] for key in test

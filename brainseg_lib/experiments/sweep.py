@@ -101,7 +101,7 @@ def run_sweep(grid_file: str | Path, sweep_dir: str | Path, parallel: int = 0,
               evaluate: bool = True) -> pd.DataFrame:
     """Train every unfinished variant, write ``sweep.csv``/``sweep.json``; the selected
     variant is then (and only then) evaluated on test."""
-    from brainseg_lib.evaluate import evaluate_run
+    from brainseg_lib.evaluation.evaluate import evaluate_run
 
     grid = read_grid(Path(grid_file))
     sweep_dir = Path(sweep_dir)

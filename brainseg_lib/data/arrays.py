@@ -1,0 +1,170 @@
+"""Decoded, resized splits held in memory, cached on disk, and served as torch datasets.
+
+Decoding 640x640 JPEGs dominates data time, so each split is decoded and resized once per
+image size and stored as uint8 arrays (``.npy``) under the cache directory, keyed by a hash
+of the annotation file, the image files' sizes and mtimes, and the target size. A manifest
+holding CRC32 checksums is written last: a missing, stale or corrupt cache is detected,
+reported and rebuilt, never used.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import warnings
+import zlib
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+from brainseg_lib.data.coco import SPLITS, CocoSplit, load_split, raise_on_errors, read_image
+from brainseg_lib.io import atomic_write, atomic_write_json
+
+CACHE_VERSION = 1
+
+
+_MEMORY: dict[str, SplitArrays] = {}
+
+
+@dataclass
+class SplitArrays:
+    """One split at one size: images (N,3,S,S) and masks (N,S,S), both uint8 (masks 0/1)."""
+
+    name: str
+    files: list[str]
+    images: np.ndarray
+    masks: np.ndarray
+    source_sizes: list[tuple[int, int]]  # (height, width) of each original image
+
+    def __len__(self) -> int:
+        return len(self.files)
+
+    @classmethod
+    def concat(cls, name: str, parts: list[SplitArrays]) -> SplitArrays:
+        return cls(name, [f for p in parts for f in p.files],
+                   np.concatenate([p.images for p in parts]),
+                   np.concatenate([p.masks for p in parts]),
+                   [s for p in parts for s in p.source_sizes])
+
+    def subset(self, indices: np.ndarray) -> SplitArrays:
+        idx = np.sort(np.asarray(indices))
+        return SplitArrays(self.name, [self.files[i] for i in idx], self.images[idx],
+                           self.masks[idx], [self.source_sizes[i] for i in idx])
+
+
+def default_cache_dir() -> Path:
+    env = os.environ.get("BRAINSEG_CACHE")
+    if env:
+        return Path(env)
+    base = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache"))
+    return base / "brainseg"
+
+
+def resize_image(rgb: np.ndarray, size: int) -> np.ndarray:
+    """(H,W,3) uint8 to (3,size,size) uint8; PIL's bilinear filter antialiases when shrinking."""
+    pil = Image.fromarray(rgb).resize((size, size), Image.Resampling.BILINEAR)
+    return np.ascontiguousarray(np.asarray(pil).transpose(2, 0, 1))
+
+
+def resize_mask(mask: np.ndarray, size: int) -> np.ndarray:
+    """Binary mask to ``size``: bilinear (area-like) resampling then a 0.5 threshold."""
+    pil = Image.fromarray(mask * np.uint8(255)).resize((size, size), Image.Resampling.BILINEAR)
+    return (np.asarray(pil) >= 128).astype(np.uint8)
+
+
+def cache_key(split: CocoSplit, size: int) -> str:
+    digest = hashlib.sha256()
+    digest.update(f"v{CACHE_VERSION}|{size}|".encode())
+    digest.update(split.annotation_file.read_bytes())
+    for img in split.images:
+        stat = split.image_path(img).stat()
+        digest.update(f"{img['file_name']}|{stat.st_size}|{stat.st_mtime_ns}\n".encode())
+    return digest.hexdigest()[:20]
+
+
+def _crc(array: np.ndarray) -> int:
+    return zlib.crc32(memoryview(np.ascontiguousarray(array)).cast("B"))
+
+
+def _decode_split(split: CocoSplit, size: int) -> SplitArrays:
+    n = len(split.images)
+    images = np.empty((n, 3, size, size), np.uint8)
+    masks = np.empty((n, size, size), np.uint8)
+    sizes = []
+    for i, img in enumerate(split.images):
+        rgb, _ = read_image(split, img)
+        images[i] = resize_image(rgb, size)
+        masks[i] = resize_mask(split.mask(img), size)
+        sizes.append((int(img["height"]), int(img["width"])))
+    return SplitArrays(split.name, [img["file_name"] for img in split.images], images, masks,
+                       sizes)
+
+
+def _read_cache(stem: Path, key: str) -> tuple[SplitArrays | None, str]:
+    manifest_file = stem.with_suffix(".json")
+    if not manifest_file.exists():
+        return None, "miss"
+    try:
+        manifest = json.loads(manifest_file.read_text())
+        if manifest.get("key") != key:
+            return None, "stale (key differs)"
+        images = np.load(stem.with_name(stem.name + "-images.npy"), allow_pickle=False)
+        masks = np.load(stem.with_name(stem.name + "-masks.npy"), allow_pickle=False)
+    except (OSError, ValueError, json.JSONDecodeError) as err:
+        return None, f"corrupt ({err})"
+    if list(images.shape) != manifest["images_shape"] or list(masks.shape) != manifest[
+            "masks_shape"]:
+        return None, "corrupt (array shape differs from manifest)"
+    if _crc(images) != manifest["images_crc32"] or _crc(masks) != manifest["masks_crc32"]:
+        return None, "corrupt (checksum mismatch)"
+    sizes = [tuple(s) for s in manifest["source_sizes"]]
+    return SplitArrays(manifest["split"], manifest["files"], images, masks, sizes), "hit"
+
+
+def _write_cache(stem: Path, key: str, arrays: SplitArrays) -> None:
+    for part, array in (("images", arrays.images), ("masks", arrays.masks)):
+        atomic_write(stem.with_name(f"{stem.name}-{part}.npy"),
+                     lambda tmp, a=array: np.save(tmp.open("wb"), a))
+    atomic_write_json(stem.with_suffix(".json"), {
+        "key": key, "split": arrays.name, "files": arrays.files,
+        "source_sizes": arrays.source_sizes,
+        "images_shape": list(arrays.images.shape), "masks_shape": list(arrays.masks.shape),
+        "images_crc32": _crc(arrays.images), "masks_crc32": _crc(arrays.masks),
+    })
+
+
+def load_split_arrays(data_dir: str | Path, split: str, size: int,
+                      cache_dir: str | Path | None = None, use_memory: bool = True,
+                      verbose: bool = False) -> SplitArrays:
+    """A split decoded and resized to ``size``: from memory, else the disk cache, else JPEGs.
+
+    Raises DatasetError (naming split and file) when the split has errors.
+    """
+    coco = raise_on_errors(load_split(data_dir, split))
+    key = cache_key(coco, size)
+    if use_memory and key in _MEMORY:
+        return _MEMORY[key]
+    cache_dir = Path(cache_dir) if cache_dir else default_cache_dir()
+    stem = cache_dir / f"{split}-{size}-{key}"
+    arrays, status = _read_cache(stem, key)
+    if arrays is None:
+        if status != "miss":
+            warnings.warn(f"cache {stem}: {status}; rebuilding from the images", stacklevel=2)
+        arrays = _decode_split(coco, size)
+        try:
+            _write_cache(stem, key, arrays)
+        except OSError as err:
+            warnings.warn(f"could not write the cache under {cache_dir}: {err}", stacklevel=2)
+    if verbose:
+        print(f"{split}: {len(arrays)} images at {size}px (cache {status})")
+    if use_memory:
+        _MEMORY[key] = arrays
+    return arrays
+
+
+def load_dataset(data_dir: str | Path, size: int, cache_dir: str | Path | None = None,
+                 splits: tuple[str, ...] = SPLITS) -> dict[str, SplitArrays]:
+    return {s: load_split_arrays(data_dir, s, size, cache_dir) for s in splits}

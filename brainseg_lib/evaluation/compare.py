@@ -1,0 +1,160 @@
+"""Runs side by side on the same test images: is B really better than A?
+
+The comparison reads each run's test evaluation (``eval-test/``: metrics and the per-image
+table with confusion counts); a run evaluated before the table held counts is evaluated
+again first. Differences are paired: both runs are resampled on the same images, so the
+interval says whether B beats A on *these* images, not whether two unrelated intervals
+overlap. The first run is the baseline.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from brainseg_lib.config import project_root, read_params_file
+from brainseg_lib.metrics.functional import ConfusionCounts
+from brainseg_lib.metrics.intervals import paired_bootstrap
+
+
+@dataclass
+class RunResult:
+    """One run's record and test evaluation."""
+
+    name: str
+    run_dir: Path
+    record: dict[str, Any]  # train.json
+    metrics: dict[str, Any]  # eval-test/metrics.json
+    per_image: pd.DataFrame  # eval-test/per_image.csv, one row per test image
+    history: pd.DataFrame | None
+
+    def counts(self, files: list[str], key: str = "headline") -> ConfusionCounts:
+        rows = self.per_image.set_index("file").loc[files]
+        tn = np.zeros(len(rows), np.int64)  # not needed by the paired metrics
+        return ConfusionCounts(*(rows[f"{k}_{key}"].to_numpy(np.int64)
+                                 for k in ("tp", "fp", "fn")), tn)
+
+
+def _runs_in(folder: Path) -> list[Path]:
+    """A run directory, or every run inside a sweep or cross-validation folder."""
+    if (folder / "best.pt").exists():
+        return [folder]
+    return sorted(p.parent for p in folder.glob("*/best.pt"))
+
+
+def find_runs(names: list[str], runs_dir: Path, reports_dir: Path | None = None,
+              ) -> list[Path]:
+    """Run directories to compare, in the order given.
+
+    ``names``: run ids under ``runs_dir``, run directories, or sweep / CV folders (their
+    runs). Empty: the runs of the newest day under ``reports_dir`` that exist here; when
+    fewer than two do, the two newest runs under ``runs_dir`` with a test evaluation.
+    """
+    found: list[Path] = []
+    for name in names:
+        path = Path(name) if Path(name).exists() else runs_dir / name
+        runs = _runs_in(path) if path.is_dir() else []
+        if not runs:
+            raise FileNotFoundError(f"{name}: no run directory (with best.pt) there or under "
+                                    f"{runs_dir}")
+        found += runs
+    if names:
+        return found
+    reports_dir = reports_dir or project_root() / "reports"
+    days = sorted(p for p in reports_dir.glob("????-??-??") if p.is_dir())
+    if days:
+        for summary in sorted(days[-1].glob("*/summary.json")):
+            run_dir = runs_dir / json.loads(summary.read_text())["run_id"]
+            if (run_dir / "best.pt").exists():
+                found.append(run_dir)
+    if len(found) < 2:
+        evaluated = sorted(runs_dir.glob("*/eval-test/metrics.json"),
+                           key=lambda p: p.stat().st_mtime)
+        found = [p.parent.parent for p in evaluated[-2:]]
+    if not found:
+        raise FileNotFoundError(f"no evaluated run under {runs_dir}: run notebooks 02 and 03 "
+                                "(or brainseg run) first, or set compare")
+    return found
+
+
+def load_results(run_dirs: list[Path], settings: Any = None, device: str = "auto",
+                 ) -> list[RunResult]:
+    """Each run's results; runs without a per-image table of counts are evaluated on test
+    first (with ``settings``, the caller's evaluation settings)."""
+    from brainseg_lib.evaluation.evaluate import evaluate_run
+    from brainseg_lib.rundir import training_record
+
+    results = []
+    for run_dir in run_dirs:
+        table = run_dir / "eval-test" / "per_image.csv"
+        if not table.exists() or "tp_headline" not in pd.read_csv(table, nrows=1).columns:
+            print(f"{run_dir.name}: evaluating on test first (no per-image counts yet)")
+            evaluate_run(run_dir, "test", device, verbose=False, settings=settings)
+        history = run_dir / "history.csv"
+        results.append(RunResult(
+            run_dir.name, run_dir, training_record(run_dir) or {},
+            json.loads((run_dir / "eval-test" / "metrics.json").read_text()),
+            pd.read_csv(table), pd.read_csv(history) if history.exists() else None))
+    return results
+
+
+def summary_table(results: list[RunResult]) -> pd.DataFrame:
+    """One row per run: what it is, how it trained, its test figures (full and clean)."""
+    rows = []
+    for r in results:
+        params = read_params_file(r.run_dir / "params.yaml")
+        head, clean = r.metrics["headline"]["metrics"], r.metrics.get("headline_clean", {})
+        rows.append({
+            "run": r.name, "profile": params.get("profile"),
+            "model": f"{params.get('arch')}/{params.get('encoder')} {params.get('image_size')}px",
+            "epochs": r.record.get("epochs_run"), "device": r.record.get("device"),
+            "train min": round(r.record.get("train_seconds_total", np.nan) / 60, 1),
+            "best val": {k: round(v, 4) for k, v in r.record.items()
+                         if k.startswith("best_val")},
+            "test pooled IoU": head["pooled_iou"], "test image Dice": head["mean_image_dice"],
+            "test fg+bg mIoU": head["fg_bg_miou"],
+            "clean pooled IoU": clean.get("metrics", {}).get("pooled_iou"),
+            "clean image Dice": clean.get("metrics", {}).get("mean_image_dice"),
+        })
+    return pd.DataFrame(rows).set_index("run")
+
+
+def paired_differences(results: list[RunResult], n_resamples: int = 1000, seed: int = 0,
+                       ) -> pd.DataFrame:
+    """Each run minus the first (the baseline) on the test images both scored, full split
+    and clean subset, with paired bootstrap 95 % intervals and a plain verdict."""
+    base, rows = results[0], []
+    table = base.per_image
+    clean = set(table.file[table.clean.astype(bool)]) if "clean" in table else set()
+    for other in results[1:]:
+        files = sorted(set(table.file) & set(other.per_image.file))
+        if len(files) < len(table):
+            print(f"{other.name}: {len(files)} test images in common with {base.name}")
+        subsets = {"full": files, "clean": [f for f in files if f in clean]}
+        for subset, chosen in subsets.items():
+            if not chosen:
+                continue
+            diffs = paired_bootstrap(base.counts(chosen), other.counts(chosen), n_resamples,
+                                     seed)
+            for metric, (diff, low, high) in diffs.items():
+                verdict = (f"{other.name} better" if low > 0 else
+                           f"{base.name} better" if high < 0 else "no clear difference")
+                rows.append({"run": other.name, "minus": base.name, "subset": subset,
+                             "images": len(chosen), "metric": metric, "difference": diff,
+                             "ci95 low": low, "ci95 high": high, "verdict": verdict})
+    return pd.DataFrame(rows)
+
+
+def aligned_dice(a: RunResult, b: RunResult) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """Per-image Dice (and the clean flag) of two runs on the test images both scored."""
+    columns = ["file", "dice_headline"] + (["clean"] if "clean" in a.per_image else [])
+    left = a.per_image[columns].merge(b.per_image[["file", "dice_headline"]], on="file",
+                                      suffixes=("", "_b"))
+    clean = left["clean"].astype(bool) if "clean" in left else None
+    return (pd.DataFrame({"dice": left.dice_headline, "clean": clean}),
+            pd.DataFrame({"dice": left.dice_headline_b, "clean": clean}))

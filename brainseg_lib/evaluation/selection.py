@@ -1,0 +1,65 @@
+"""Evaluation of a trained run on a split, honest about what each number measures.
+
+The *headline* setting is the plain method: the model's resolution, threshold 0.5, no
+test-time augmentation (TTA), no post-processing. Threshold, TTA and post-processing are
+then chosen on the **validation** split only and the chosen setting is reported on test, so
+no test number is tuned on test. Everything is also scored at the images' source
+resolution (probabilities resized back bilinearly, ground truth rasterised from the COCO
+annotations at full size).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from brainseg_lib.evaluation.postprocess import POSTPROCESSING, binarise
+from brainseg_lib.evaluation.predictions import SplitPrediction
+from brainseg_lib.metrics.functional import (
+    ConfusionCounts,
+    summarise,
+)
+
+THRESHOLDS = np.round(np.arange(0.1, 0.91, 0.05), 2)
+
+
+def score(pred: SplitPrediction, threshold: float, tta: bool, method: str,
+          min_px: int) -> ConfusionCounts:
+    probs = pred.probs_tta if tta else pred.probs
+    return ConfusionCounts.from_masks(binarise(probs, threshold, method, min_px),
+                                      pred.arrays.masks)
+
+
+def threshold_table(pred: SplitPrediction, tta: bool = False) -> pd.DataFrame:
+    rows = []
+    for t in THRESHOLDS:
+        s = summarise(score(pred, float(t), tta, "none", 0))
+        rows.append({"threshold": float(t), "tta": tta, **s})
+    return pd.DataFrame(rows)
+
+
+def choose_setting(valid: SplitPrediction, min_px: int, tune_threshold: bool,
+                   tta: bool) -> tuple[dict[str, Any], pd.DataFrame]:
+    """Pick threshold, TTA and post-processing maximising pooled IoU on validation."""
+    rows = []
+    for use_tta in ([False, True] if tta else [False]):
+        curve = threshold_table(valid, use_tta) if tune_threshold else None
+        best_t = float(curve.loc[curve.pooled_iou.idxmax(), "threshold"]) if tune_threshold \
+            else 0.5
+        for method in POSTPROCESSING:
+            for t in sorted({0.5, best_t}):
+                s = summarise(score(valid, t, use_tta, method, min_px))
+                rows.append({"tta": use_tta, "postprocess": method, "threshold": t, **s})
+    table = pd.DataFrame(rows)
+    best = table.loc[table.pooled_iou.idxmax()]
+    setting = {"threshold": float(best.threshold), "tta": bool(best.tta),
+               "postprocess": str(best.postprocess)}
+    return setting, table
+
+
+def describe(setting: dict[str, Any], resolution: str) -> str:
+    return (f"{resolution}, threshold {setting['threshold']:.2f}, "
+            f"{'flip TTA' if setting['tta'] else 'no TTA'}, "
+            f"{POSTPROCESSING[setting['postprocess']]}")

@@ -1,0 +1,5 @@
+"""Metric formulas, each named for what it measures (``functional``), and their confidence
+intervals (``intervals``). Pure: counts in, numbers out.
+
+May import: nothing of brainseg_lib but the foundations.
+"""

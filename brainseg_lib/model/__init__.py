@@ -1,0 +1,5 @@
+"""The model: the smp network and its input normalisation, device and precision, checkpoints
+that load without running code, and exported model folders (smp's format + a model card).
+
+May import: the foundations and ``data``.
+"""

@@ -1,1 +1,0 @@
-"""Training and inference (nnU-Net style split: train.py fits, predict.py applies)."""

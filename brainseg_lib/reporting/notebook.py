@@ -1,0 +1,185 @@
+"""Notebook helpers: the header every report starts with, and finding the run to report.
+"""
+
+from __future__ import annotations
+
+import html
+import json
+import platform
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import torch
+from matplotlib.figure import Figure
+
+from brainseg_lib.config import Params
+from brainseg_lib.data.arrays import SplitArrays, load_split_arrays
+from brainseg_lib.data.locate import SYNTHETIC_BANNER, DataSource, data_source
+from brainseg_lib.evaluation.predictions import predict_split
+from brainseg_lib.evaluation.records import REFERENCE
+from brainseg_lib.inference.predictor import LoadedModel, load_model
+from brainseg_lib.metrics.functional import HEADLINE, ConfusionCounts, per_image_dice
+from brainseg_lib.reporting.figures import overlay_rows
+from brainseg_lib.rundir import git_commit
+
+_BANNER = ('<div style="background:#fff3cd;border:2px solid #d39e00;padding:10px;'
+           'margin:8px 0;font-weight:bold">&#9888; {}</div>')
+
+
+def _param_table(values: dict[str, Any]) -> str:
+    return "<table>" + "".join(
+        f"<tr><td style='text-align:left'>{k}</td>"
+        f"<td style='text-align:left'>{html.escape(json.dumps(v))}</td></tr>"
+        for k, v in values.items()) + "</table>"
+
+
+def header_html(title: str, params: Params, source: DataSource | None = None,
+                notebook: str | None = None, run_dir: Path | None = None) -> str:
+    """Title, synthetic-data banner, data source, environment and the parameters, each set
+    from where it came: this notebook's own (``notebook``'s parameters cell, as called) and,
+    with ``run_dir``, the training parameters saved with the run (they shaped the weights)."""
+    from brainseg_lib.reporting.notebook_params import DATA, NOTEBOOK_PARAMETERS, TRAINING
+
+    parts = [f"<h2>{html.escape(title)}</h2>"]
+    if source is not None and source.synthetic:
+        parts.append(_BANNER.format(html.escape(SYNTHETIC_BANNER)))
+    env = {"profile": params.profile, "run id": params.run_id or "(latest)",
+           "data": f"{source.kind}: {source.path} ({source.how})" if source else "-",
+           "python": platform.python_version(), "torch": torch.__version__,
+           "device": "cuda" if torch.cuda.is_available() else "cpu",
+           "git commit": git_commit()}
+    rows = "".join(f"<tr><th style='text-align:left'>{html.escape(k)}</th>"
+                   f"<td style='text-align:left'>{html.escape(str(v))}</td></tr>"
+                   for k, v in env.items())
+    parts.append(f"<table>{rows}</table>")
+    values = params.to_dict()
+    names = ("profile", *NOTEBOOK_PARAMETERS[notebook]) if notebook else tuple(values)
+    parts.append(f"<details><summary>{len(names)} parameters of this notebook (as called)"
+                 f"</summary>{_param_table({k: values[k] for k in names})}</details>")
+    if run_dir is not None and (run_dir / "params.yaml").exists():
+        from brainseg_lib.config import read_params_file
+
+        trained = read_params_file(run_dir / "params.yaml")
+        shown = {k: trained[k] for k in (*DATA, *TRAINING) if k in trained}
+        parts.append(f"<details><summary>{len(shown)} training parameters of the model "
+                     f"(from {html.escape(str(run_dir / 'params.yaml'))})</summary>"
+                     f"{_param_table(shown)}</details>")
+    return "\n".join(parts)
+
+
+def show_header(title: str, params: Params, source: DataSource | None = None,
+                notebook: str | None = None, run_dir: Path | None = None) -> None:
+    from IPython.display import HTML, display
+
+    display(HTML(header_html(title, params, source, notebook, run_dir)))
+
+
+def _fmt_ci(block: dict[str, Any], key: str) -> str:
+    value = block["metrics"].get(key)
+    if value is None:
+        return "-"
+    ci = block.get("ci95", {}).get(key)
+    return f"{value:.4f}" + (f" [{ci[0]:.3f}, {ci[1]:.3f}]" if ci else "")
+
+
+def metrics_table(metrics: dict[str, Any]) -> pd.DataFrame:
+    """Every metric of an evaluation: rows are metrics, columns the settings (with 95 % CIs)."""
+    order = ("headline", "headline_clean", "headline_original_resolution",
+             "headline_original_resolution_clean", "selected", "selected_clean",
+             "selected_original_resolution", "selected_original_resolution_clean")
+    blocks = [(k, metrics[k]) for k in order if k in metrics]
+    table = pd.DataFrame(
+        {block["setting"]: [_fmt_ci(block, k) for k in HEADLINE] for _, block in blocks},
+        index=pd.Index([f"{HEADLINE[k]} ({k})" for k in HEADLINE], name="metric"))
+    loss = metrics["loss"]
+    table.loc[f"test loss: {loss['name']}"] = [f"{loss['value']:.4f}"] + [""] * (len(blocks) - 1)
+    table.loc["test loss: BCE"] = [f"{loss['bce']:.4f}"] + [""] * (len(blocks) - 1)
+    return table
+
+
+def reference_table(metrics: dict[str, Any]) -> pd.DataFrame:
+    """The reference's two numbers beside ours, each labelled with what it measures."""
+    m = metrics["headline"]["metrics"]
+    rows = [
+        ("Test loss (BCE, mean over test images)", REFERENCE["test_loss"], metrics["loss"]["bce"]),
+        ("Reference 'Test IoU' vs our mean of foreground and background IoU",
+         REFERENCE["test_iou"], m["fg_bg_miou"]),
+        ("Reference 'Test IoU' vs our foreground IoU pooled per batch, averaged",
+         REFERENCE["test_iou"], m["batch_pooled_iou"]),
+        ("Reference 'Test IoU' vs our foreground IoU pooled over the split",
+         REFERENCE["test_iou"], m["pooled_iou"]),
+    ]
+    return pd.DataFrame(rows, columns=["what is compared", "reference", "ours (plain setting)"]
+                        ).set_index("what is compared").round(5)
+
+
+@dataclass
+class TestPredictions:
+    """Test images with truth and plain-setting predictions, for galleries and a browser."""
+
+    loaded: LoadedModel
+    arrays: SplitArrays
+    preds: np.ndarray
+    dice: np.ndarray
+
+    @classmethod
+    def load(cls, run_dir: Path, split: str = "test") -> TestPredictions:
+        loaded = load_model(run_dir)
+        p = loaded.params
+        source = data_source(p)
+        arrays = load_split_arrays(source.path, split, p.image_size, p.cache_path())
+        pred = predict_split(loaded, arrays, tta=False)
+        masks = pred.probs >= p.threshold
+        dice = per_image_dice(ConfusionCounts.from_masks(masks, arrays.masks))
+        return cls(loaded, arrays, masks, dice)
+
+    def __len__(self) -> int:
+        return len(self.arrays)
+
+    def random(self, n: int, seed: int = 0) -> list[int]:
+        rng = np.random.default_rng(seed)
+        return sorted(rng.choice(len(self), min(n, len(self)), replace=False).tolist())
+
+    def best(self, n: int) -> list[int]:
+        return np.argsort(-self.dice, kind="stable")[:n].tolist()
+
+    def worst(self, n: int) -> list[int]:
+        return np.argsort(self.dice, kind="stable")[:n].tolist()
+
+    def figure(self, indices: list[int], title: str) -> Figure:
+        a = self.arrays
+        titles = [f"{a.files[i][:30]}  Dice {self.dice[i]:.3f}" for i in indices]
+        return overlay_rows(a.images[indices], a.masks[indices], self.preds[indices], titles,
+                            title)
+
+    def browser(self) -> Any:
+        """A slider and a file dropdown over every image (ipywidgets).
+
+        The figure is shown as an Image widget updated from a PNG, not through an Output
+        widget: papermill/nbclient can stall on Output-widget capture in long sessions.
+        """
+        import io
+
+        import ipywidgets as widgets
+        import matplotlib.pyplot as plt
+
+        slider = widgets.IntSlider(0, 0, len(self) - 1, description="image")
+        files = widgets.Dropdown(options=[(f, i) for i, f in enumerate(self.arrays.files)],
+                                 description="file")
+        widgets.link((slider, "value"), (files, "value"))
+        picture = widgets.Image(format="png")
+
+        def render(index: int) -> bytes:
+            fig = self.figure([index], f"test image {index + 1} of {len(self)}")
+            buffer = io.BytesIO()
+            fig.savefig(buffer, format="png", dpi=80)
+            plt.close(fig)
+            return buffer.getvalue()
+
+        picture.value = render(0)
+        slider.observe(lambda change: setattr(picture, "value", render(change["new"])),
+                       names="value")
+        return widgets.VBox([widgets.HBox([slider, files]), picture])

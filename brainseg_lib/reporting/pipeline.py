@@ -1,0 +1,225 @@
+"""``brainseg run``: the four notebooks executed with papermill into a dated report.
+
+Layout: ``reports/<YYYY-MM-DD>/<run-id>/NN_name.ipynb`` and ``.html``, ``summary.json``,
+and ``reports/index.html`` listing every run. Parameters are validated before anything
+runs; a failing notebook keeps its partial executed copy and marks the run failed.
+"""
+
+from __future__ import annotations
+
+import html
+import json
+import sys
+import time
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+from brainseg_lib.config import Params, load_params, project_root
+from brainseg_lib.io import atomic_write_json, atomic_write_text
+from brainseg_lib.reporting.notebook_params import NOTEBOOK_PARAMETERS
+from brainseg_lib.rundir import new_run_id, target_run_dir, training_record
+
+NOTEBOOKS = ("01_data_exploration", "02_train", "03_evaluate", "04_visualise")
+
+
+COMPARE = "05_compare"  # runs after the four when ``compare`` names runs to set this one beside
+
+
+KERNEL = "python3"
+
+
+HEADLINE_KEYS = ("pooled_iou", "mean_image_dice", "fg_bg_miou")
+
+
+def notebooks_dir() -> Path:
+    return project_root() / "notebooks"
+
+
+def default_reports_dir() -> Path:
+    return project_root() / "reports"
+
+
+def render_html(notebook: Path) -> Path:
+    """nbconvert's HTML (lab template) beside the notebook, written atomically."""
+    import nbformat
+    from nbconvert import HTMLExporter
+    from nbconvert.preprocessors import TagRemovePreprocessor
+
+    exporter = HTMLExporter(template_name="lab")
+    # the header lists every parameter already; papermill's injected cell is noise there
+    exporter.register_preprocessor(TagRemovePreprocessor(
+        remove_cell_tags={"injected-parameters"}, enabled=True), enabled=True)
+    body, _ = exporter.from_notebook_node(nbformat.read(notebook, as_version=4))
+    return atomic_write_text(notebook.with_suffix(".html"), body)
+
+
+def _unique_report_dir(reports_dir: Path, run_id: str) -> Path:
+    day = reports_dir / f"{datetime.now():%Y-%m-%d}"
+    out, n = day / run_id, 2
+    while out.exists():
+        out, n = day / f"{run_id}-{n}", n + 1
+    out.mkdir(parents=True)
+    return out
+
+
+def _headline(params: Params, since: float) -> dict[str, Any]:
+    """Test metrics written by this report's 03 notebook; nothing older (a failed 03 must
+    not show the numbers of an earlier evaluation)."""
+    metrics_file = target_run_dir(params) / "eval-test" / "metrics.json"
+    if not metrics_file.exists() or metrics_file.stat().st_mtime < since:
+        return {}
+    m = json.loads(metrics_file.read_text())
+    head = {k: m["headline"]["metrics"][k] for k in HEADLINE_KEYS}
+    if "headline_clean" in m:
+        head["clean"] = {k: m["headline_clean"]["metrics"][k] for k in HEADLINE_KEYS}
+        head["clean_images"] = m["clean_test"]["images"]
+    head["test_bce"] = m["loss"]["bce"]
+    head["selected"] = {k: m["selected"]["metrics"][k] for k in HEADLINE_KEYS}
+    head["selected_setting"] = m["selected"]["setting"]
+    return head
+
+
+def _training(params: Params) -> dict[str, Any]:
+    """Where and how long the run's model trained (it may predate this report)."""
+    record = training_record(target_run_dir(params))
+    if record is None:
+        return {}
+    return {"epochs": record["epochs_run"], "stop_reason": record["stop_reason"],
+            "minutes": round(record["train_seconds_this_session"] / 60, 1),
+            "device": record["device"]}
+
+
+def _dataset(params: Params) -> dict[str, Any]:
+    env = target_run_dir(params) / "env.json"
+    if env.exists():
+        return json.loads(env.read_text()).get("dataset", {})
+    return {"kind": "synthetic" if params.synthetic else "unknown"}
+
+
+def run_pipeline(params_file: str | Path, name: str | None = None,
+                 reports_dir: str | Path | None = None,
+                 overrides: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Execute the notebooks in order; returns (and writes) the run's summary."""
+    import papermill
+
+    params = load_params(params_file, **(overrides or {}))  # errors before anything runs
+    run_id = params.run_id or new_run_id(name or params.profile)
+    params = load_params(params_file, **((overrides or {}) | {"run_id": run_id,
+                                                              "progress_bar": False}))
+    reports_dir = Path(reports_dir) if reports_dir else default_reports_dir()
+    out_dir = _unique_report_dir(reports_dir, run_id)
+    injected = params.to_dict()
+    if params.compare:
+        injected["compare"] = [*params.compare, run_id]
+    summary: dict[str, Any] = {
+        "run_id": run_id, "name": name or params.profile, "profile": params.profile,
+        "params_file": str(params_file), "started": datetime.now().isoformat(timespec="seconds"),
+        "status": "running", "notebooks": [], "params": injected,
+    }
+    print(f"brainseg run {run_id}: reports in {out_dir}")
+    started, started_wall = time.perf_counter(), time.time()
+    for nb in NOTEBOOKS + ((COMPARE,) if params.compare else ()):
+        out = out_dir / f"{nb}.ipynb"
+        t0 = time.perf_counter()
+        entry: dict[str, Any] = {"name": nb, "notebook": out.name, "status": "succeeded"}
+        print(f"  {nb} ...", end=" ", flush=True)
+        try:
+            papermill.execute_notebook(
+                notebooks_dir() / f"{nb}.ipynb", out, kernel_name=KERNEL,
+                # each notebook gets the parameters its parameters cell declares
+                parameters={k: injected[k] for k in ("profile", *NOTEBOOK_PARAMETERS[nb])},
+                cwd=str(notebooks_dir()), progress_bar=False, log_output=False,
+                # the kernel's own start-up warnings (e.g. "running over TCP") are noise here
+                extra_arguments=["--IPKernelApp.log_level=ERROR"])
+        except Exception as err:  # papermill raises PapermillExecutionError, kernels others
+            entry["status"] = "failed"
+            entry["error"] = f"{type(err).__name__}: {str(err).strip().splitlines()[-1][:500]}"
+        entry["seconds"] = round(time.perf_counter() - t0, 1)
+        if out.exists():
+            entry["html"] = render_html(out).name
+        summary["notebooks"].append(entry)
+        print(f"{entry['status']} ({entry['seconds']} s)", flush=True)
+        if entry["status"] == "failed":
+            print(f"  failed: {entry['error']}\n  partial notebook: {out}", file=sys.stderr)
+            break
+    failed = any(e["status"] == "failed" for e in summary["notebooks"])
+    summary.update({
+        "status": "failed" if failed else "succeeded",
+        "seconds": round(time.perf_counter() - started, 1),
+        "finished": datetime.now().isoformat(timespec="seconds"),
+        "dataset": _dataset(params),
+        "headline": {} if failed else _headline(params, started_wall),
+        "training": _training(params),
+    })
+    atomic_write_json(out_dir / "summary.json", summary)
+    write_index(reports_dir)
+    print(f"{summary['status']} in {summary['seconds']} s; index: {reports_dir / 'index.html'}")
+    return summary
+
+
+def _fmt(value: Any) -> str:
+    return f"{value:.3f}" if isinstance(value, float) else "-"
+
+
+def write_index(reports_dir: str | Path) -> Path:
+    """``index.html``: one row per run found under ``reports_dir``, newest first."""
+    reports_dir = Path(reports_dir)
+    rows = []
+    summaries = sorted(reports_dir.glob("*/*/summary.json"),
+                       key=lambda p: json.loads(p.read_text()).get("started", ""), reverse=True)
+    for path in summaries:
+        s = json.loads(path.read_text())
+        rel = path.parent.relative_to(reports_dir).as_posix()
+        head = s.get("headline", {})
+        kind = s.get("dataset", {}).get("kind", "unknown")
+        links = " ".join(
+            f'<a href="{html.escape(rel)}/{html.escape(nb["html"])}">{nb["name"][:2]}</a>'
+            for nb in s.get("notebooks", []) if nb.get("html"))
+        status = s.get("status", "?")
+        trained = s.get("training", {})
+        training = (f'{trained["epochs"]} ep, {trained["minutes"]} min on '
+                    f'{html.escape(str(trained["device"]))}') if trained else "-"
+        rows.append(
+            f'<tr class="{status}"><td>{html.escape(s.get("started", "")[:16].replace("T", " "))}'
+            f'</td><td>{html.escape(s.get("name", ""))}</td>'
+            f'<td>{html.escape(s.get("profile", ""))}</td>'
+            f'<td class="{kind}">{html.escape(kind)}</td>'
+            f'<td>{_fmt(head.get("pooled_iou"))}</td><td>{_fmt(head.get("mean_image_dice"))}</td>'
+            f'<td>{_fmt(head.get("clean", {}).get("pooled_iou"))}</td>'
+            f'<td>{_fmt(head.get("clean", {}).get("mean_image_dice"))}</td>'
+            f'<td>{_fmt(head.get("fg_bg_miou"))}</td><td>{_fmt(head.get("test_bce"))}</td>'
+            f'<td>{_fmt(head.get("selected", {}).get("pooled_iou"))}</td>'
+            f'<td>{training}</td><td>{s.get("seconds", 0) / 60:.1f} min</td>'
+            f'<td>{html.escape(status)}</td>'
+            f"<td>{links}</td></tr>")
+    page = f"""<!DOCTYPE html>
+<html lang="en"><head><meta charset="utf-8"><title>brainseg reports</title>
+<style>
+body{{font-family:system-ui,sans-serif;margin:2em;color:#222}}
+table{{border-collapse:collapse}} th,td{{padding:6px 10px;border-bottom:1px solid #ddd}}
+th{{background:#f3f3f3;text-align:left}} tr.failed{{background:#fde2e2}}
+td.synthetic{{color:#a15c00;font-weight:bold}} a{{margin-right:6px}}
+</style></head><body>
+<h1>brainseg reports</h1>
+<p>One row per <code>brainseg run</code>. Test-split metrics of the plain setting (model
+resolution, threshold 0.5, no TTA, no post-processing): foreground IoU pooled over the split,
+mean per-image Dice (full test split, comparable with the published reference; then the same
+two on the <em>clean</em> test subset: test images with no near-duplicate in train or valid),
+mean of foreground and background IoU, and BCE. "Selected IoU" uses the
+threshold / TTA / post-processing chosen on the validation split. "Training" says where and how
+long the model trained (a report can be made later, elsewhere); "report time" is the notebooks'
+execution. The published reference
+(Test Loss 0.07201, Test IoU 0.80568) is comparable to the BCE and fg+bg mIoU columns.</p>
+<table id="runs"><thead><tr><th>date</th><th>name</th><th>profile</th><th>dataset</th>
+<th>fg IoU</th><th>image Dice</th><th>clean fg IoU</th><th>clean image Dice</th>
+<th>fg+bg mIoU</th><th>test BCE</th><th>selected IoU</th>
+<th>training</th><th>report time</th><th>status</th><th>notebooks</th></tr></thead>
+<tbody>
+{chr(10).join(rows)}
+</tbody></table>
+<p><small>Regenerated {datetime.now():%Y-%m-%d %H:%M}. Data: Brain Tumor Image DataSet: Semantic
+Segmentation (Kaggle pkdarabi, Roboflow export), CC BY 4.0.</small></p>
+</body></html>
+"""
+    return atomic_write_text(reports_dir / "index.html", page)

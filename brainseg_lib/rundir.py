@@ -1,0 +1,103 @@
+"""Run directories and what they record about how a result was produced.
+"""
+
+from __future__ import annotations
+
+import json
+import platform
+import subprocess
+from datetime import datetime
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from brainseg_lib.config import Params, project_root
+
+PACKAGES = ("torch", "torchvision", "segmentation-models-pytorch", "numpy", "pycocotools",
+            "scipy", "pandas", "papermill")
+
+
+def new_run_id(profile: str) -> str:
+    return f"{datetime.now():%Y%m%d-%H%M%S}-{profile}"
+
+
+def target_run_dir(params: Params) -> Path:
+    """``runs_dir/run_id``, choosing a fresh id when none is set."""
+    return params.resolve_path(params.runs_dir) / (params.run_id or new_run_id(params.profile))
+
+
+def training_record(run_dir: Path) -> dict[str, Any] | None:
+    """train.json of a finished run plus where it trained (from env.json), else None."""
+    if not (run_dir / "train.json").exists():
+        return None
+    record = json.loads((run_dir / "train.json").read_text())
+    env_file = run_dir / "env.json"
+    env = json.loads(env_file.read_text()) if env_file.exists() else {}
+    record["device"] = env.get("gpu") or env.get("device", "an unrecorded device")
+    record["trained_on"] = env.get("trained_on", "")
+    return record
+
+
+def latest_run(runs_dir: Path, profile: str | None = None) -> Path | None:
+    """The newest run directory holding a best checkpoint (optionally of one profile)."""
+    runs = [p.parent for p in runs_dir.glob("*/best.pt")]
+    if profile:
+        runs = [r for r in runs if r.name.endswith(f"-{profile}")] or runs
+    return max(runs, key=lambda r: (r / "best.pt").stat().st_mtime, default=None)
+
+
+def git_commit() -> str:
+    try:
+        root = project_root()
+        sha = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=root,
+                             capture_output=True, text=True, timeout=5).stdout.strip()
+        # reports/ holds outputs (a report being written must not mark its own run dirty)
+        dirty = subprocess.run(["git", "status", "--porcelain", "--", ".", ":!reports"],
+                               cwd=root, capture_output=True, text=True, timeout=5).stdout
+        return (sha + ("-dirty" if dirty.strip() else "")) if sha else "unknown"
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+
+
+def environment_info(device: torch.device) -> dict[str, Any]:
+    versions = {}
+    for name in PACKAGES:
+        try:
+            versions[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            versions[name] = "not installed"
+    info: dict[str, Any] = {
+        "python": platform.python_version(), "platform": platform.platform(),
+        "packages": versions, "device": str(device), "torch_threads": torch.get_num_threads(),
+        "git_commit": git_commit(), "created": datetime.now().isoformat(timespec="seconds"),
+    }
+    if torch.cuda.is_available():
+        info["cuda"] = {"runtime": torch.version.cuda, "cudnn": torch.backends.cudnn.version(),
+                        "driver": _nvidia_driver()}
+    if device.type == "cuda":
+        info["gpu"] = torch.cuda.get_device_name(device)
+    return info
+
+
+def _nvidia_driver() -> str:
+    try:
+        return subprocess.run(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
+                              capture_output=True, text=True, timeout=10).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+
+
+def find_trained_run(params: Params) -> Path:
+    """``runs_dir/run_id`` when set, else the newest run of this profile with a checkpoint."""
+    if params.run_id:
+        run_dir = target_run_dir(params)
+        if not (run_dir / "best.pt").exists():
+            raise FileNotFoundError(f"{run_dir} has no best.pt: run notebooks/02_train first")
+        return run_dir
+    runs_dir = params.resolve_path(params.runs_dir)
+    found = latest_run(runs_dir, params.profile)
+    if found is None:
+        raise FileNotFoundError(f"no trained run under {runs_dir}: run notebooks/02_train first")
+    return found

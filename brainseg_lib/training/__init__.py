@@ -1,0 +1,5 @@
+"""Training: augmentation, losses, device-resident batches, the step (``trainer``), the run
+(``loop``: resume, budget, records) and data parallelism (``distributed``).
+
+May import: the foundations, ``data`` and ``model``.
+"""
