@@ -12,6 +12,7 @@ import yaml
 
 from brainseg_lib.config import ParamsError, load_params, profile_path
 from brainseg_lib.data.coco import DatasetError
+from brainseg_lib.rundir import eval_dir
 
 _FLOAT = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+")
 
@@ -75,14 +76,11 @@ def _data_resize(args: argparse.Namespace) -> int:
 def _train(args: argparse.Namespace) -> int:
     from brainseg_lib.training.loop import train
 
-    overrides = parse_overrides(args.set)
-    if args.resume:
-        overrides["resume"] = args.resume
-    if args.run_id:
-        overrides["run_id"] = args.run_id
-    params = load_params(args.params, **overrides)
-    result = train(params, progress=not args.no_progress,
-                   resume_overrides=parse_overrides(args.set))
+    changes = parse_overrides(args.set)  # a resumed run may take these, not the options
+    options = {key: value for key, value in (("resume", args.resume), ("run_id", args.run_id))
+               if value}
+    params = load_params(args.params, **(changes | options))
+    result = train(params, progress=not args.no_progress, resume_overrides=changes)
     print(f"run directory: {result.run_dir}")
     return 0
 
@@ -102,7 +100,7 @@ def _evaluate(args: argparse.Namespace) -> int:
     if model_dir:  # a shipped model: laid out as a run under runs/
         target = materialise(target, Path("runs") / f"model-{target.resolve().name}")
     metrics = evaluate_run(target, args.split, args.device, settings=settings)
-    print(f"wrote {target / f'eval-{args.split}'}")
+    print(f"wrote {eval_dir(target, args.split)}")
     if args.record:
         if not model_dir or args.split != "test":
             raise ParamsError("--record needs --model DIR and the test split")
@@ -192,10 +190,12 @@ def _run(args: argparse.Namespace) -> int:
     return 0 if summary["status"] == "succeeded" else 1
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="brainseg", description=__doc__)
-    sub = parser.add_subparsers(dest="command", required=True)
+def _add_set_option(parser: argparse.ArgumentParser, help_text: str | None) -> None:
+    """``--set KEY=YAML``, repeatable; read by :func:`parse_overrides`."""
+    parser.add_argument("--set", action="append", metavar="KEY=YAML", help=help_text)
 
+
+def _add_data_parsers(sub: argparse._SubParsersAction) -> None:
     data = sub.add_parser("data", help="dataset tools").add_subparsers(dest="data_command",
                                                                         required=True)
     check = data.add_parser("check", help="report on a COCO dataset; exit 1 on errors")
@@ -217,60 +217,77 @@ def build_parser() -> argparse.ArgumentParser:
     resize.add_argument("--grey", action="store_true", help="store single-channel JPEGs")
     resize.set_defaults(func=_data_resize)
 
-    tr = sub.add_parser("train", help="train a model from a parameter file")
-    tr.add_argument("--params", required=True)
-    tr.add_argument("--resume", help="run directory to continue from its last.pt")
-    tr.add_argument("--run-id", help="name of the run directory under runs_dir")
-    tr.add_argument("--no-progress", action="store_true", help="epoch lines only")
-    tr.add_argument("--set", action="append", metavar="KEY=YAML",
-                    help="override one parameter, e.g. --set epochs=2")
-    tr.set_defaults(func=_train)
 
-    ev = sub.add_parser("evaluate", help="evaluate a run's best checkpoint or a model folder")
-    ev.add_argument("run_dir", nargs="?", help="run directory (or a model folder)")
-    ev.add_argument("--model", help="an exported model folder, e.g. models/reference")
-    ev.add_argument("--split", default="test", choices=["train", "valid", "test"])
-    ev.add_argument("--device", default="auto")
-    ev.add_argument("--params", help="evaluation settings from this file (default: the run's, "
-                    "changed by --set)")
-    ev.add_argument("--set", action="append", metavar="KEY=YAML",
-                    help="an evaluation setting, e.g. --set threshold=0.4 --set tta=false")
-    ev.add_argument("--record", action="store_true",
-                    help="write the test metrics into the model folder's card")
-    ev.set_defaults(func=_evaluate)
+def _add_train_parser(sub: argparse._SubParsersAction) -> None:
+    train = sub.add_parser("train", help="train a model from a parameter file")
+    train.add_argument("--params", required=True)
+    train.add_argument("--resume", help="run directory to continue from its last.pt")
+    train.add_argument("--run-id", help="name of the run directory under runs_dir")
+    train.add_argument("--no-progress", action="store_true", help="epoch lines only")
+    _add_set_option(train, "override one parameter, e.g. --set epochs=2")
+    train.set_defaults(func=_train)
 
-    pr = sub.add_parser("predict", help="write mask and overlay PNGs for images")
-    pr.add_argument("inputs", nargs="+", help="image files or folders")
-    pr.add_argument("--model", help="model folder (brainseg export) or run directory")
-    pr.add_argument("--checkpoint", help="a checkpoint file (best.pt)")
-    pr.add_argument("--out", required=True)
-    pr.add_argument("--threshold", type=float)
-    pr.add_argument("--tta", action="store_true")
-    pr.add_argument("--device", default="auto")
-    pr.set_defaults(func=_predict)
 
-    ex = sub.add_parser("export", help="write a run (or fold runs) as an smp model folder")
-    ex.add_argument("run_dirs", nargs="+", help="run directory; several = a fold ensemble")
-    ex.add_argument("--out", required=True, help="model folder, e.g. models/reference")
-    ex.add_argument("--fp32", action="store_true", help="keep float32 weights (default fp16)")
-    ex.set_defaults(func=_export)
+def _add_evaluate_parser(sub: argparse._SubParsersAction) -> None:
+    evaluate = sub.add_parser("evaluate",
+                              help="evaluate a run's best checkpoint or a model folder")
+    evaluate.add_argument("run_dir", nargs="?", help="run directory (or a model folder)")
+    evaluate.add_argument("--model", help="an exported model folder, e.g. models/reference")
+    evaluate.add_argument("--split", default="test", choices=["train", "valid", "test"])
+    evaluate.add_argument("--device", default="auto")
+    evaluate.add_argument("--params", help="evaluation settings from this file (default: the "
+                          "run's, changed by --set)")
+    _add_set_option(evaluate, "an evaluation setting, e.g. --set threshold=0.4 --set tta=false")
+    evaluate.add_argument("--record", action="store_true",
+                          help="write the test metrics into the model folder's card")
+    evaluate.set_defaults(func=_evaluate)
 
-    sw = sub.add_parser("sweep", help="train parameter variants, select one on validation")
-    sw.add_argument("--grid", required=True, help="grid file (see brainseg_lib/experiments)")
-    sw.add_argument("--out", help="sweep folder (default runs/sweep-<grid name>)")
-    sw.add_argument("--parallel", type=int, default=0, help="runs at once (default: per GPU)")
-    sw.add_argument("--no-test", action="store_true", help="skip the selected run's test")
-    sw.set_defaults(func=_sweep)
 
+def _add_predict_parser(sub: argparse._SubParsersAction) -> None:
+    predict = sub.add_parser("predict", help="write mask and overlay PNGs for images")
+    predict.add_argument("inputs", nargs="+", help="image files or folders")
+    predict.add_argument("--model", help="model folder (brainseg export) or run directory")
+    predict.add_argument("--checkpoint", help="a checkpoint file (best.pt)")
+    predict.add_argument("--out", required=True)
+    predict.add_argument("--threshold", type=float)
+    predict.add_argument("--tta", action="store_true")
+    predict.add_argument("--device", default="auto")
+    predict.set_defaults(func=_predict)
+
+
+def _add_export_parser(sub: argparse._SubParsersAction) -> None:
+    export = sub.add_parser("export", help="write a run (or fold runs) as an smp model folder")
+    export.add_argument("run_dirs", nargs="+",
+                        help="run directory; several = a fold ensemble")
+    export.add_argument("--out", required=True, help="model folder, e.g. models/reference")
+    export.add_argument("--fp32", action="store_true",
+                        help="keep float32 weights (default fp16)")
+    export.set_defaults(func=_export)
+
+
+def _add_sweep_parser(sub: argparse._SubParsersAction) -> None:
+    sweep = sub.add_parser("sweep", help="train parameter variants, select one on validation")
+    sweep.add_argument("--grid", required=True,
+                       help="grid file (see brainseg_lib/experiments)")
+    sweep.add_argument("--out", help="sweep folder (default runs/sweep-<grid name>)")
+    sweep.add_argument("--parallel", type=int, default=0,
+                       help="runs at once (default: per GPU)")
+    sweep.add_argument("--no-test", action="store_true", help="skip the selected run's test")
+    sweep.set_defaults(func=_sweep)
+
+
+def _add_cv_parser(sub: argparse._SubParsersAction) -> None:
     cv = sub.add_parser("cv", help="grouped k-fold cross-validation and fold ensemble")
     cv.add_argument("--params", required=True)
     cv.add_argument("--folds", type=int, default=5)
     cv.add_argument("--run-id", help="cv folder name under runs_dir (to resume one)")
     cv.add_argument("--parallel", type=int, default=0, help="folds at once (default: per GPU)")
     cv.add_argument("--no-evaluate", action="store_true", help="train the folds only")
-    cv.add_argument("--set", action="append", metavar="KEY=YAML")
+    _add_set_option(cv, None)
     cv.set_defaults(func=_cv)
 
+
+def _add_run_parser(sub: argparse._SubParsersAction) -> None:
     run = sub.add_parser("run", help="execute the four notebooks into a dated report")
     run.add_argument("--params", required=True,
                      help="parameter file, or 'auto': reference on CUDA, quick on CPU")
@@ -278,9 +295,18 @@ def build_parser() -> argparse.ArgumentParser:
                      help="without a dataset, go straight to the synthetic demo")
     run.add_argument("--name", help="label for the run (default: the profile)")
     run.add_argument("--reports-dir", default=None)
-    run.add_argument("--set", action="append", metavar="KEY=YAML",
-                     help="override one parameter, e.g. --set epochs=2")
+    _add_set_option(run, "override one parameter, e.g. --set epochs=2")
     run.set_defaults(func=_run)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The ``brainseg`` parser: one sub-command per step, each calling its ``_<command>``."""
+    parser = argparse.ArgumentParser(prog="brainseg", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+    for add in (_add_data_parsers, _add_train_parser, _add_evaluate_parser,
+                _add_predict_parser, _add_export_parser, _add_sweep_parser, _add_cv_parser,
+                _add_run_parser):
+        add(sub)
     return parser
 
 

@@ -27,87 +27,162 @@ def project_root() -> Path:
     return here if (here / "pyproject.toml").exists() else Path.cwd()
 
 
+ROLES = {
+    "label": "names the run; shapes nothing",
+    "data": "where the data is and how it is read (its identity is checked by hash)",
+    "weights": "shapes the weights: fixed once a run starts, part of a model's identity",
+    "budget": "how long training may go: part of a model's identity, may grow on resume",
+    "execution": "how and where it runs; the weights are the same recipe either way",
+    "run": "where the run is written and which run it is",
+    "measurement": "shapes a measurement or a report, never the weights",
+}
+GROUPS = ("data", "training", "validation", "evaluation", "figures", "comparison", "run")
+
+
+def _param(default: Any, groups: str | tuple[str, ...], role: str, help: str,
+           range: tuple[float, float] | None = None) -> Any:
+    """A ``Params`` field with its groups (the notebooks that take it), its role (what it
+    shapes: :data:`ROLES`), its help text and its allowed range."""
+    groups = (groups,) if isinstance(groups, str) else groups
+    assert role in ROLES and set(groups) <= set(GROUPS), (role, groups)
+    meta = {"groups": groups, "role": role, "help": help, "range": range}
+    if isinstance(default, list):
+        return field(default_factory=lambda d=default: list(d), metadata=meta)
+    return field(default=default, metadata=meta)
+
+
 @dataclass
 class Params:
-    """Everything a run depends on. Defaults are the reference method at 256 px on the real data."""
+    """Everything a run depends on. Defaults are the reference method at 256 px on the real data.
+
+    Each field's metadata is the one source of what it is: its notebook groups, its role
+    (what it shapes), its help and its range. Resume-safe keys, a model's identity keys,
+    the evaluation settings, the notebooks' parameters cells and
+    ``docs/reference/parameters.md`` are all derived from it.
+    """
 
     # --- identity and data
-    profile: str = "custom"  # name shown in reports (smoke, quick, seed, reference)
-    data_dir: str = ""  # "": $BRAINSEG_DATA, then data/brain-tumor-coco, else synthetic demo
-    synthetic: bool = False  # force the built-in synthetic demo dataset
-    synthetic_counts: list[int] = field(default_factory=lambda: [96, 24, 24])  # train/valid/test
-    synthetic_size: int = 128  # side of the synthetic images
-    image_size: int = 256  # model resolution (square); masks resized by area + 0.5 threshold
-    limit_train_images: int = 0  # 0 = all; otherwise a seeded subset of the train split
-    cache_dir: str = ""  # "" = $BRAINSEG_CACHE or ~/.cache/brainseg
-    normalize_mean: list[float] = field(default_factory=lambda: [0.485, 0.456, 0.406])
-    normalize_std: list[float] = field(default_factory=lambda: [0.229, 0.224, 0.225])
-    folds_file: str = ""  # cross-validation: folds.json over train+valid (brainseg cv)
-    fold: int = -1  # -1 = the dataset's own train/valid split; k = hold out fold k of folds_file
-    duplicate_bits: int = 4  # pHash distance at or under which two images are near-duplicates
+    profile: str = _param("custom", (), "label", "name shown in reports (smoke, quick, seed, "
+                          "reference)")
+    data_dir: str = _param("", "data", "data", "\"\": $BRAINSEG_DATA, then data/brain-tumor-coco, "
+                           "else the synthetic demo")
+    synthetic: bool = _param(False, "data", "data", "force the built-in synthetic demo dataset")
+    synthetic_counts: list[int] = _param([96, 24, 24], "data", "data",
+                                         "synthetic images per split: train, valid, test")
+    synthetic_size: int = _param(128, "data", "data", "side of the synthetic images",
+                                 (32, 1024))
+    image_size: int = _param(256, "data", "weights", "model resolution (square, a multiple of "
+                             "32); masks resized by area + 0.5 threshold", (32, 2048))
+    limit_train_images: int = _param(0, "data", "weights", "0 = all; otherwise a seeded subset "
+                                     "of the train split", (0, 10**7))
+    cache_dir: str = _param("", "data", "execution", "decoded-image cache; \"\" = "
+                            "$BRAINSEG_CACHE or ~/.cache/brainseg")
+    normalize_mean: list[float] = _param([0.485, 0.456, 0.406], "data", "weights",
+                                         "per-channel mean of [0, 1] pixels")
+    normalize_std: list[float] = _param([0.229, 0.224, 0.225], "data", "weights",
+                                        "per-channel std of [0, 1] pixels")
+    folds_file: str = _param("", "data", "data", "cross-validation: folds.json over "
+                             "train+valid (written by brainseg cv)")
+    fold: int = _param(-1, "data", "weights", "-1 = the dataset's own train/valid split; k = "
+                       "hold out fold k of folds_file", (-1, 100))
+    duplicate_bits: int = _param(4, "data", "measurement", "pHash distance at or under which "
+                                 "two images are near-duplicates", (0, 64))
 
     # --- model
-    arch: str = "Unet"
-    encoder: str = "resnet34"
-    encoder_weights: str = "none"  # imagenet | none | path to a local .pt/.pth/.safetensors
-    require_pretrained: bool = False  # make unavailable ImageNet weights an error, not a warning
-    in_channels: int = 3
-    model_dir: str = ""  # an exported model (brainseg export) to report on instead of training
+    arch: str = _param("Unet", "training", "weights", "smp architecture")
+    encoder: str = _param("resnet34", "training", "weights", "smp encoder (tu-* for timm's)")
+    encoder_weights: str = _param("none", "training", "weights", "imagenet | none | path to a "
+                                  "local .pt/.pth/.safetensors")
+    require_pretrained: bool = _param(False, "training", "execution", "make unavailable "
+                                      "ImageNet weights an error, not a warning")
+    in_channels: int = _param(3, "training", "weights", "input channels", (1, 4))
+    model_dir: str = _param("", "training", "run", "an exported model (brainseg export) to "
+                            "report on instead of training")
 
     # --- optimisation
-    loss: Literal["bce", "dice", "bce_dice", "focal"] = "bce"
-    optimizer: Literal["adam", "adamw"] = "adam"
-    lr: float = 1e-4
-    weight_decay: float = 0.0
-    scheduler: Literal["none", "cosine"] = "none"
-    warmup_epochs: int = 0
-    epochs: int = 50  # upper bound; early stopping usually ends sooner
-    batch_size: int = 16
-    monitor: Literal["val_loss", "val_iou"] = "val_loss"  # early stopping and best checkpoint
-    patience: int = 5  # epochs without improvement before stopping; 0 disables early stopping
-    min_delta: float = 1e-4  # smallest change of the monitored value that counts as improvement
-    grad_clip: float = 0.0  # max gradient norm; 0 = off
-    max_train_minutes: float = 0.0  # wall-clock cap on training; 0 = none
-    train_minutes: float = 0.0  # time budget: the schedule runs over it, training ends with it
-    ema: bool = False  # validate and keep an exponential moving average of the weights
-    ema_decay: float = 0.999  # per optimiser step
+    loss: Literal["bce", "dice", "bce_dice", "focal"] = _param("bce", "training", "weights",
+                                                               "training loss")
+    optimizer: Literal["adam", "adamw"] = _param("adam", "training", "weights", "optimiser")
+    lr: float = _param(1e-4, "training", "weights", "peak learning rate", (1e-7, 1.0))
+    weight_decay: float = _param(0.0, "training", "weights", "weight decay", (0.0, 1.0))
+    scheduler: Literal["none", "cosine"] = _param("none", "training", "weights",
+                                                  "learning-rate schedule after warm-up")
+    warmup_epochs: int = _param(0, "training", "weights", "linear warm-up", (0, 1000))
+    epochs: int = _param(50, "training", "budget", "upper bound; early stopping or the time "
+                         "budget usually ends sooner", (1, 10000))
+    batch_size: int = _param(16, "training", "weights", "global batch (all processes)",
+                             (1, 4096))
+    monitor: Literal["val_loss", "val_iou"] = _param("val_loss", "training", "weights",
+                                                     "early stopping and best checkpoint")
+    patience: int = _param(5, "training", "budget", "epochs without improvement before "
+                           "stopping; 0 disables early stopping", (0, 10000))
+    min_delta: float = _param(1e-4, "training", "weights", "smallest change of the monitored "
+                              "value that counts as improvement", (0.0, 1.0))
+    grad_clip: float = _param(0.0, "training", "weights", "max gradient norm; 0 = off",
+                              (0.0, 1e6))
+    train_minutes: float = _param(0.0, "training", "budget", "time budget: the schedule runs "
+                                  "over it, training ends with it; 0 = none", (0.0, 1e5))
+    ema: bool = _param(False, "training", "weights", "validate and keep an exponential moving "
+                       "average of the weights")
+    ema_decay: float = _param(0.999, "training", "weights", "EMA decay per optimiser step",
+                              (0.0, 0.99999))
 
     # --- augmentation (train only; applied to image and mask together)
-    augment: bool = False
-    aug_hflip: float = 0.5  # probability
-    aug_vflip: float = 0.0
-    aug_rotate_deg: float = 10.0
-    aug_scale: float = 0.1  # zoom in [1 - s, 1 + s]
-    aug_shift: float = 0.05  # fraction of the side
-    aug_brightness: float = 0.1  # additive, in [0, 1] pixel units
-    aug_contrast: float = 0.1  # multiplicative, around the image mean
+    augment: bool = _param(False, "training", "weights", "augment training batches")
+    aug_hflip: float = _param(0.5, "training", "weights", "probability of a horizontal flip",
+                              (0.0, 1.0))
+    aug_vflip: float = _param(0.0, "training", "weights", "probability of a vertical flip",
+                              (0.0, 1.0))
+    aug_rotate_deg: float = _param(10.0, "training", "weights", "rotation in [-d, d] degrees",
+                                   (0.0, 180.0))
+    aug_scale: float = _param(0.1, "training", "weights", "zoom in [1 - s, 1 + s]", (0.0, 0.9))
+    aug_shift: float = _param(0.05, "training", "weights", "shift, fraction of the side",
+                              (0.0, 0.5))
+    aug_brightness: float = _param(0.1, "training", "weights", "additive, in [0, 1] pixel "
+                                   "units", (0.0, 1.0))
+    aug_contrast: float = _param(0.1, "training", "weights", "multiplicative, around the "
+                                 "image mean", (0.0, 0.9))
 
     # --- execution
-    seed: int = 42
-    deterministic: bool = False  # cudnn/algorithms deterministic (slower on GPU)
-    device: Literal["auto", "cpu", "cuda"] = "auto"
-    amp: Literal["auto", "bf16", "fp16", "none"] = "auto"  # auto = bf16 on CUDA, fp32 on CPU
-    channels_last: bool = True
-    compile: Literal["auto"] | bool = "auto"  # torch.compile the training step; auto = on CUDA
-    num_threads: int = 0  # torch CPU threads; 0 = torch's default
-    num_workers: int = 0
-    pin_memory: bool = True  # only used on CUDA
-    progress_bar: bool = True  # tqdm bars while training (the report pipeline turns them off)
-    runs_dir: str = "runs"
-    run_id: str = ""  # "" = <timestamp>-<profile>
-    resume: str = ""  # run directory to continue from its last.pt
+    seed: int = _param(42, ("training", "evaluation", "figures"), "weights", "seeds training, "
+                       "bootstrap resampling and the random gallery")
+    deterministic: bool = _param(False, "training", "execution", "deterministic kernels "
+                                 "(slower on GPU)")
+    device: Literal["auto", "cpu", "cuda"] = _param("auto", "run", "execution", "auto = cuda "
+                                                    "when available")
+    amp: Literal["auto", "bf16", "fp16", "none"] = _param("auto", "training", "execution",
+                                                          "auto = bf16 on CUDA, fp32 on CPU")
+    channels_last: bool = _param(True, "training", "execution", "channels-last memory format")
+    compile: Literal["auto"] | bool = _param("auto", "training", "execution", "torch.compile "
+                                             "the training step; auto = on CUDA")
+    num_threads: int = _param(0, "training", "execution", "torch CPU threads; 0 = torch's "
+                              "default", (0, 1024))
+    progress_bar: bool = _param(True, "training", "execution", "tqdm bars while training (the "
+                                "report pipeline turns them off)")
+    runs_dir: str = _param("runs", "run", "run", "folder of run directories")
+    run_id: str = _param("", "run", "run", "\"\" = <timestamp>-<profile>")
+    resume: str = _param("", "training", "run", "run directory to continue from its last.pt")
 
     # --- evaluation
-    threshold: float = 0.5  # on the sigmoid probability
-    tune_threshold: bool = True  # pick the best threshold on valid, report it on test too
-    eval_original_size: bool = True  # also score predictions resized back to the source size
-    tta: bool = True  # also report horizontal-flip test-time augmentation
-    bootstrap: int = 1000  # resamples for the 95 % confidence intervals; 0 = off
-    min_component_px: int = 20  # post-processing: components smaller than this are dropped
-    n_examples: int = 6  # overlays per gallery in the reports
+    threshold: float = _param(0.5, ("evaluation", "validation"), "measurement",
+                              "a pixel is tumour when its sigmoid probability reaches it",
+                              (0.0, 1.0))
+    tune_threshold: bool = _param(True, "evaluation", "measurement", "pick the best threshold "
+                                  "on valid, report it on test too")
+    eval_original_size: bool = _param(True, "evaluation", "measurement", "also score "
+                                      "predictions resized back to the source size")
+    tta: bool = _param(True, "evaluation", "measurement", "also consider horizontal-flip "
+                       "test-time augmentation")
+    bootstrap: int = _param(1000, "evaluation", "measurement", "resamples for the 95 % "
+                            "confidence intervals; 0 = off", (0, 100000))
+    min_component_px: int = _param(20, "evaluation", "measurement", "post-processing: "
+                                   "components smaller than this are dropped", (0, 10**7))
+    n_examples: int = _param(6, "figures", "measurement", "overlays per gallery in the "
+                             "reports", (0, 100))
 
     # --- comparison (notebooks/05_compare)
-    compare: list[str] = field(default_factory=list)  # run ids, run dirs, sweep/CV folders
+    compare: list[str] = _param([], "comparison", "measurement", "run ids, run dirs, "
+                                "sweep/CV folders")
 
     def __post_init__(self) -> None:
         _check_types(self)
@@ -127,10 +202,27 @@ class Params:
 
 
 PARAM_NAMES = tuple(f.name for f in fields(Params))
-# what shapes a measurement or a report, never the weights: taken from the call at evaluation,
-# free to change on resume, and not what notebook 02 is given
-MEASUREMENT_KEYS = ("threshold", "tune_threshold", "eval_original_size", "tta", "bootstrap",
-                    "min_component_px", "n_examples", "compare")
+# keys that were parameters once: dropped from saved records, explained when given anew
+RETIRED = {
+    "num_workers": "batches are served from memory on the training device; no DataLoader",
+    "pin_memory": "batches are served from memory on the training device; no DataLoader",
+    "max_train_minutes": "use train_minutes (a time budget the schedule runs over)",
+}
+
+
+def names(*, groups: tuple[str, ...] = (), roles: tuple[str, ...] = ()) -> tuple[str, ...]:
+    """Parameter names in ``Params`` order, of any of ``groups`` and any of ``roles``."""
+    return tuple(f.name for f in fields(Params)
+                 if (not groups or set(groups) & set(f.metadata["groups"]))
+                 and (not roles or f.metadata["role"] in roles))
+
+
+# what shapes a measurement or a report, never the weights: taken from the call at evaluation
+MEASUREMENT_KEYS = names(roles=("measurement",))
+# what may change when a run is resumed: more budget, other execution or measurement settings
+RESUMABLE_KEYS = names(roles=("budget", "execution", "run", "measurement", "label"))
+# what makes a trained model what it is: a shipped model is reused only when these agree
+IDENTITY_KEYS = names(roles=("weights", "budget"))
 
 
 def _closest(key: str) -> str:
@@ -169,45 +261,13 @@ def _check_types(params: Params) -> None:
             raise ParamsError(f"parameter '{f.name}' = {value!r}: expected {allowed}")
 
 
-_RANGES: dict[str, tuple[float, float]] = {
-    "image_size": (32, 2048),
-    "synthetic_size": (32, 1024),
-    "limit_train_images": (0, 10**7),
-    "in_channels": (1, 4),
-    "lr": (1e-7, 1.0),
-    "weight_decay": (0.0, 1.0),
-    "warmup_epochs": (0, 1000),
-    "epochs": (1, 10000),
-    "batch_size": (1, 4096),
-    "patience": (0, 10000),
-    "min_delta": (0.0, 1.0),
-    "grad_clip": (0.0, 1e6),
-    "max_train_minutes": (0.0, 1e5),
-    "train_minutes": (0.0, 1e5),
-    "ema_decay": (0.0, 0.99999),
-    "fold": (-1, 100),
-    "duplicate_bits": (0, 64),
-    "aug_hflip": (0.0, 1.0),
-    "aug_vflip": (0.0, 1.0),
-    "aug_rotate_deg": (0.0, 180.0),
-    "aug_scale": (0.0, 0.9),
-    "aug_shift": (0.0, 0.5),
-    "aug_brightness": (0.0, 1.0),
-    "aug_contrast": (0.0, 0.9),
-    "num_threads": (0, 1024),
-    "num_workers": (0, 64),
-    "threshold": (0.0, 1.0),
-    "bootstrap": (0, 100000),
-    "min_component_px": (0, 10**7),
-    "n_examples": (0, 100),
-}
-
-
 def _check_ranges(params: Params) -> None:
-    for name, (low, high) in _RANGES.items():
-        value = getattr(params, name)
+    for f in fields(params):
+        if f.metadata["range"] is None:
+            continue
+        (low, high), value = f.metadata["range"], getattr(params, f.name)
         if not low <= value <= high:
-            raise ParamsError(f"parameter '{name}' = {value!r} is outside [{low}, {high}]")
+            raise ParamsError(f"parameter '{f.name}' = {value!r} is outside [{low}, {high}]")
     if params.image_size % 32:
         raise ParamsError(f"parameter 'image_size' = {params.image_size} must be a multiple of 32")
     if len(params.synthetic_counts) != 3 or min(params.synthetic_counts) < 1:
@@ -220,6 +280,9 @@ def _check_ranges(params: Params) -> None:
 
 def params_from_dict(values: dict[str, Any], source: str = "<dict>") -> Params:
     """Build parameters from a flat mapping; unknown keys are errors naming the closest key."""
+    retired = [f"'{k}' ({RETIRED[k]})" for k in values if k in RETIRED]
+    if retired:
+        raise ParamsError(f"{source}: parameter no longer used: {'; '.join(retired)}")
     unknown = [k for k in values if k not in PARAM_NAMES]
     if unknown:
         hints = "; ".join(f"'{k}'{_closest(k)}" for k in unknown)
@@ -228,6 +291,12 @@ def params_from_dict(values: dict[str, Any], source: str = "<dict>") -> Params:
         return Params(**values)
     except ParamsError as err:
         raise ParamsError(f"{source}: {err}") from None
+
+
+def params_from_record(values: dict[str, Any], source: str) -> Params:
+    """Parameters saved with a run, checkpoint or model: retired keys are dropped, not errors
+    (they did nothing then either)."""
+    return params_from_dict({k: v for k, v in values.items() if k not in RETIRED}, source)
 
 
 def read_params_file(path: str | Path, kind: str = "parameter file") -> dict[str, Any]:

@@ -1,4 +1,8 @@
-"""Run directories and what they record about how a result was produced.
+"""Run directories: the one place that names their files, makes and finds their ids, and
+records how a result was produced (environment, commit, devices).
+
+A run directory holds ``params.yaml``, ``env.json``, ``best.pt``, ``last.pt`` (resumable),
+``history.csv``, ``train.json`` and, once evaluated, ``metrics.json`` and ``eval-<split>/``.
 """
 
 from __future__ import annotations
@@ -11,9 +15,23 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
-import torch
-
 from brainseg_lib.config import Params, project_root
+
+PARAMS_FILE = "params.yaml"  # the run's parameters, as trained
+ENV_FILE = "env.json"  # environment, data identity and weight provenance
+BEST_CHECKPOINT = "best.pt"
+LAST_CHECKPOINT = "last.pt"  # resumable state
+HISTORY_FILE = "history.csv"  # one row per epoch
+TRAIN_FILE = "train.json"  # how training ended
+METRICS_FILE = "metrics.json"  # the test evaluation (also in eval-test/)
+SOURCE_MODEL_FILE = "source_model.json"  # a shipped model laid out as a run: which weights
+PER_IMAGE_FILE = "per_image.csv"  # in eval-<split>/: one row per image, with TP/FP/FN
+VARIANTS_FILE = "variants.csv"  # in eval-<split>/: every setting tried on the selection split
+THRESHOLDS_FILE = "threshold_curve.csv"  # in eval-<split>/: pooled metrics per threshold
+FOLDS_FILE = "folds.json"  # in a CV folder
+CV_FILE = "cv.json"  # in a CV folder
+SWEEP_FILE = "sweep.csv"  # in a sweep folder
+REPORT_SUMMARY_FILE = "summary.json"  # in a report folder
 
 PACKAGES = ("torch", "torchvision", "segmentation-models-pytorch", "numpy", "pycocotools",
             "scipy", "pandas", "papermill")
@@ -23,6 +41,17 @@ def new_run_id(profile: str) -> str:
     return f"{datetime.now():%Y%m%d-%H%M%S}-{profile}"
 
 
+def eval_dir(run_dir: Path, split: str) -> Path:
+    """Where an evaluation on ``split`` writes its metrics and tables."""
+    return run_dir / f"eval-{split}"
+
+
+def read_env(run_dir: Path) -> dict[str, Any]:
+    """A run's ``env.json`` ({} when it has none: a run made before it was recorded)."""
+    path = run_dir / ENV_FILE
+    return json.loads(path.read_text()) if path.exists() else {}
+
+
 def target_run_dir(params: Params) -> Path:
     """``runs_dir/run_id``, choosing a fresh id when none is set."""
     return params.resolve_path(params.runs_dir) / (params.run_id or new_run_id(params.profile))
@@ -30,10 +59,10 @@ def target_run_dir(params: Params) -> Path:
 
 def training_record(run_dir: Path) -> dict[str, Any] | None:
     """train.json of a finished run plus where it trained (from env.json), else None."""
-    if not (run_dir / "train.json").exists():
+    if not (run_dir / TRAIN_FILE).exists():
         return None
-    record = json.loads((run_dir / "train.json").read_text())
-    env_file = run_dir / "env.json"
+    record = json.loads((run_dir / TRAIN_FILE).read_text())
+    env_file = run_dir / ENV_FILE
     env = json.loads(env_file.read_text()) if env_file.exists() else {}
     record["device"] = env.get("gpu") or env.get("device", "an unrecorded device")
     record["trained_on"] = env.get("trained_on", "")
@@ -42,10 +71,10 @@ def training_record(run_dir: Path) -> dict[str, Any] | None:
 
 def latest_run(runs_dir: Path, profile: str | None = None) -> Path | None:
     """The newest run directory holding a best checkpoint (optionally of one profile)."""
-    runs = [p.parent for p in runs_dir.glob("*/best.pt")]
+    runs = [p.parent for p in runs_dir.glob(f"*/{BEST_CHECKPOINT}")]
     if profile:
         runs = [r for r in runs if r.name.endswith(f"-{profile}")] or runs
-    return max(runs, key=lambda r: (r / "best.pt").stat().st_mtime, default=None)
+    return max(runs, key=lambda r: (r / BEST_CHECKPOINT).stat().st_mtime, default=None)
 
 
 def git_commit() -> str:
@@ -61,7 +90,9 @@ def git_commit() -> str:
         return "unknown"
 
 
-def environment_info(device: torch.device) -> dict[str, Any]:
+def environment_info(device: Any) -> dict[str, Any]:
+    import torch
+
     versions = {}
     for name in PACKAGES:
         try:
@@ -93,7 +124,7 @@ def find_trained_run(params: Params) -> Path:
     """``runs_dir/run_id`` when set, else the newest run of this profile with a checkpoint."""
     if params.run_id:
         run_dir = target_run_dir(params)
-        if not (run_dir / "best.pt").exists():
+        if not (run_dir / BEST_CHECKPOINT).exists():
             raise FileNotFoundError(f"{run_dir} has no best.pt: run notebooks/02_train first")
         return run_dir
     runs_dir = params.resolve_path(params.runs_dir)

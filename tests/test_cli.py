@@ -1,6 +1,7 @@
 """``brainseg data check`` and parameter errors from the command line."""
 
 import json
+import re
 import shutil
 
 from brainseg_lib.cli import main
@@ -10,8 +11,23 @@ from brainseg_lib.data.coco import ANNOTATION_FILE
 def test_data_check_on_a_clean_dataset(synthetic_root, capsys):
     assert main(["data", "check", str(synthetic_root)]) == 0
     out = capsys.readouterr().out
-    assert "errors: 0" in out and "axis-aligned rectangles" in out
-    assert "train       16" in out
+    lines = out.splitlines()
+    columns = next(line.split() for line in lines if line.startswith("split "))[1:6]
+    table = {words[0]: dict(zip(columns, map(int, words[1:6]), strict=True))
+             for words in map(str.split, lines)
+             if words[:1] in (["train"], ["valid"], ["test"]) and len(words) > 5}
+    # each split's counts as its annotation file has them (the synthetic tumours are boxes)
+    expected = {}
+    for split in ("train", "valid", "test"):
+        coco = json.loads((synthetic_root / split / ANNOTATION_FILE).read_text())
+        per_image = [sum(a["image_id"] == img["id"] for a in coco["annotations"])
+                     for img in coco["images"]]
+        expected[split] = {"images": len(coco["images"]), "annots": len(coco["annotations"]),
+                           "rects": len(coco["annotations"]),
+                           "no-ann": per_image.count(0), "multi": sum(n > 1 for n in per_image)}
+    assert table == expected
+    assert [table[s]["images"] for s in ("train", "valid", "test")] == [16, 6, 6]
+    assert re.search(r"errors: (\d+), warnings: (\d+)", out).groups() == ("0", "0")
 
 
 def test_data_check_exits_non_zero_and_names_the_file(synthetic_root, tmp_path, capsys):

@@ -5,12 +5,13 @@ import json
 import numpy as np
 import pandas as pd
 import pytest
+import torch
 from PIL import Image
 
 from brainseg_lib.cli import main
 from brainseg_lib.data.arrays import load_split_arrays
 from brainseg_lib.data.coco import load_split
-from brainseg_lib.evaluation.evaluate import _per_image_original, evaluate_run
+from brainseg_lib.evaluation.evaluate import evaluate_run, score_at_source_resolution
 from brainseg_lib.evaluation.postprocess import postprocess
 from brainseg_lib.evaluation.predictions import SplitPrediction, predict_split
 from brainseg_lib.inference.predictor import load_model
@@ -47,22 +48,48 @@ def test_evaluate_run_writes_consistent_results(trained_run, synthetic_root):
     metrics = evaluate_run(trained_run, "test", verbose=False)
     out = trained_run / "eval-test"
     saved = json.loads((out / "metrics.json").read_text())
-    assert saved["headline"]["metrics"] == pytest.approx(metrics["headline"]["metrics"],
-                                                         nan_ok=True)
     per_image = pd.read_csv(out / "per_image.csv")
-    assert len(per_image) == 6
-    # the pooled IoU can be recomputed from the per-image table's masks only through counts;
-    # the mean of the per-image column must equal the reported mean per-image IoU
-    assert per_image.iou_headline.mean() == pytest.approx(
-        metrics["headline"]["metrics"]["mean_image_iou"])
-    assert metrics["headline"]["setting"].startswith("64px (model resolution), threshold 0.50")
+    assert len(per_image) == saved["dataset"]["images"] == 6
+    # the per-image counts are the model's own: its test probabilities at 0.5, recounted
+    loaded = load_model(trained_run)
+    p = loaded.params
+    test = predict_split(loaded, load_split_arrays(synthetic_root, "test", p.image_size,
+                                                   p.cache_path()), tta=False)
+    assert list(per_image.file) == test.arrays.files
+    truth = test.arrays.masks.astype(bool)
+    recount = ConfusionCounts.from_masks(test.probs >= 0.5, truth)
+    assert list(per_image.tp_headline) == list(recount.tp)
+    assert list(per_image.fp_headline) == list(recount.fp)
+    assert list(per_image.fn_headline) == list(recount.fn)
+    # metrics.json and per_image.csv agree: pooled figures from the summed counts, mean
+    # figures from the columns, for the plain and the selected setting, full and clean
+    for key in ("headline", "selected"):
+        tp, fp, fn = (per_image[f"{n}_{key}"] for n in ("tp", "fp", "fn"))
+        head = saved[key]["metrics"]
+        assert head["pooled_iou"] == pytest.approx(tp.sum() / (tp + fp + fn).sum())
+        assert head["pooled_dice"] == pytest.approx(2 * tp.sum() / (2 * tp + fp + fn).sum())
+        dice = np.where(2 * tp + fp + fn > 0, 2 * tp / np.maximum(2 * tp + fp + fn, 1), 1.0)
+        assert per_image[f"dice_{key}"].to_numpy() == pytest.approx(dice)
+        assert head["mean_image_dice"] == pytest.approx(per_image[f"dice_{key}"].mean())
+        assert head["mean_image_iou"] == pytest.approx(per_image[f"iou_{key}"].mean())
+    assert saved["clean_test"]["images"] == per_image.clean.sum()
+    assert saved["clean_test"]["of"] == len(per_image)
+    clean = per_image[per_image.clean]
+    if len(clean):
+        pooled = clean.tp_headline.sum() / (clean.tp_headline + clean.fp_headline
+                                            + clean.fn_headline).sum()
+        assert saved["headline_clean"]["metrics"]["pooled_iou"] == pytest.approx(pooled)
+    # the test BCE is the model's: recomputed from its probabilities with torch's BCE
+    bce = torch.nn.functional.binary_cross_entropy(
+        torch.from_numpy(test.probs).double(), torch.from_numpy(truth).double())
+    assert saved["loss"]["bce"] == pytest.approx(bce.item(), rel=1e-4)
+    assert saved["reference_comparison"]["our_test_bce"] == saved["loss"]["bce"]
+    assert saved["headline"]["setting"].startswith("64px (model resolution), threshold 0.50")
     variants = pd.read_csv(out / "variants.csv")
     assert set(variants.postprocess) == {"none", "drop_small", "keep_largest", "fill_box"}
     assert set(variants.tta) == {True, False}
     # the selection table is right: the chosen row recomputed from the model's validation
     # probabilities with plain numpy, and the plain setting is one of the candidates
-    loaded = load_model(trained_run)
-    p = loaded.params
     pred = predict_split(loaded, load_split_arrays(synthetic_root, "valid", p.image_size,
                                                    p.cache_path()), tta=True)
     chosen = metrics["chosen_on_valid"]
@@ -76,8 +103,6 @@ def test_evaluate_run_writes_consistent_results(trained_run, synthetic_root):
     plain = variants[(variants.threshold == 0.5) & ~variants.tta
                      & (variants.postprocess == "none")]
     assert row.pooled_iou.item() >= plain.pooled_iou.item()
-    assert metrics["loss"]["bce"] > 0
-    assert metrics["reference_comparison"]["reference_test_loss (BCE)"] == 0.07201
 
 
 def _non_square_set(root):
@@ -115,8 +140,9 @@ def test_source_resolution_path_maps_predictions_onto_each_images_own_grid(tmp_p
     arrays = load_split_arrays(root, "test", 32, tmp_path / "cache")
     assert arrays.masks[:, 8:24, 8:24].all() and arrays.masks.sum() == 2 * 16 * 16
     probs = np.roll(arrays.masks.astype(np.float32), shift, axis=2)
-    counts, dists = _per_image_original(SplitPrediction(arrays, probs, None, 0.0, 0.0), root,
-                                        "test", 0.5, False, "none", 0)
+    plain = {"threshold": 0.5, "tta": False, "postprocess": "none"}
+    counts, dists = score_at_source_resolution(SplitPrediction(arrays, probs, None, 0.0, 0.0),
+                                               root, "test", plain, 0)
     split = load_split(root, "test")
     truths = [split.mask(img) for img in split.images]
     expected = [_box((32, 96), 24 + 3 * shift, 72 + 3 * shift, 8, 24),

@@ -9,13 +9,15 @@ import pytest
 import torch
 import yaml
 
-from brainseg_lib.data.arrays import load_dataset
+from brainseg_lib.data.arrays import SplitArrays, load_dataset
 from brainseg_lib.data.duplicates import duplicate_groups
 from brainseg_lib.data.splits import dev_keys, fold_indices, fold_split, make_folds
 from brainseg_lib.data.synthetic import write_synthetic_coco
+from brainseg_lib.evaluation.predictions import predict_split
 from brainseg_lib.experiments import cv as cv_module
 from brainseg_lib.experiments.sweep import run_sweep, sweep_table
-from brainseg_lib.inference.predictor import LoadedModel, predict_logits
+from brainseg_lib.inference.predictor import LoadedModel, load_model, predict_logits
+from brainseg_lib.metrics.functional import ConfusionCounts, per_image_dice, pooled_iou
 from conftest import ROOT
 
 PLANTED = 3  # train images copied into test under new names: leaks by construction
@@ -95,11 +97,42 @@ def test_cv_trains_folds_resumes_and_scores_oof_and_ensemble(leaky_root, tmp_pat
     cv_dir = tmp_path / "runs" / "cv"
     assert (cv_dir / "fold0" / "best.pt").stat().st_mtime == fold0_mtime  # not retrained
     assert all((cv_dir / f"fold{i}" / "train.json").exists() for i in range(3))
-    assert len(result["cv"]["per_fold_pooled_iou"]) == 3
-    assert result["ensemble_test"]["headline"]["metrics"]["pooled_iou"] >= 0
+    # every development image is held out by exactly one fold, whose model trained on the
+    # rest only
+    arrays = load_dataset(leaky_root, 64, tmp_path / "cache")
+    keys = dev_keys(arrays)
+    folds = json.loads((cv_dir / "folds.json").read_text())["folds"]
+    assert sorted(k for fold in folds for k in fold) == sorted(keys)
+    for i, fold in enumerate(folds):
+        seen = json.loads((cv_dir / f"fold{i}" / "env.json").read_text())["dataset"]["images"]
+        assert seen == {"train": len(keys) - len(fold), "valid": len(fold)}
+    # the out-of-fold figures, recomputed: each fold model on its own held-out images
+    dev = SplitArrays.concat("dev", [arrays["train"], arrays["valid"]])
+    models = [load_model(cv_dir / f"fold{i}") for i in range(3)]
+    per_fold = []
+    for model, fold in zip(models, folds, strict=True):
+        held = dev.subset(np.array([keys.index(k) for k in fold]))
+        probs = predict_split(model, held, tta=False).probs
+        per_fold.append(ConfusionCounts.from_masks(probs >= 0.5, held.masks))
+    assert result["cv"]["per_fold_pooled_iou"] == pytest.approx(
+        [pooled_iou(c) for c in per_fold])
+    oof = ConfusionCounts.concat(per_fold)
+    assert len(oof) == len(keys)
+    assert result["cv"]["metrics"]["pooled_iou"] == pytest.approx(pooled_iou(oof))
+    assert result["cv"]["metrics"]["mean_image_dice"] == pytest.approx(
+        per_image_dice(oof).mean())
+    # the ensemble's test figure, recomputed: the mean of the fold models' probabilities
+    test = arrays["test"]
+    mean_prob = np.mean([predict_split(m, test, tta=False).probs for m in models], axis=0)
+    ensemble = ConfusionCounts.from_masks(mean_prob >= 0.5, test.masks)
+    per_image = pd.read_csv(cv_dir / "eval-test" / "per_image.csv")
+    assert list(per_image.file) == test.files
+    for name in ("tp", "fp", "fn"):  # a pixel at 0.5 may round either way, not more
+        assert np.abs(per_image[f"{name}_headline"] - getattr(ensemble, name)).max() <= 2
+    assert result["ensemble_test"]["headline"]["metrics"]["pooled_iou"] == pytest.approx(
+        pooled_iou(ensemble), abs=1e-3)
     assert result["clean_test"]["images"] == 8  # the planted leaks are excluded
     assert "headline_clean" in result["ensemble_test"]
-    per_image = pd.read_csv(cv_dir / "eval-test" / "per_image.csv")
     assert set(per_image.loc[~per_image.clean, "file"]) == {
         f for f in per_image.file if f.startswith("leak_")}
 

@@ -13,13 +13,11 @@ from brainseg_lib.metrics.functional import (
     batch_pooled_iou,
     fg_bg_miou,
     hd95,
+    iou,
     per_image_dice,
     per_image_iou,
-    pooled_background_iou,
     pooled_dice,
     pooled_iou,
-    pooled_precision,
-    pooled_recall,
     summarise,
 )
 from brainseg_lib.metrics.intervals import bootstrap_ci
@@ -56,9 +54,9 @@ def test_pooled_scores_by_hand():
     c = ConfusionCounts.from_masks(*masks())
     assert pooled_iou(c) == pytest.approx(4 / 8)            # tp 4, fp 2, fn 2
     assert pooled_dice(c) == pytest.approx(8 / 12)
-    assert pooled_precision(c) == pytest.approx(4 / 6)
-    assert pooled_recall(c) == pytest.approx(4 / 6)
-    assert pooled_background_iou(c) == pytest.approx(40 / 44)  # tn 40
+    assert summarise(c)["precision"] == pytest.approx(4 / 6)
+    assert summarise(c)["recall"] == pytest.approx(4 / 6)
+    assert iou(c.tn.sum(), c.fp.sum(), c.fn.sum()) == pytest.approx(40 / 44)  # background
     assert fg_bg_miou(c) == pytest.approx((4 / 8 + 40 / 44) / 2)
     # batches of 2: images (0,1) pooled 4/6, image (2) pooled 0 -> mean 1/3
     assert batch_pooled_iou(c, 2) == pytest.approx((4 / 6 + 0) / 2)
@@ -78,7 +76,7 @@ def test_agrees_with_smp_metrics():
         smp.metrics.iou_score(*stats, reduction="micro-imagewise").item())
     assert pooled_dice(c) == pytest.approx(smp.metrics.f1_score(*stats, reduction="micro")
                                            .item())
-    assert pooled_recall(c) == pytest.approx(smp.metrics.recall(*stats, reduction="micro")
+    assert summarise(c)["recall"] == pytest.approx(smp.metrics.recall(*stats, reduction="micro")
                                              .item())
 
 

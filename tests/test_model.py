@@ -16,14 +16,19 @@ def test_random_init_gives_one_logit_channel():
         assert net(torch.zeros(1, 3, 64, 64)).shape == (1, 1, 64, 64)
 
 
-def test_offline_imagenet_falls_back_fast_with_a_warning(monkeypatch):
-    monkeypatch.setattr(model_module, "_hub_reachable", lambda timeout=2.0: False)
+def test_offline_imagenet_falls_back_with_a_warning_within_the_probe_timeout(monkeypatch):
+    # offline, simulated with the real probe: the hub's address is one nothing answers on
+    # (192.0.2.0/24 is reserved for documentation), and the weights are not cached locally
+    monkeypatch.setattr(model_module, "HUB_HOST", "192.0.2.1")
     monkeypatch.setattr(model_module, "_cached_imagenet_file", lambda encoder: None)
     t0 = time.perf_counter()
     with pytest.warns(UserWarning, match="falling back to random initialisation"):
-        _, provenance = create_model("Unet", "resnet18", "imagenet")
-    assert time.perf_counter() - t0 < 5
-    assert "unavailable offline" in provenance
+        net, provenance = create_model("Unet", "resnet18", "imagenet")
+    # the 2 s probe decides, not huggingface_hub's own retries (~25 s offline)
+    assert time.perf_counter() - t0 < 10
+    assert provenance == "random initialisation (ImageNet weights unavailable offline)"
+    with torch.no_grad():
+        assert net(torch.zeros(1, 3, 64, 64)).shape == (1, 1, 64, 64)
 
 
 def test_offline_imagenet_with_require_pretrained_is_an_error(monkeypatch):
@@ -31,12 +36,6 @@ def test_offline_imagenet_with_require_pretrained_is_an_error(monkeypatch):
     monkeypatch.setattr(model_module, "_cached_imagenet_file", lambda encoder: None)
     with pytest.raises(PretrainedWeightsError, match="require_pretrained"):
         create_model("Unet", "resnet18", "imagenet", require_pretrained=True)
-
-
-def test_real_probe_of_the_hub_answers_within_seconds():
-    t0 = time.perf_counter()
-    model_module._hub_reachable()
-    assert time.perf_counter() - t0 < 5
 
 
 def test_local_weights_file(tmp_path):

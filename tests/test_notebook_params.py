@@ -6,9 +6,13 @@ import pytest
 from brainseg_lib.config import PARAM_NAMES, load_params, params_from_notebook
 from brainseg_lib.reporting.notebook_params import (
     NOTEBOOK_PARAMETERS,
+    REFERENCE_FILE,
     parameters_cell,
+    parameters_reference,
     stale_notebooks,
+    stale_reference,
     write_cells,
+    write_reference,
 )
 from brainseg_lib.reporting.pipeline import COMPARE, NOTEBOOKS
 from conftest import ROOT
@@ -16,6 +20,17 @@ from conftest import ROOT
 
 def test_committed_parameters_cells_are_the_generated_ones():
     assert stale_notebooks() == [], "run: python -m brainseg_lib.reporting.notebook_params"
+
+
+def test_the_parameter_reference_is_generated_from_params_and_lists_every_field(tmp_path):
+    assert not stale_reference(), "run: python -m brainseg_lib.reporting.notebook_params"
+    text = (ROOT / REFERENCE_FILE).read_text()
+    rows = [line for line in text.splitlines() if line.startswith("| `")]
+    assert sorted(row.split("`")[1] for row in rows) == sorted(PARAM_NAMES)  # each once
+    assert "| `aug_rotate_deg` | float | `10.0` | 0.0 – 180.0 | weights |" in text
+    assert stale_reference(tmp_path) and write_reference(tmp_path)  # missing: written
+    assert (tmp_path / REFERENCE_FILE).read_text() == parameters_reference()
+    assert not write_reference(tmp_path)  # in step: left alone
 
 
 def test_every_parameter_is_taken_by_some_notebook_and_each_notebook_is_covered():

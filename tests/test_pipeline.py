@@ -93,11 +93,27 @@ def test_a_failing_notebook_marks_the_run_failed_and_keeps_it(tmp_path):
 
 
 def test_runs_never_overwrite_each_other(smoke_reports, tmp_path):
-    from brainseg_lib.reporting.pipeline import _unique_report_dir
-
-    first = _unique_report_dir(tmp_path, "same-id")
-    second = _unique_report_dir(tmp_path, "same-id")
-    assert first != second and first.exists() and second.exists()
+    """A second ``brainseg run`` with the same run id (here one that fails at once) gets a
+    report folder of its own; the first report stays as it was, and the index lists both."""
+    _, reports = smoke_reports
+    shared = tmp_path / "reports"
+    shutil.copytree(reports, shared)  # the module's reports stay as the other tests expect
+    (first,) = shared.glob("*/smoke-fixed")
+    before = {p.relative_to(first): p.read_bytes() for p in first.rglob("*") if p.is_file()}
+    code = main(["run", "--params", str(ROOT / "params" / "smoke.yaml"), "--no-download",
+                 "--reports-dir", str(shared), "--set", "run_id=smoke-fixed",
+                 "--set", "synthetic=false", "--set", f"data_dir={tmp_path / 'no-data'}",
+                 "--set", f"runs_dir={tmp_path / 'runs'}"])
+    assert code == 1
+    folders = sorted(p.parent for p in shared.glob("*/*/summary.json"))
+    assert len(folders) == 2 and first in folders
+    (second,) = (f for f in folders if f != first)
+    summary = json.loads((second / "summary.json").read_text())
+    assert summary["run_id"] == "smoke-fixed" and summary["status"] == "failed"
+    after = {p.relative_to(first): p.read_bytes() for p in first.rglob("*") if p.is_file()}
+    assert after.keys() == before.keys() and after == before
+    rows = re.findall(r'<tr class="(\w+)">', (shared / "index.html").read_text())
+    assert sorted(rows) == ["failed", "succeeded"]
 
 
 @pytest.mark.skipif(CHROMIUM is None, reason="chromium is not installed (.ci/run installs it)")

@@ -1,20 +1,34 @@
 """The real dataset, when BRAINSEG_DATA points at it (skipped otherwise)."""
 
+import re
+
 import numpy as np
 
 from brainseg_lib.cli import main
 from brainseg_lib.data.arrays import load_split_arrays
 
 
+def _check_table(out):
+    """``brainseg data check``'s per-split table as numbers: {split: {column: count}}."""
+    lines = out.splitlines()
+    columns = next(line.split() for line in lines if line.startswith("split "))[1:6]
+    return {words[0]: dict(zip(columns, map(int, words[1:6]), strict=True))
+            for words in map(str.split, lines)
+            if words[:1] in (["train"], ["valid"], ["test"]) and len(words) > 5}
+
+
 def test_data_check_report(real_root, capsys):
     assert main(["data", "check", str(real_root), "--no-decode"]) == 0
     out = capsys.readouterr().out
-    for line in ("train     1502    1502    1502       1      1",
-                 "valid      429     429     429       0      0",
-                 "test       215     215     215       0      0"):
-        assert line in out
-    assert "annotations: 2146, of which axis-aligned rectangles: 2146" in out
-    assert "images without annotation: 1" in out and "errors: 0" in out
+    columns = ("images", "annots", "rects", "no-ann", "multi")
+    expected = {"train": (1502, 1502, 1502, 1, 1), "valid": (429, 429, 429, 0, 0),
+                "test": (215, 215, 215, 0, 0)}
+    assert _check_table(out) == {split: dict(zip(columns, row, strict=True))
+                                 for split, row in expected.items()}
+    assert re.search(r"annotations: (\d+), of which axis-aligned rectangles: (\d+)",
+                     out).groups() == ("2146", "2146")
+    assert re.search(r"images without annotation: (\d+)", out).group(1) == "1"
+    assert re.search(r"errors: (\d+), warnings: (\d+)", out).groups() == ("0", "0")
 
 
 def test_sizes_and_mask_area(real_root, tmp_path):

@@ -7,7 +7,7 @@ import torch
 
 from brainseg_lib.config import Params
 from brainseg_lib.evaluation.predictions import predict_split
-from brainseg_lib.inference.predictor import load_checkpoint
+from brainseg_lib.inference.predictor import load_model
 from brainseg_lib.metrics.functional import ConfusionCounts, pooled_iou
 from brainseg_lib.model.checkpoint import read_checkpoint
 from brainseg_lib.training import trainer as trainer_module
@@ -18,7 +18,7 @@ from conftest import tiny_params
 
 
 def test_overfits_a_handful_of_images(tmp_path, synthetic_root):
-    params = tiny_params(tmp_path, synthetic_root, epochs=15, limit_train_images=8,
+    params = tiny_params(tmp_path, synthetic_root, epochs=20, limit_train_images=8,
                          augment=False, lr=0.003, scheduler="none", monitor="val_loss",
                          patience=0, batch_size=4, run_id="overfit")
     result = train(params, progress=False)
@@ -27,14 +27,14 @@ def test_overfits_a_handful_of_images(tmp_path, synthetic_root):
     # IoU of the final model on the 8 images it saw; tumours cover ~3 % of the pixels, so
     # an all-tumour guess scores ~0.03
     _, data = load_training_data(params)
-    probs = predict_split(load_checkpoint(result.run_dir / "last.pt"), data["train"], False)
+    probs = predict_split(load_model(result.run_dir / "last.pt"), data["train"], False)
     assert pooled_iou(ConfusionCounts.from_masks(probs.probs >= 0.5, data["train"].masks)) > 0.5
     run = result.run_dir
     for name in ("params.yaml", "env.json", "best.pt", "last.pt", "history.csv", "train.json"):
         assert (run / name).exists(), name
     env = json.loads((run / "env.json").read_text())
     assert env["dataset"]["kind"] == "real" and "torch" in env["packages"]
-    assert len(read_history(run)) == 15
+    assert len(read_history(run)) == 20
 
 
 def test_early_stopping_rule():
@@ -124,9 +124,35 @@ def test_augmentation_moves_image_and_mask_together():
     out_image, out_mask = BatchAugment(params)(image, mask, torch.Generator().manual_seed(0))
     assert torch.equal(out_mask, mask.flip(-1))
     assert torch.allclose(out_image[:, :1], out_mask, atol=1e-5)
-    rotate = Params(aug_hflip=0, aug_rotate_deg=30, aug_scale=0.2, aug_shift=0.1)
-    _, m = BatchAugment(rotate)(image, mask, torch.Generator().manual_seed(1))
-    assert set(m.unique().tolist()) <= {0.0, 1.0}
+
+
+def test_rotation_scale_shift_and_flips_keep_image_and_mask_aligned():
+    # 16 slices whose bright pixels are exactly an off-centre box of the mask; every
+    # geometric transform on, brightness and contrast off so the image's values stay put
+    params = Params(aug_hflip=0.5, aug_vflip=0.5, aug_rotate_deg=30, aug_scale=0.2,
+                    aug_shift=0.1, aug_brightness=0, aug_contrast=0)
+    mask = torch.zeros(16, 1, 64, 64)
+    mask[..., 14:34, 8:30] = 1.0
+    image = (0.2 + 0.7 * mask).expand(16, 3, 64, 64).clone()
+    out_image, out_mask = BatchAugment(params)(image, mask, torch.Generator().manual_seed(7))
+    assert set(out_mask.unique().tolist()) <= {0.0, 1.0}
+    bright = out_image[:, 0] > 0.5
+    moved = out_mask[:, 0].bool()
+    iou = (bright & moved).sum((1, 2)) / (bright | moved).sum((1, 2))
+    assert (iou >= 0.9).all(), iou
+    # the draws vary: the box lands somewhere else in nearly every slice, differently each
+    # time, and with a tilt (a rotated box no longer fills its bounding rectangle)
+    assert moved.any((1, 2)).all()
+    changed = (moved != mask[:, 0].bool()).sum((1, 2)) > 20
+    assert changed.sum() >= 14
+    centres = torch.stack([torch.nonzero(m).float().mean(0) for m in moved])
+    assert torch.cdist(centres, centres).triu(1)[torch.ones(16, 16).triu(1).bool()].min() > 0
+    fill = []
+    for m in moved:
+        rows, cols = torch.nonzero(m, as_tuple=True)
+        box = (rows.max() - rows.min() + 1) * (cols.max() - cols.min() + 1)
+        fill.append(m.sum() / box)
+    assert sum(f < 0.9 for f in fill) >= 8
 
 
 def test_resume_applies_safe_overrides_and_refuses_the_others(tmp_path, synthetic_root):
@@ -134,7 +160,7 @@ def test_resume_applies_safe_overrides_and_refuses_the_others(tmp_path, syntheti
                          run_id="r")
     train(params, progress=False)
     resume = tiny_params(tmp_path, synthetic_root, resume=str(tmp_path / "runs" / "r"))
-    with pytest.raises(ValueError, match="cannot change lr"):
+    with pytest.raises(ValueError, match=r"cannot change .*\(lr: run 0.003, given 0.5\)"):
         train(resume, progress=False, resume_overrides={"lr": 0.5, "epochs": 2})
     result = train(resume, progress=False, resume_overrides={"epochs": 2})
     assert len(result.history) == 2
@@ -143,17 +169,31 @@ def test_resume_applies_safe_overrides_and_refuses_the_others(tmp_path, syntheti
 
 
 def test_ema_weights_differ_and_are_what_best_pt_holds(tmp_path, synthetic_root):
+    # no IoU can beat epoch 1's by min_delta 1.0: the best epoch is 1 whatever is learnt
     params = tiny_params(tmp_path, synthetic_root, epochs=2, limit_train_images=8, ema=True,
-                         ema_decay=0.9, run_id="ema", monitor="val_loss")
-    result = train(params, progress=False)
-    last = read_checkpoint(result.run_dir / "last.pt")
-    raw, ema = last["raw_model"], last["model"]
+                         ema_decay=0.9, run_id="ema", monitor="val_iou", min_delta=1.0,
+                         patience=0)
+    run_dir = tmp_path / "runs" / "ema"
+    epoch_1 = {}
+
+    def keep_epoch_1_state(epoch, step):
+        if epoch == 2 and step == 1:  # last.pt still holds the state at the end of epoch 1
+            epoch_1.update(read_checkpoint(run_dir / "last.pt"))
+
+    result = train(params, progress=False, step_callback=keep_epoch_1_state)
+    assert result.best_epoch == 1 and epoch_1["epoch"] == 1
+    best = read_checkpoint(run_dir / "best.pt")
+    assert best["epoch"] == 1 and best["ema"] is True
     key = "encoder.conv1.weight"
-    assert not torch.equal(raw[key], ema[key])
-    best = read_checkpoint(result.run_dir / "best.pt")
-    if best["epoch"] == last["epoch"]:
-        assert torch.equal(best["model"][key], ema[key])
-    assert best["ema"] is True
+    assert not torch.equal(epoch_1["raw_model"][key], epoch_1["model"][key])
+    # best.pt holds epoch 1's EMA weights and buffers, not the raw weights
+    assert best["model"].keys() == epoch_1["model"].keys()
+    assert all(torch.equal(best["model"][k], epoch_1["model"][k]) for k in best["model"])
+    assert not torch.equal(best["model"][key], epoch_1["raw_model"][key])
+    # ... and stayed there while the EMA moved on in epoch 2
+    last = read_checkpoint(run_dir / "last.pt")
+    assert last["epoch"] == 2 and not torch.equal(last["model"][key], best["model"][key])
+    assert not torch.equal(last["raw_model"][key], last["model"][key])
 
 
 def test_compile_on_the_cpu_is_ignored_with_a_message(tmp_path, synthetic_root, capsys):

@@ -1,4 +1,4 @@
-"""Decoded, resized splits held in memory, cached on disk, and served as torch datasets.
+"""Decoded, resized splits as uint8 arrays: held in memory, cached on disk.
 
 Decoding 640x640 JPEGs dominates data time, so each split is decoded and resized once per
 image size and stored as uint8 arrays (``.npy``) under the cache directory, keyed by a hash

@@ -1,4 +1,5 @@
-"""Dataset tools behind ``brainseg data``: a full check report, and a resized copy.
+"""``brainseg data check``: a full report on a COCO dataset, problems grouped by split and kind
+so that a flood of one kind never hides another.
 """
 
 from __future__ import annotations

@@ -31,14 +31,8 @@ from PIL import Image, UnidentifiedImageError
 from pycocotools import mask as mask_utils
 
 SPLITS = ("train", "valid", "test")
-
-
 ANNOTATION_FILE = "_annotations.coco.json"  # Roboflow: one per split folder
-
-
 SPLIT_ALIASES = {"train": ("train",), "valid": ("valid", "val"), "test": ("test",)}
-
-
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff")
 
 
@@ -237,6 +231,127 @@ def is_rectangle(ann: dict[str, Any], tolerance: float = 0.5) -> bool:
     return bool(on_x.all() and on_y.all() and len(corners) == 4)
 
 
+class _UnusableSplit(Exception):
+    """The one error that stops a split from being parsed at all."""
+
+    def __init__(self, file: Path, problem: str):
+        super().__init__(problem)
+        self.file, self.problem = file, problem
+
+
+def _require_split_files(files: SplitFiles) -> None:
+    """Raise _UnusableSplit for a missing split folder, annotation file or image folder."""
+    root, ann_file = files.image_dir, files.annotation_file
+    if files.layout == "roboflow" and not root.is_dir():
+        raise _UnusableSplit(root, "split folder is missing")
+    if not ann_file.is_file():
+        raise _UnusableSplit(ann_file, f"annotation file {ann_file.name} is missing")
+    if not root.is_dir():
+        raise _UnusableSplit(root, "image folder is missing")
+
+
+def _read_coco_json(ann_file: Path) -> dict[str, Any]:
+    """The annotation file as a dict with ``images`` and ``annotations`` lists; anything
+    else (undecodable text, malformed JSON, not COCO) raises _UnusableSplit."""
+    try:
+        data = read_json_text(ann_file)
+    except UnicodeDecodeError as err:
+        raise _UnusableSplit(ann_file, f"not UTF-8 or UTF-16 text ({err.reason} at byte "
+                                       f"{err.start}): save it as UTF-8") from None
+    except json.JSONDecodeError as err:
+        hint = (" (a trailing comma?)" if err.msg.startswith("Expecting property name") or
+                err.msg.startswith("Expecting value") else "")
+        raise _UnusableSplit(ann_file, f"malformed JSON at line {err.lineno} column "
+                                       f"{err.colno}: {err.msg}{hint}") from None
+    if not isinstance(data, dict) or not all(
+        isinstance(data.get(k), list) for k in ("images", "annotations")
+    ):
+        raise _UnusableSplit(ann_file, "not a COCO file: needs 'images' and 'annotations' "
+                                       "lists")
+    return data
+
+
+def _complete_images(entries: list[Any], split: str,
+                     ann_file: Path) -> tuple[list[dict[str, Any]], list[Issue]]:
+    """The image records that have every field a mask needs; an error for each other one."""
+    images: list[dict[str, Any]] = []
+    issues: list[Issue] = []
+    for n, img in enumerate(entries):
+        if not isinstance(img, dict) or not {"id", "file_name", "width", "height"} <= img.keys():
+            issues.append(Issue("error", split, str(ann_file),
+                                f"images[{n}] lacks id/file_name/width/height"))
+            continue
+        images.append(img)
+    return images, issues
+
+
+def _annotation_location(ann_file: Path, n: int, ann: Any) -> str:
+    if isinstance(ann, dict):
+        return f"{ann_file} annotations[{n}] (id {ann.get('id')})"
+    return f"{ann_file} annotations[{n}]"
+
+
+def _rejection(ann: Any, image_ids: set[str],
+               tumour_ids: set[int]) -> tuple[Literal["error", "warning"], str] | None:
+    """Why an annotation is not used (severity, problem), or None when it is."""
+    if not isinstance(ann, dict) or "image_id" not in ann:
+        return "error", "annotation lacks image_id"
+    if image_key(ann["image_id"]) not in image_ids:
+        return "error", f"points to unknown image id {ann['image_id']}"
+    if tumour_ids and ann.get("category_id") not in tumour_ids:
+        return "warning", (f"category {ann.get('category_id')} is not a tumour category: "
+                           "ignored")
+    return None
+
+
+def _degenerate_polygons(ann: dict[str, Any]) -> str | None:
+    """The warning for polygons too small to rasterise, saying what replaces them."""
+    segm = ann.get("segmentation")
+    if not isinstance(segm, list) or not segm:
+        return None
+    bad = [p for p in segm if not _polygon_ok(p)]
+    if not bad:
+        return None
+    bbox = ann.get("bbox") or [0, 0, 0, 0]
+    fallback = "its bbox is used" if bbox[2] > 0 and bbox[3] > 0 else "skipped"
+    return (f"{len(bad)} degenerate polygon(s) (fewer than 3 points or zero area): "
+            f"{fallback}")
+
+
+def _index_annotations(entries: list[Any], image_ids: set[str], tumour_ids: set[int],
+                       split: str, ann_file: Path,
+                       ) -> tuple[dict[str, list[dict[str, Any]]], list[Issue]]:
+    """The usable tumour annotations by image key, and an issue for each one left out
+    or repaired."""
+    annotations: dict[str, list[dict[str, Any]]] = {}
+    issues: list[Issue] = []
+    for n, ann in enumerate(entries):
+        where = _annotation_location(ann_file, n, ann)
+        rejection = _rejection(ann, image_ids, tumour_ids)
+        if rejection:
+            issues.append(Issue(rejection[0], split, where, rejection[1]))
+            continue
+        degenerate = _degenerate_polygons(ann)
+        if degenerate:
+            issues.append(Issue("warning", split, where, degenerate))
+        annotations.setdefault(image_key(ann["image_id"]), []).append(ann)
+    return annotations, issues
+
+
+def _disk_issues(coco: CocoSplit) -> list[Issue]:
+    """Images on disk the JSON does not list (warnings), then listed ones missing (errors)."""
+    paths = {img["file_name"]: coco.image_path(img) for img in coco.images}
+    listed = {p.name for p in paths.values()}
+    unlisted = [Issue("warning", coco.name, str(path),
+                      "image on disk is not listed in the JSON: ignored")
+                for path in sorted(coco.root.iterdir())
+                if path.suffix.lower() in IMAGE_SUFFIXES and path.name not in listed]
+    missing = [Issue("error", coco.name, str(path),
+                     "image listed in the JSON is missing on disk")
+               for path in paths.values() if not path.is_file()]
+    return unlisted + missing
+
+
 def load_split(data_dir: str | Path, split: str) -> CocoSplit:
     """Parse and validate one split's annotation file (no image is decoded here).
 
@@ -245,83 +360,22 @@ def load_split(data_dir: str | Path, split: str) -> CocoSplit:
     """
     files = split_files(data_dir, split)
     root, ann_file = files.image_dir, files.annotation_file
-    issues: list[Issue] = []
-
-    def fail(file: Path | str, problem: str) -> CocoSplit:
-        issues.append(Issue("error", split, str(file), problem))
-        return CocoSplit(split, root, [], {}, set(), [], issues, ann_file, files.layout)
-
-    if files.layout == "roboflow" and not root.is_dir():
-        return fail(root, "split folder is missing")
-    if not ann_file.is_file():
-        return fail(ann_file, f"annotation file {ann_file.name} is missing")
-    if not root.is_dir():
-        return fail(root, "image folder is missing")
     try:
-        data = read_json_text(ann_file)
-    except UnicodeDecodeError as err:
-        return fail(ann_file, f"not UTF-8 or UTF-16 text ({err.reason} at byte {err.start}): "
-                              "save it as UTF-8")
-    except json.JSONDecodeError as err:
-        hint = (" (a trailing comma?)" if err.msg.startswith("Expecting property name") or
-                err.msg.startswith("Expecting value") else "")
-        return fail(ann_file, f"malformed JSON at line {err.lineno} column {err.colno}: "
-                              f"{err.msg}{hint}")
-    if not isinstance(data, dict) or not all(
-        isinstance(data.get(k), list) for k in ("images", "annotations")
-    ):
-        return fail(ann_file, "not a COCO file: needs 'images' and 'annotations' lists")
-
-    images: list[dict[str, Any]] = []
-    for n, img in enumerate(data["images"]):
-        if not isinstance(img, dict) or not {"id", "file_name", "width", "height"} <= img.keys():
-            issues.append(Issue("error", split, str(ann_file),
-                                f"images[{n}] lacks id/file_name/width/height"))
-            continue
-        images.append(img)
-    ids = {image_key(img["id"]) for img in images}
+        _require_split_files(files)
+        data = _read_coco_json(ann_file)
+    except _UnusableSplit as err:
+        return CocoSplit(split, root, [], {}, set(), [],
+                         [Issue("error", split, str(err.file), err.problem)], ann_file,
+                         files.layout)
+    images, issues = _complete_images(data["images"], split, ann_file)
     categories = [c for c in data.get("categories", []) if isinstance(c, dict) and "id" in c]
     tumour_ids = tumour_categories(categories) if categories else set()
-
-    annotations: dict[str, list[dict[str, Any]]] = {}
-    for n, ann in enumerate(data["annotations"]):
-        where = f"{ann_file} annotations[{n}] (id {ann.get('id')})" if isinstance(
-            ann, dict) else f"{ann_file} annotations[{n}]"
-        if not isinstance(ann, dict) or "image_id" not in ann:
-            issues.append(Issue("error", split, where, "annotation lacks image_id"))
-            continue
-        if image_key(ann["image_id"]) not in ids:
-            issues.append(Issue("error", split, where,
-                                f"points to unknown image id {ann['image_id']}"))
-            continue
-        if tumour_ids and ann.get("category_id") not in tumour_ids:
-            issues.append(Issue("warning", split, where,
-                                f"category {ann.get('category_id')} is not a tumour "
-                                "category: ignored"))
-            continue
-        segm = ann.get("segmentation")
-        if isinstance(segm, list) and segm:
-            bad = [p for p in segm if not _polygon_ok(p)]
-            if bad:
-                bbox = ann.get("bbox") or [0, 0, 0, 0]
-                fallback = "its bbox is used" if bbox[2] > 0 and bbox[3] > 0 else "skipped"
-                issues.append(Issue("warning", split, where,
-                                    f"{len(bad)} degenerate polygon(s) (fewer than 3 points "
-                                    f"or zero area): {fallback}"))
-        annotations.setdefault(image_key(ann["image_id"]), []).append(ann)
-
-    coco = CocoSplit(split, root, images, annotations, tumour_ids, categories, issues,
-                     ann_file, files.layout)
-    paths = {img["file_name"]: coco.image_path(img) for img in images}
-    listed = {p.name for p in paths.values()}
-    for path in sorted(root.iterdir()):
-        if path.suffix.lower() in IMAGE_SUFFIXES and path.name not in listed:
-            issues.append(Issue("warning", split, str(path),
-                                "image on disk is not listed in the JSON: ignored"))
-    for path in paths.values():
-        if not path.is_file():
-            issues.append(Issue("error", split, str(path),
-                                "image listed in the JSON is missing on disk"))
+    annotations, annotation_issues = _index_annotations(
+        data["annotations"], {image_key(img["id"]) for img in images}, tumour_ids, split,
+        ann_file)
+    coco = CocoSplit(split, root, images, annotations, tumour_ids, categories,
+                     issues + annotation_issues, ann_file, files.layout)
+    coco.issues += _disk_issues(coco)
     return coco
 
 

@@ -1,73 +1,80 @@
-"""Near-duplicate groups and grouped k-fold cross-validation.
+"""Near-duplicate slices: perceptual hashes, the pairs that cross splits, and clusters.
 
-The dataset has no patient IDs, and near-identical slices sit in different splits. We group
-every image of every split into near-duplicate clusters (connected components of the graph
-whose edges join images with perceptual hashes at most ``duplicate_bits`` apart) and use the
-clusters as patients: folds never split a cluster, and the *clean* test subset holds the
-test images with no near-duplicate in train or valid. Folds are saved as ``folds.json``
-(editable by hand, like nnU-Net's ``splits_final.json``).
+The dataset has no patient IDs, and near-identical slices sit in different splits. Every
+image of every split is hashed once (imagehash's 64-bit pHash, at one fixed size); images
+whose hashes differ in at most ``duplicate_bits`` bits are near-duplicates, and the
+connected components of that graph are the clusters we use as patients: folds never split a
+cluster (:mod:`.splits`), and the *clean* test subset holds the test images whose cluster
+has no member in train or valid. Hashes and clusters are cached as JSON keyed by the
+annotations' hash and the threshold, so evaluation reads no image once they exist.
 """
 
 from __future__ import annotations
 
 import json
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pandas as pd
-from PIL import Image
 from scipy.sparse import coo_matrix
 from scipy.sparse.csgraph import connected_components
 
-from brainseg_lib.data.arrays import SplitArrays, default_cache_dir
+from brainseg_lib.data.arrays import SplitArrays, default_cache_dir, load_dataset
+from brainseg_lib.data.coco import dataset_hash
 from brainseg_lib.data.locate import DataSource
 from brainseg_lib.io import atomic_write_json
 
 HASH_SIZE = 256  # images are hashed at this size whatever the model's resolution
+PAIR_COLUMNS = ["split_a", "file_a", "split_b", "file_b", "hamming"]
 
 
-def phash_bits(arrays: SplitArrays) -> np.ndarray:
-    """(N, 64) bool perceptual hashes (imagehash's pHash of the first channel)."""
+def phash(arrays: SplitArrays) -> np.ndarray:
+    """(N,) uint64 perceptual hashes (imagehash's pHash of the first channel)."""
     import imagehash
     from PIL import Image
 
-    return np.stack([imagehash.phash(Image.fromarray(img[0])).hash.ravel()
+    bits = np.stack([imagehash.phash(Image.fromarray(img[0])).hash.ravel()
                      for img in arrays.images])
+    return np.packbits(bits, axis=1).view(">u8")[:, 0].astype(np.uint64)
+
+
+def close_pairs(hashes: np.ndarray, max_bits: int) -> Iterator[tuple[np.ndarray, ...]]:
+    """(i, j, distance) arrays of every pair i < j whose hashes differ in <= ``max_bits``
+    bits, in chunks (2,000 images make 4 M pairs)."""
+    for start in range(0, len(hashes), 512):
+        dist = np.bitwise_count(hashes[start:start + 512, None] ^ hashes[None, :])
+        i, j = np.nonzero(dist <= max_bits)
+        i += start
+        keep = i < j
+        yield i[keep], j[keep], dist[i[keep] - start, j[keep]]
 
 
 def duplicate_clusters(hashes: np.ndarray, max_bits: int) -> np.ndarray:
     """Cluster label per image: connected components of 'Hamming distance <= max_bits'."""
-    packed = np.packbits(hashes, axis=1).view(np.uint64)[:, 0]
-    n = len(packed)
-    rows, cols = [], []
-    for i in range(0, n, 512):  # chunked: 2,000 images make 4 M pairs
-        dist = np.bitwise_count(packed[i:i + 512, None] ^ packed[None, :])
-        r, c = np.nonzero(dist <= max_bits)
-        rows.append(r + i)
-        cols.append(c)
-    r, c = np.concatenate(rows), np.concatenate(cols)
-    graph = coo_matrix((np.ones(len(r), bool), (r, c)), shape=(n, n))
+    pairs = [(i, j) for i, j, _ in close_pairs(hashes, max_bits)]
+    i = np.concatenate([p[0] for p in pairs]) if pairs else np.zeros(0, int)
+    j = np.concatenate([p[1] for p in pairs]) if pairs else np.zeros(0, int)
+    graph = coo_matrix((np.ones(len(i), bool), (i, j)), shape=(len(hashes),) * 2)
     return connected_components(graph, directed=False)[1]
 
 
 def duplicate_groups(arrays: dict[str, SplitArrays], max_bits: int, data_hash: str,
                      cache_dir: Path | None = None) -> dict[str, Any]:
-    """Clusters over all splits, cached as JSON keyed by the data's hash and the threshold.
-
-    Returns ``{"clusters": {"split/file": label}, "clean_test": [...], ...}``.
-    """
+    """Hashes and clusters over all splits, cached as JSON keyed by the data's hash and the
+    threshold. Returns ``{"clusters": {"split/file": label}, "hashes": {...},
+    "clean_test": [...], ...}``."""
     cached = cached_groups(data_hash, max_bits, cache_dir)
     if cached is not None:
         return cached
-    keys, hashes = [], []
-    for split, a in arrays.items():
-        keys += [f"{split}/{f}" for f in a.files]
-        hashes.append(phash_bits(a))
-    labels = duplicate_clusters(np.concatenate(hashes), max_bits)
+    keys = [f"{split}/{f}" for split, a in arrays.items() for f in a.files]
+    hashes = np.concatenate([phash(a) for a in arrays.values()])
+    labels = duplicate_clusters(hashes, max_bits)
     clusters = {k: int(v) for k, v in zip(keys, labels, strict=True)}
-    groups = summarise_groups(clusters)
-    groups |= {"data_hash": data_hash, "max_bits": max_bits, "clusters": clusters}
+    groups = summarise_groups(clusters) | {
+        "data_hash": data_hash, "max_bits": max_bits, "clusters": clusters,
+        "hashes": {k: f"{int(h):016x}" for k, h in zip(keys, hashes, strict=True)}}
     atomic_write_json(_groups_file(data_hash, max_bits, cache_dir), groups)
     return groups
 
@@ -83,7 +90,8 @@ def cached_groups(data_hash: str, max_bits: int, cache_dir: Path | None = None,
     if not path.exists():
         return None
     cached = json.loads(path.read_text())
-    ok = cached.get("data_hash") == data_hash and cached.get("max_bits") == max_bits
+    ok = (cached.get("data_hash") == data_hash and cached.get("max_bits") == max_bits
+          and "hashes" in cached)
     return cached if ok else None
 
 
@@ -104,42 +112,25 @@ def summarise_groups(clusters: dict[str, int]) -> dict[str, Any]:
 
 
 def near_duplicate_groups(source: DataSource, bits: int,
-                     cache_dir: Path | None = None) -> dict[str, Any]:
-    """Near-duplicate groups of the dataset (cached): which test images are clean. Hashed
+                          cache_dir: Path | None = None) -> dict[str, Any]:
+    """Near-duplicate groups of a dataset (cached: no image is read once they exist). Hashed
     at one fixed size, so every profile sees the same groups."""
-    from brainseg_lib.data.arrays import load_dataset
-    from brainseg_lib.data.coco import dataset_hash
-    from brainseg_lib.data.duplicates import HASH_SIZE, cached_groups, duplicate_groups
-
     data_hash = dataset_hash(source.path)
-    cached = cached_groups(data_hash, bits, cache_dir)  # no image is read then
+    cached = cached_groups(data_hash, bits, cache_dir)
     if cached is not None:
         return cached
     arrays = load_dataset(source.path, HASH_SIZE, cache_dir)
     return duplicate_groups(arrays, bits, data_hash, cache_dir)
 
 
-def cross_split_pairs(arrays: dict[str, SplitArrays], max_distance: int = 4) -> pd.DataFrame:
-    """Pairs of images in *different* splits whose 64-bit perceptual hashes (pHash) differ
-    in at most ``max_distance`` bits: likely the same slice, a leak between splits."""
-    import imagehash
-
-    names, splits, hashes = [], [], []
-    for split, a in arrays.items():
-        for file, img in zip(a.files, a.images, strict=True):
-            h = imagehash.phash(Image.fromarray(img[0]))
-            names.append(file)
-            splits.append(split)
-            hashes.append(np.packbits(h.hash.ravel()))
-    bits = np.unpackbits(np.stack(hashes), axis=1).astype(bool)
-    split_arr = np.asarray(splits)
-    rows = []
-    for i in range(len(bits)):
-        other = np.flatnonzero(split_arr[i + 1:] != split_arr[i]) + i + 1
-        if not len(other):
-            continue
-        dist = (bits[other] != bits[i]).sum(1)
-        for j, d in zip(other[dist <= max_distance], dist[dist <= max_distance], strict=True):
-            rows.append({"split_a": splits[i], "file_a": names[i], "split_b": splits[j],
-                         "file_b": names[j], "hamming": int(d)})
-    return pd.DataFrame(rows, columns=["split_a", "file_a", "split_b", "file_b", "hamming"])
+def cross_split_pairs(groups: dict[str, Any], max_bits: int | None = None) -> pd.DataFrame:
+    """Pairs of images in *different* splits whose pHashes differ in at most ``max_bits``
+    bits (default: the groups' threshold): likely the same slice, a leak between splits."""
+    keys = list(groups["hashes"])
+    hashes = np.array([int(groups["hashes"][k], 16) for k in keys], np.uint64)
+    split, file = zip(*(k.split("/", 1) for k in keys), strict=True) if keys else ((), ())
+    rows = [(split[a], file[a], split[b], file[b], int(d))
+            for i, j, dist in close_pairs(hashes, groups["max_bits"] if max_bits is None
+                                          else max_bits)
+            for a, b, d in zip(i, j, dist, strict=True) if split[a] != split[b]]
+    return pd.DataFrame(rows, columns=PAIR_COLUMNS)

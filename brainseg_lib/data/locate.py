@@ -3,24 +3,17 @@
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 import socket
 import sys
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 from brainseg_lib.config import Params, project_root
-from brainseg_lib.data.coco import dataset_hash
 
 KAGGLE_ID = "pkdarabi/brain-tumor-image-dataset-semantic-segmentation"
-
-
 KAGGLE_URL = f"https://www.kaggle.com/datasets/{KAGGLE_ID}"
-
-
 SYNTHETIC_BANNER = ("SYNTHETIC DEMO DATA: no real dataset was found, so this run uses generated "
                     "images. Its numbers say nothing about brain tumours.")
 
@@ -144,18 +137,3 @@ def data_source(params: Params) -> DataSource:
     """The dataset a run with these parameters uses."""
     return resolve_data(params.data_dir, params.synthetic, params.cache_path() or "",
                         tuple(params.synthetic_counts), params.synthetic_size, params.seed)
-
-
-def dataset_record(source: Any, images: dict[str, int]) -> dict[str, Any]:
-    """What a run records about its data: where, which labels (hash), and, for a resized copy,
-    the dataset it was made from (``brainseg data resize`` writes provenance.json)."""
-    record = {"path": str(source.path), "kind": source.kind, "found_by": source.how,
-              "annotations_sha256": dataset_hash(source.path), "images": images}
-    provenance = source.path / "provenance.json"
-    if provenance.exists():
-        prov = json.loads(provenance.read_text())
-        record["derived_from"] = prov
-        record["provenance"] = (f"trained on a {prov['size']}-px "
-                                f"{'greyscale ' if prov.get('grey') else ''}copy of dataset "
-                                f"{prov['source_annotations_sha256']}")
-    return record

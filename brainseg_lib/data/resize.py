@@ -1,4 +1,5 @@
-"""Dataset tools behind ``brainseg data``: a full check report, and a resized copy.
+"""``brainseg data resize``: a resized copy of a COCO dataset (either layout), with its
+provenance, e.g. to carry a small copy to a GPU machine. Never commit the result.
 """
 
 from __future__ import annotations

@@ -1,11 +1,8 @@
-"""Near-duplicate groups and grouped k-fold cross-validation.
+"""Grouped k-fold cross-validation over train+valid.
 
-The dataset has no patient IDs, and near-identical slices sit in different splits. We group
-every image of every split into near-duplicate clusters (connected components of the graph
-whose edges join images with perceptual hashes at most ``duplicate_bits`` apart) and use the
-clusters as patients: folds never split a cluster, and the *clean* test subset holds the
-test images with no near-duplicate in train or valid. Folds are saved as ``folds.json``
-(editable by hand, like nnU-Net's ``splits_final.json``).
+Folds never split a near-duplicate cluster (:mod:`.duplicates`: our stand-in for patients)
+and are saved as ``folds.json``, editable by hand like nnU-Net's ``splits_final.json``; a
+fold's training data is checked to cover every development image exactly once.
 """
 
 from __future__ import annotations

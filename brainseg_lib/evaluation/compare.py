@@ -20,6 +20,15 @@ import pandas as pd
 from brainseg_lib.config import project_root, read_params_file
 from brainseg_lib.metrics.functional import ConfusionCounts
 from brainseg_lib.metrics.intervals import paired_bootstrap
+from brainseg_lib.rundir import (
+    BEST_CHECKPOINT,
+    HISTORY_FILE,
+    METRICS_FILE,
+    PARAMS_FILE,
+    PER_IMAGE_FILE,
+    REPORT_SUMMARY_FILE,
+    eval_dir,
+)
 
 
 @dataclass
@@ -42,9 +51,9 @@ class RunResult:
 
 def _runs_in(folder: Path) -> list[Path]:
     """A run directory, or every run inside a sweep or cross-validation folder."""
-    if (folder / "best.pt").exists():
+    if (folder / BEST_CHECKPOINT).exists():
         return [folder]
-    return sorted(p.parent for p in folder.glob("*/best.pt"))
+    return sorted(p.parent for p in folder.glob(f"*/{BEST_CHECKPOINT}"))
 
 
 def find_runs(names: list[str], runs_dir: Path, reports_dir: Path | None = None,
@@ -68,12 +77,12 @@ def find_runs(names: list[str], runs_dir: Path, reports_dir: Path | None = None,
     reports_dir = reports_dir or project_root() / "reports"
     days = sorted(p for p in reports_dir.glob("????-??-??") if p.is_dir())
     if days:
-        for summary in sorted(days[-1].glob("*/summary.json")):
+        for summary in sorted(days[-1].glob(f"*/{REPORT_SUMMARY_FILE}")):
             run_dir = runs_dir / json.loads(summary.read_text())["run_id"]
-            if (run_dir / "best.pt").exists():
+            if (run_dir / BEST_CHECKPOINT).exists():
                 found.append(run_dir)
     if len(found) < 2:
-        evaluated = sorted(runs_dir.glob("*/eval-test/metrics.json"),
+        evaluated = sorted(runs_dir.glob(f"*/eval-test/{METRICS_FILE}"),
                            key=lambda p: p.stat().st_mtime)
         found = [p.parent.parent for p in evaluated[-2:]]
     if not found:
@@ -91,14 +100,14 @@ def load_results(run_dirs: list[Path], settings: Any = None, device: str = "auto
 
     results = []
     for run_dir in run_dirs:
-        table = run_dir / "eval-test" / "per_image.csv"
+        table = eval_dir(run_dir, "test") / PER_IMAGE_FILE
         if not table.exists() or "tp_headline" not in pd.read_csv(table, nrows=1).columns:
             print(f"{run_dir.name}: evaluating on test first (no per-image counts yet)")
             evaluate_run(run_dir, "test", device, verbose=False, settings=settings)
-        history = run_dir / "history.csv"
+        history = run_dir / HISTORY_FILE
         results.append(RunResult(
             run_dir.name, run_dir, training_record(run_dir) or {},
-            json.loads((run_dir / "eval-test" / "metrics.json").read_text()),
+            json.loads((eval_dir(run_dir, "test") / METRICS_FILE).read_text()),
             pd.read_csv(table), pd.read_csv(history) if history.exists() else None))
     return results
 
@@ -107,7 +116,7 @@ def summary_table(results: list[RunResult]) -> pd.DataFrame:
     """One row per run: what it is, how it trained, its test figures (full and clean)."""
     rows = []
     for r in results:
-        params = read_params_file(r.run_dir / "params.yaml")
+        params = read_params_file(r.run_dir / PARAMS_FILE)
         head, clean = r.metrics["headline"]["metrics"], r.metrics.get("headline_clean", {})
         rows.append({
             "run": r.name, "profile": params.get("profile"),

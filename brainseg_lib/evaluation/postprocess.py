@@ -1,11 +1,5 @@
-"""Evaluation of a trained run on a split, honest about what each number measures.
-
-The *headline* setting is the plain method: the model's resolution, threshold 0.5, no
-test-time augmentation (TTA), no post-processing. Threshold, TTA and post-processing are
-then chosen on the **validation** split only and the chosen setting is reported on test, so
-no test number is tuned on test. Everything is also scored at the images' source
-resolution (probabilities resized back bilinearly, ground truth rasterised from the COCO
-annotations at full size).
+"""Post-processing of binary masks: drop small components, keep the largest, or fill each
+component's bounding box (the labels here are boxes). Chosen on validation, never on test.
 """
 
 from __future__ import annotations

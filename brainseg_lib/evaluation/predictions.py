@@ -1,11 +1,5 @@
-"""Evaluation of a trained run on a split, honest about what each number measures.
-
-The *headline* setting is the plain method: the model's resolution, threshold 0.5, no
-test-time augmentation (TTA), no post-processing. Threshold, TTA and post-processing are
-then chosen on the **validation** split only and the chosen setting is reported on test, so
-no test number is tuned on test. Everything is also scored at the images' source
-resolution (probabilities resized back bilinearly, ground truth rasterised from the COCO
-annotations at full size).
+"""A split's predictions with labels: probabilities at the model's resolution (with and without
+flip TTA) and each image's own loss, the same definition as the trainer's validation loss.
 """
 
 from __future__ import annotations

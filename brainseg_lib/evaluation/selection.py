@@ -1,11 +1,6 @@
-"""Evaluation of a trained run on a split, honest about what each number measures.
-
-The *headline* setting is the plain method: the model's resolution, threshold 0.5, no
-test-time augmentation (TTA), no post-processing. Threshold, TTA and post-processing are
-then chosen on the **validation** split only and the chosen setting is reported on test, so
-no test number is tuned on test. Everything is also scored at the images' source
-resolution (probabilities resized back bilinearly, ground truth rasterised from the COCO
-annotations at full size).
+"""Choosing the evaluation setting on the selection split (validation or out-of-fold
+predictions): threshold, flip TTA and post-processing, each scored by pooled IoU. The test
+split never takes part in the choice.
 """
 
 from __future__ import annotations

@@ -18,7 +18,7 @@ import numpy as np
 from brainseg_lib.config import Params, load_params
 from brainseg_lib.data.arrays import SplitArrays, load_dataset
 from brainseg_lib.data.duplicates import near_duplicate_groups
-from brainseg_lib.data.locate import data_source
+from brainseg_lib.data.locate import DataSource, data_source
 from brainseg_lib.data.splits import dev_keys, fold_indices, make_folds, read_folds
 from brainseg_lib.evaluation.evaluate import EvalSettings, evaluate_on_split
 from brainseg_lib.evaluation.predictions import SplitPrediction, predict_split
@@ -28,6 +28,7 @@ from brainseg_lib.experiments.runner import Job, run_jobs
 from brainseg_lib.inference.predictor import LoadedModel, load_model
 from brainseg_lib.io import atomic_write_json
 from brainseg_lib.metrics.functional import hd95, pooled_iou
+from brainseg_lib.rundir import CV_FILE, FOLDS_FILE, eval_dir
 
 
 def cv_dir_for(params: Params, k: int) -> Path:
@@ -54,27 +55,26 @@ def out_of_fold(members: list[LoadedModel], dev: SplitArrays,
     return SplitPrediction(dev, probs, probs_tta, loss / len(dev), bce / len(dev))
 
 
-def run_cv(params_file: str | Path, k: int = 5, overrides: dict[str, Any] | None = None,
-           parallel: int = 0, evaluate: bool = True, verbose: bool = True) -> dict[str, Any]:
-    """Train the missing folds, then score OOF and the ensemble; writes ``cv.json``."""
-    params_file, overrides = Path(params_file), dict(overrides or {})
-    overrides["model_dir"] = ""  # cross-validation always trains
-    params = load_params(params_file, **overrides)
-    source = data_source(params)
-    data = load_dataset(source.path, params.image_size, params.cache_path())
+def _prepare_folds(params: Params, source: DataSource,
+                   k: int) -> tuple[Path, list[list[str]], dict[str, Any]]:
+    """The cv folder, its folds by near-duplicate cluster (written once, so a resumed cv
+    keeps them) and the clusters themselves."""
     groups = near_duplicate_groups(source, params.duplicate_bits, params.cache_path())
     cv_dir = cv_dir_for(params, k)
-    folds_file = cv_dir / "folds.json"
+    folds_file = cv_dir / FOLDS_FILE
     if not folds_file.exists():
         atomic_write_json(folds_file, make_folds(groups, k, params.seed))
-    folds = read_folds(folds_file)["folds"]
-    say = print if verbose else (lambda *a, **kw: None)
-    say(f"cv {cv_dir}: {len(folds)} folds over {sum(map(len, folds))} train+valid images in "
-        f"{groups['n_clusters']} near-duplicate clusters; {len(groups['clean_test'])} of "
-        f"{groups['n_test']} test images are clean")
+    return cv_dir, read_folds(folds_file)["folds"], groups
+
+
+def _train_folds(params_file: Path, overrides: dict[str, Any], cv_dir: Path, n_folds: int,
+                 parallel: int, evaluate: bool) -> list[Job]:
+    """One run per fold (finished ones are kept); RuntimeError when one failed, or is not
+    finished and the folds are to be evaluated."""
+    folds_file = cv_dir / FOLDS_FILE
     jobs = [Job(f"fold{i}", cv_dir / f"fold{i}", params_file,
                 overrides | {"fold": i, "folds_file": str(folds_file.resolve())})
-            for i in range(len(folds))]
+            for i in range(n_folds)]
     codes = run_jobs(jobs, parallel, cv_dir / "logs")
     failed = [n for n, c in codes.items() if c != 0]
     if failed:
@@ -84,13 +84,14 @@ def run_cv(params_file: str | Path, k: int = 5, overrides: dict[str, Any] | None
     if unfinished and evaluate:
         raise RuntimeError(f"cv {cv_dir}: fold(s) {', '.join(unfinished)} not finished; run "
                            "the same command again to resume")
-    result: dict[str, Any] = {"cv_dir": str(cv_dir), "folds": len(folds),
-                              "groups": {k_: v for k_, v in groups.items()
-                                         if k_ not in ("clusters", "clean_test")}}
-    if not evaluate:
-        return result
-    st = EvalSettings.from_params(params)
-    members = [load_model(job.run_dir) for job in jobs]
+    return jobs
+
+
+def _score_out_of_fold(members: list[LoadedModel], data: dict[str, SplitArrays],
+                       folds: list[list[str]], params: Params,
+                       st: EvalSettings) -> tuple[dict[str, Any], SplitPrediction]:
+    """The CV metrics: out-of-fold predictions of train+valid scored in the plain setting,
+    with each fold's pooled IoU and the loss; and those predictions."""
     dev = SplitArrays.concat("dev", [data["train"], data["valid"]])
     indices = fold_indices(dev_keys(data), folds)
     oof = out_of_fold(members, dev, indices, st.tta)
@@ -98,21 +99,52 @@ def run_cv(params_file: str | Path, k: int = 5, overrides: dict[str, Any] | None
     counts = score(oof, st.threshold, False, "none", 0)
     dists = np.asarray([hd95(m, t) for m, t in zip(oof.probs >= st.threshold, dev.masks,
                                                    strict=True)])
-    result["cv"] = metric_block(counts, dists, params.batch_size, st.bootstrap, st.seed,
-                          "out-of-fold, " + describe(plain, f"{params.image_size}px"))
-    result["cv"]["per_fold_pooled_iou"] = [pooled_iou(counts.take(idx)) for idx in indices]
-    result["cv"]["loss"] = {"name": params.loss, "value": oof.loss, "bce": oof.bce}
+    block = metric_block(counts, dists, params.batch_size, st.bootstrap, st.seed,
+                         "out-of-fold, " + describe(plain, f"{params.image_size}px"))
+    block["per_fold_pooled_iou"] = [pooled_iou(counts.take(idx)) for idx in indices]
+    block["loss"] = {"name": params.loss, "value": oof.loss, "bce": oof.bce}
+    return block, oof
+
+
+def _score_ensemble(members: list[LoadedModel], cv_dir: Path, source: DataSource,
+                    st: EvalSettings, oof: SplitPrediction, verbose: bool) -> dict[str, Any]:
+    """The fold models' mean probability on the test split, with the threshold / TTA /
+    post-processing chosen on the out-of-fold predictions."""
     ensemble = LoadedModel([m.model for m in members], members[0].params, members[0].device,
                            0, f"{cv_dir.name}: ensemble of {len(members)} fold models")
-    test = evaluate_on_split(ensemble, source, "test", cv_dir / "eval-test", st, oof,
-                          "out-of-fold predictions", verbose)
-    result["chosen_on_oof"] = test["chosen_on_valid"]
-    result["ensemble_test"] = {key: test[key] for key in test
-                               if key.startswith(("headline", "selected"))}
-    result["clean_test"] = test.get("clean_test")
-    atomic_write_json(cv_dir / "cv.json", result)
+    test = evaluate_on_split(ensemble, source, "test", eval_dir(cv_dir, "test"), st, oof,
+                             "out-of-fold predictions", verbose)
+    return {"chosen_on_oof": test["chosen_on_valid"],
+            "ensemble_test": {key: test[key] for key in test
+                              if key.startswith(("headline", "selected"))},
+            "clean_test": test.get("clean_test")}
+
+
+def run_cv(params_file: str | Path, k: int = 5, overrides: dict[str, Any] | None = None,
+           parallel: int = 0, evaluate: bool = True, verbose: bool = True) -> dict[str, Any]:
+    """Train the missing folds, then score OOF and the ensemble; writes ``cv.json``."""
+    params_file, overrides = Path(params_file), dict(overrides or {})
+    overrides["model_dir"] = ""  # cross-validation always trains
+    params = load_params(params_file, **overrides)
+    source = data_source(params)
+    data = load_dataset(source.path, params.image_size, params.cache_path())
+    cv_dir, folds, groups = _prepare_folds(params, source, k)
+    say = print if verbose else (lambda *a, **kw: None)
+    say(f"cv {cv_dir}: {len(folds)} folds over {sum(map(len, folds))} train+valid images in "
+        f"{groups['n_clusters']} near-duplicate clusters; {len(groups['clean_test'])} of "
+        f"{groups['n_test']} test images are clean")
+    jobs = _train_folds(params_file, overrides, cv_dir, len(folds), parallel, evaluate)
+    result: dict[str, Any] = {"cv_dir": str(cv_dir), "folds": len(folds),
+                              "groups": {key: value for key, value in groups.items()
+                                         if key not in ("clusters", "clean_test")}}
+    if not evaluate:
+        return result
+    st = EvalSettings.from_params(params)
+    members = [load_model(job.run_dir) for job in jobs]
+    result["cv"], oof = _score_out_of_fold(members, data, folds, params, st)
+    result.update(_score_ensemble(members, cv_dir, source, st, oof, verbose))
+    atomic_write_json(cv_dir / CV_FILE, result)
     cv = result["cv"]["metrics"]
     say(f"CV (out-of-fold, plain): pooled IoU {cv['pooled_iou']:.4f}, mean image Dice "
         f"{cv['mean_image_dice']:.4f}; wrote {cv_dir / 'cv.json'}")
     return result
-

@@ -17,6 +17,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from brainseg_lib.rundir import BEST_CHECKPOINT, LAST_CHECKPOINT, TRAIN_FILE
+
 
 @dataclass
 class Job:
@@ -27,13 +29,13 @@ class Job:
 
     @property
     def finished(self) -> bool:
-        return (self.run_dir / "train.json").exists() and (self.run_dir / "best.pt").exists()
+        return (self.run_dir / TRAIN_FILE).exists() and (self.run_dir / BEST_CHECKPOINT).exists()
 
     def command(self) -> list[str]:
         cmd = [sys.executable, "-m", "brainseg_lib.cli", "train", "--params",
                str(self.params_file), "--no-progress"]
         sets = dict(self.overrides)
-        if (self.run_dir / "last.pt").exists():
+        if (self.run_dir / LAST_CHECKPOINT).exists():
             cmd += ["--resume", str(self.run_dir)]
             sets = {k: v for k, v in sets.items() if k not in ("runs_dir", "run_id")}
         else:
@@ -96,7 +98,7 @@ def _loop(todo: list[Job], running: list[tuple[Job, subprocess.Popen, Any]], par
             log_path = (log_dir or job.run_dir.parent) / f"{job.name}.log"
             log_path.parent.mkdir(parents=True, exist_ok=True)
             log = log_path.open("a")
-            resumed = " (resuming)" if (job.run_dir / "last.pt").exists() else ""
+            resumed = " (resuming)" if (job.run_dir / LAST_CHECKPOINT).exists() else ""
             print(f"start {job.name}{resumed}: log {log_path}", flush=True)
             running.append((job, subprocess.Popen(job.command(), stdout=log,
                                                   stderr=subprocess.STDOUT, env=env), log))

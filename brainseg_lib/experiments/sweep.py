@@ -27,6 +27,7 @@ import pandas as pd
 from brainseg_lib.config import ParamsError, load_params, read_params_file
 from brainseg_lib.experiments.runner import Job, run_jobs
 from brainseg_lib.io import atomic_write, atomic_write_json
+from brainseg_lib.rundir import HISTORY_FILE, SWEEP_FILE, TRAIN_FILE
 
 SELECT_ON = ("val_iou", "val_dice", "val_loss")
 
@@ -72,8 +73,8 @@ def sweep_table(grid: dict[str, Any], sweep_dir: Path) -> pd.DataFrame:
     for job in sweep_jobs(grid, sweep_dir):
         row: dict[str, Any] = {"variant": job.name,
                                "differs": json.dumps(job.overrides, sort_keys=True)}
-        record_file = job.run_dir / "train.json"
-        history_file = job.run_dir / "history.csv"
+        record_file = job.run_dir / TRAIN_FILE
+        history_file = job.run_dir / HISTORY_FILE
         if record_file.exists() and history_file.exists():
             record = json.loads(record_file.read_text())
             history = pd.read_csv(history_file)
@@ -120,6 +121,6 @@ def run_sweep(grid_file: str | Path, sweep_dir: str | Path, parallel: int = 0,
         result["selected_test"] = {k: metrics[k]["metrics"] | {"ci95": metrics[k].get("ci95")}
                                    for k in ("headline", "headline_clean", "selected",
                                              "selected_clean") if k in metrics}
-    atomic_write(sweep_dir / "sweep.csv", lambda tmp: table.to_csv(tmp, index=False))
+    atomic_write(sweep_dir / SWEEP_FILE, lambda tmp: table.to_csv(tmp, index=False))
     atomic_write_json(sweep_dir / "sweep.json", result | {"table": table.to_dict("records")})
     return table

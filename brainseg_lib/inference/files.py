@@ -1,4 +1,5 @@
-"""Inference: load a checkpoint, predict probabilities, and write masks for new images.
+"""``brainseg predict``: a mask and an overlay PNG for each input image, at its own size;
+unreadable inputs are reported and skipped.
 """
 
 from __future__ import annotations

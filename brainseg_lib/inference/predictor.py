@@ -1,4 +1,6 @@
-"""Inference: load a checkpoint, predict probabilities, and write masks for new images.
+"""A trained model ready to predict: loaded safely from a checkpoint, a run directory or a
+model folder (one member or a fold ensemble), and turned into probabilities for uint8
+batches or for images of any size (padded to a square, not squashed).
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ from brainseg_lib.model.checkpoint import ArtifactError, network_from_checkpoint
 from brainseg_lib.model.device import autocast_dtype, select_device
 from brainseg_lib.model.network import Normalizer
 from brainseg_lib.model.package import is_model_dir, networks_from_model_dir
+from brainseg_lib.rundir import BEST_CHECKPOINT
 
 
 @dataclass
@@ -44,29 +47,25 @@ def _to_device(models: list[nn.Module], params: Params, device: str) -> tuple[
     return out, dev
 
 
-def load_checkpoint(path: str | Path, device: str = "auto") -> LoadedModel:
-    """Rebuild the network a checkpoint was trained with and load its weights (safely)."""
-    model, params, state = network_from_checkpoint(path)
-    members, dev = _to_device([model], params, device)
-    return LoadedModel(members, params, dev, int(state.get("epoch", 0)), str(path))
-
-
 def load_model(path: str | Path, device: str = "auto") -> LoadedModel:
-    """A checkpoint file, a run directory (its best.pt) or an exported model folder."""
+    """The one way to get a model for inference: a checkpoint file, a run directory (its
+    best.pt) or an exported model folder (one member, or a fold ensemble), loaded safely."""
     path = Path(path)
     if not path.exists():
         raise ArtifactError(f"{path}: no such run directory, model folder or checkpoint")
     if path.is_dir() and is_model_dir(path):
         models, params, info = networks_from_model_dir(path)
-        members, dev = _to_device(models, params, device)
-        epochs = info.get("checkpoint_epochs") or [0]
-        return LoadedModel(members, params, dev, int(epochs[0]), str(path))
-    if path.is_dir():
-        if not (path / "best.pt").is_file():
-            raise ArtifactError(f"{path}: neither a model folder (config.json) nor a run "
-                                "directory (best.pt)")
-        path = path / "best.pt"
-    return load_checkpoint(path, device)
+        epoch = int((info.get("checkpoint_epochs") or [0])[0])
+    else:
+        if path.is_dir():
+            if not (path / BEST_CHECKPOINT).is_file():
+                raise ArtifactError(f"{path}: neither a model folder (config.json) nor a run "
+                                    "directory (best.pt)")
+            path = path / BEST_CHECKPOINT
+        model, params, state = network_from_checkpoint(path)
+        models, epoch = [model], int(state.get("epoch", 0))
+    members, dev = _to_device(models, params, device)
+    return LoadedModel(members, params, dev, epoch, str(path))
 
 
 def _model_input(loaded: LoadedModel, images_u8: torch.Tensor,

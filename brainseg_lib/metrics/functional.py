@@ -68,34 +68,65 @@ def _ratio(num: np.ndarray, den: np.ndarray) -> np.ndarray:
     return np.where(den > 0, num / np.maximum(den, 1), 1.0)
 
 
+# --- the formulas, once; on counts of any shape (one image, pooled sums, resampled sums)
+
+def iou(tp: np.ndarray, fp: np.ndarray, fn: np.ndarray) -> np.ndarray:
+    """TP / (TP + FP + FN); 1 where there is nothing to find and nothing predicted."""
+    return _ratio(tp, tp + fp + fn)
+
+
+def dice(tp: np.ndarray, fp: np.ndarray, fn: np.ndarray) -> np.ndarray:
+    """2 TP / (2 TP + FP + FN) (F1); 1 where there is nothing to find and nothing predicted."""
+    return _ratio(2 * tp, 2 * tp + fp + fn)
+
+
+def precision(tp: np.ndarray, fp: np.ndarray) -> np.ndarray:
+    """TP / (TP + FP); 1 when nothing is predicted."""
+    return _ratio(tp, tp + fp)
+
+
+def recall(tp: np.ndarray, fn: np.ndarray) -> np.ndarray:
+    """TP / (TP + FN) (sensitivity); 1 when there is nothing to find."""
+    return _ratio(tp, tp + fn)
+
+
+def headline_metrics(tp: np.ndarray, fp: np.ndarray, fn: np.ndarray, tn: np.ndarray,
+                     axis: int = -1) -> dict[str, np.ndarray]:
+    """The pooled and per-image metrics of per-image counts along ``axis`` (images)."""
+    sums = [x.sum(axis) for x in (tp, fp, fn, tn)]
+    fg = iou(*sums[:3])
+    return {"pooled_iou": fg, "pooled_dice": dice(*sums[:3]),
+            "mean_image_iou": iou(tp, fp, fn).mean(axis),
+            "mean_image_dice": dice(tp, fp, fn).mean(axis),
+            "fg_bg_miou": (fg + iou(sums[3], sums[1], sums[2])) / 2,
+            "precision": precision(sums[0], sums[1]), "recall": recall(sums[0], sums[2])}
+
+
+# --- the same on ConfusionCounts
+
 def per_image_iou(c: ConfusionCounts) -> np.ndarray:
     """Foreground IoU of each image; 1 when both masks are empty."""
-    return _ratio(c.tp, c.tp + c.fp + c.fn)
+    return iou(c.tp, c.fp, c.fn)
 
 
 def per_image_dice(c: ConfusionCounts) -> np.ndarray:
     """Foreground Dice (F1) of each image; 1 when both masks are empty."""
-    return _ratio(2 * c.tp, 2 * c.tp + c.fp + c.fn)
+    return dice(c.tp, c.fp, c.fn)
 
 
 def pooled_iou(c: ConfusionCounts) -> float:
     """Foreground IoU with TP/FP/FN summed over all images (micro)."""
-    return float(_ratio(c.tp.sum(), c.tp.sum() + c.fp.sum() + c.fn.sum()))
+    return float(iou(c.tp.sum(), c.fp.sum(), c.fn.sum()))
 
 
 def pooled_dice(c: ConfusionCounts) -> float:
     """Foreground Dice with counts summed over all images (micro)."""
-    return float(_ratio(2 * c.tp.sum(), 2 * c.tp.sum() + c.fp.sum() + c.fn.sum()))
-
-
-def pooled_background_iou(c: ConfusionCounts) -> float:
-    """Background IoU with counts summed over all images: TN / (TN + FP + FN)."""
-    return float(_ratio(c.tn.sum(), c.tn.sum() + c.fp.sum() + c.fn.sum()))
+    return float(dice(c.tp.sum(), c.fp.sum(), c.fn.sum()))
 
 
 def fg_bg_miou(c: ConfusionCounts) -> float:
-    """Mean of pooled foreground IoU and pooled background IoU (two-class mIoU)."""
-    return (pooled_iou(c) + pooled_background_iou(c)) / 2
+    """Mean of pooled foreground IoU and pooled background IoU, TN / (TN + FP + FN)."""
+    return float(headline_metrics(c.tp, c.fp, c.fn, c.tn)["fg_bg_miou"])
 
 
 def batch_pooled_iou(c: ConfusionCounts, batch_size: int) -> float:
@@ -103,16 +134,6 @@ def batch_pooled_iou(c: ConfusionCounts, batch_size: int) -> float:
     scores = [pooled_iou(c.take(np.arange(i, min(i + batch_size, len(c)))))
               for i in range(0, len(c), batch_size)]
     return float(np.mean(scores))
-
-
-def pooled_precision(c: ConfusionCounts) -> float:
-    """TP / (TP + FP) over all pixels of the split; 1 when nothing is predicted."""
-    return float(_ratio(c.tp.sum(), c.tp.sum() + c.fp.sum()))
-
-
-def pooled_recall(c: ConfusionCounts) -> float:
-    """TP / (TP + FN) over all pixels of the split (sensitivity); 1 when nothing to find."""
-    return float(_ratio(c.tp.sum(), c.tp.sum() + c.fn.sum()))
 
 
 def _surface(mask: np.ndarray) -> np.ndarray:
@@ -154,16 +175,8 @@ HEADLINE = {
 def summarise(c: ConfusionCounts, batch_size: int = 16,
               hd95_values: np.ndarray | None = None) -> dict[str, float]:
     """Every headline metric from per-image counts (and optional per-image HD95)."""
-    out = {
-        "pooled_iou": pooled_iou(c),
-        "pooled_dice": pooled_dice(c),
-        "mean_image_iou": float(per_image_iou(c).mean()),
-        "mean_image_dice": float(per_image_dice(c).mean()),
-        "fg_bg_miou": fg_bg_miou(c),
-        "batch_pooled_iou": batch_pooled_iou(c, batch_size),
-        "precision": pooled_precision(c),
-        "recall": pooled_recall(c),
-    }
+    out = {k: float(v) for k, v in headline_metrics(c.tp, c.fp, c.fn, c.tn).items()}
+    out["batch_pooled_iou"] = batch_pooled_iou(c, batch_size)
     if hd95_values is not None:
         finite = hd95_values[np.isfinite(hd95_values)]
         out["hd95"] = float(finite.mean()) if len(finite) else float("nan")

@@ -1,75 +1,74 @@
-"""Segmentation metrics, each named for what it measures.
+"""Bootstrap 95 % confidence intervals over images, with ``scipy.stats.bootstrap`` (BCa).
 
-All metrics take binary masks: a pixel is foreground when its sigmoid probability is
-``>= threshold`` (0.5 unless stated). They are computed from per-image confusion counts
-(TP, FP, FN, TN, via ``smp.metrics.get_stats``), so the same counts give every reduction:
-
-* **pooled** ("micro"): counts summed over the whole split, then the ratio. Large tumours
-  weigh more. ``pooled_iou`` is the usual foreground IoU of a test set.
-* **per-image** ("micro-imagewise", mean over images): the ratio per image, then the mean.
-  Empty-mask policy: an image with empty ground truth *and* empty prediction scores 1;
-  empty ground truth with a non-empty prediction scores 0 (smp's ``zero_division=1``).
-* **batch-pooled**: pooled within consecutive batches of ``batch_size`` images in split
-  order, then averaged over batches. This is what a Keras/PyTorch loop that averages a
-  batch-level IoU reports; it depends on the batch size, which is recorded with it.
-* **fg+bg mIoU**: the mean of the pooled foreground IoU and the pooled background IoU
-  (TN / (TN + FP + FN)). Background is ~97 % of the pixels here, so this is far higher than
-  the foreground IoU; the reference notebook's 0.806 is comparable to this, not to IoU.
-
-Ratios whose denominator is zero (nothing predicted and nothing to find) are 1.
-Resolution is the caller's: the evaluation reports both the model's and the source's.
+Images are resampled with replacement and every metric is recomputed from the resampled
+per-image counts with the formulas of :mod:`.functional`. Comparisons are paired: both runs
+are resampled on the same images, so what they share (hard images, easy images) cancels
+out of the interval of their difference. When every resample gives the same value (a run
+against itself, a perfect model) the interval is that value.
 """
 
 from __future__ import annotations
 
-import numpy as np
+import warnings
+from collections.abc import Callable
 
-from brainseg_lib.metrics.functional import ConfusionCounts, _ratio
+import numpy as np
+from scipy import stats
+
+from brainseg_lib.metrics.functional import ConfusionCounts, dice, headline_metrics, iou
+
+Interval = tuple[float, float]
+
+
+def _bootstrap(data: tuple[np.ndarray, ...], statistic: Callable[..., np.ndarray],
+               n_resamples: int, seed: int) -> np.ndarray:
+    """(2, k) low/high bounds of a vector-valued statistic of paired per-image arrays."""
+    with warnings.catch_warnings(), np.errstate(invalid="ignore", divide="ignore"):
+        warnings.simplefilter("ignore", stats.DegenerateDataWarning)
+        result = stats.bootstrap(data, statistic, n_resamples=n_resamples, paired=True,
+                                 vectorized=True, method="BCa", rng=np.random.default_rng(seed))
+    bounds = np.array([result.confidence_interval.low, result.confidence_interval.high])
+    degenerate = ~np.isfinite(bounds).all(axis=0)  # BCa is undefined when nothing varies
+    if degenerate.any():
+        spread = np.percentile(result.bootstrap_distribution, [2.5, 97.5], axis=-1)
+        bounds[:, degenerate] = spread[:, degenerate]
+    return bounds
 
 
 def bootstrap_ci(c: ConfusionCounts, hd95_values: np.ndarray | None = None,
-                 n_resamples: int = 1000, seed: int = 0,
-                 ) -> dict[str, tuple[float, float]]:
-    """Percentile 95 % confidence intervals, resampling images with replacement."""
-    rng = np.random.default_rng(seed)
-    n = len(c)
-    idx = rng.integers(0, n, size=(n_resamples, n))
-    tp, fp, fn, tn = (getattr(c, k)[idx] for k in ("tp", "fp", "fn", "tn"))
-    tps, fps, fns, tns = tp.sum(1), fp.sum(1), fn.sum(1), tn.sum(1)
-    samples = {
-        "pooled_iou": _ratio(tps, tps + fps + fns),
-        "pooled_dice": _ratio(2 * tps, 2 * tps + fps + fns),
-        "mean_image_iou": _ratio(tp, tp + fp + fn).mean(1),
-        "mean_image_dice": _ratio(2 * tp, 2 * tp + fp + fn).mean(1),
-        "fg_bg_miou": (_ratio(tps, tps + fps + fns) + _ratio(tns, tns + fps + fns)) / 2,
-        "precision": _ratio(tps, tps + fps),
-        "recall": _ratio(tps, tps + fns),
-    }
-    if hd95_values is not None:
-        vals = hd95_values[idx]
-        with np.errstate(invalid="ignore"):
-            samples["hd95"] = np.nanmean(np.where(np.isfinite(vals), vals, np.nan), axis=1)
-    return {k: (float(np.nanpercentile(v, 2.5)), float(np.nanpercentile(v, 97.5)))
-            for k, v in samples.items()}
+                 n_resamples: int = 1000, seed: int = 0) -> dict[str, Interval]:
+    """95 % intervals of the pooled and per-image metrics (and mean HD95 over the images
+    where it is defined), resampling images with replacement."""
+    keys = list(headline_metrics(c.tp[:1], c.fp[:1], c.fn[:1], c.tn[:1]))
+
+    def statistic(tp, fp, fn, tn, axis=-1):
+        return np.stack(list(headline_metrics(tp, fp, fn, tn, axis).values()))
+
+    bounds = _bootstrap((c.tp, c.fp, c.fn, c.tn), statistic, n_resamples, seed)
+    out = {k: (float(bounds[0, i]), float(bounds[1, i])) for i, k in enumerate(keys)}
+    if hd95_values is not None and np.isfinite(hd95_values).sum() > 1:
+        finite = hd95_values[np.isfinite(hd95_values)]
+        hd = _bootstrap((finite,), lambda v, axis=-1: np.mean(v, axis)[None], n_resamples,
+                        seed)
+        out["hd95"] = (float(hd[0, 0]), float(hd[1, 0]))
+    return out
 
 
 def paired_bootstrap(a: ConfusionCounts, b: ConfusionCounts, n_resamples: int = 1000,
                      seed: int = 0) -> dict[str, tuple[float, float, float]]:
     """B minus A on the same images: (difference, 95 % low, 95 % high) of pooled IoU and
-    mean image Dice. Each resample draws one set of images for both, so what the two runs
-    share (hard images, easy images) cancels out of the interval."""
+    mean image Dice, both runs resampled on one set of images."""
     if len(a) != len(b):
         raise ValueError(f"paired comparison needs the same images ({len(a)} vs {len(b)})")
-    rng = np.random.default_rng(seed)
-    idx = rng.integers(0, len(a), size=(n_resamples, len(a)))
 
-    def scores(c: ConfusionCounts, take: np.ndarray | slice) -> dict[str, np.ndarray]:
-        tp, fp, fn = c.tp[take], c.fp[take], c.fn[take]
-        return {"pooled_iou": _ratio(tp.sum(-1), (tp + fp + fn).sum(-1)),
-                "mean_image_dice": _ratio(2 * tp, 2 * tp + fp + fn).mean(-1)}
+    def statistic(atp, afp, afn, btp, bfp, bfn, axis=-1):
+        pooled = [iou(*(x.sum(axis) for x in run)) for run in ((atp, afp, afn),
+                                                                 (btp, bfp, bfn))]
+        per_image = [dice(*run).mean(axis) for run in ((atp, afp, afn), (btp, bfp, bfn))]
+        return np.stack([pooled[1] - pooled[0], per_image[1] - per_image[0]])
 
-    point_a, point_b = scores(a, slice(None)), scores(b, slice(None))
-    boot_a, boot_b = scores(a, idx), scores(b, idx)
-    return {k: (float(point_b[k] - point_a[k]),
-                float(np.percentile(boot_b[k] - boot_a[k], 2.5)),
-                float(np.percentile(boot_b[k] - boot_a[k], 97.5))) for k in point_a}
+    data = (a.tp, a.fp, a.fn, b.tp, b.fp, b.fn)
+    point = statistic(*data)
+    bounds = _bootstrap(data, statistic, n_resamples, seed)
+    return {k: (float(point[i]), float(bounds[0, i]), float(bounds[1, i]))
+            for i, k in enumerate(("pooled_iou", "mean_image_dice"))}

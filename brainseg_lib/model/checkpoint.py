@@ -1,11 +1,9 @@
-"""Model artifacts: checkpoints that load without running code, and exported model folders.
+"""Checkpoints that load without running code.
 
 A checkpoint (``best.pt``/``last.pt``) holds only tensors and plain Python values and is read
 with ``torch.load(weights_only=True)``: a file that would need anything else to unpickle is
-refused with one line, and nothing in it is executed. An exported model is smp's own format
-(``save_pretrained``: ``config.json`` + ``model.safetensors``), plus ``brainseg.json`` (how
-it was trained, on what data, what it scored) and a model card ``README.md``. A fold
-ensemble is one folder with one weight file per member and the same config.
+refused with one line, and nothing in it is executed. A truncated file or one of another
+architecture is one line naming the file and the problem.
 """
 
 from __future__ import annotations
@@ -18,7 +16,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from brainseg_lib.config import Params, ParamsError, params_from_dict
+from brainseg_lib.config import Params, ParamsError, params_from_record
 from brainseg_lib.io import atomic_write
 from brainseg_lib.model.network import build_network
 
@@ -100,7 +98,7 @@ def network_from_checkpoint(path: str | Path) -> tuple[nn.Module, Params, dict[s
     path = Path(path)
     state = read_checkpoint(path)
     try:
-        params = params_from_dict(state["params"], source=str(path))
+        params = params_from_record(state["params"], source=str(path))
     except (ParamsError, TypeError) as err:
         raise ArtifactError(f"{path}: its parameters are invalid: {err}") from None
     model = build_network(params.arch, params.encoder, params.in_channels)

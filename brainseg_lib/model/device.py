@@ -1,10 +1,5 @@
-"""One training step and everything it needs: device and precision, optimiser, schedule,
-early stopping, weight EMA, compile, validation.
-
-The split lives on the training device as uint8 and batches are index-gathered and augmented
-there: no DataLoader, no host copy and no host sync inside an epoch (the loss is checked
-once per epoch). On CUDA the step is compiled (``compile``) and runs in bf16; under
-torchrun it is wrapped in DistributedDataParallel (:mod:`.distributed`).
+"""Where and in what precision a network runs: the device choice and the autocast dtype,
+shared by training and inference.
 """
 
 from __future__ import annotations

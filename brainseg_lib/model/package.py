@@ -1,23 +1,31 @@
-"""Model artifacts: checkpoints that load without running code, and exported model folders.
-
-A checkpoint (``best.pt``/``last.pt``) holds only tensors and plain Python values and is read
-with ``torch.load(weights_only=True)``: a file that would need anything else to unpickle is
-refused with one line, and nothing in it is executed. An exported model is smp's own format
-(``save_pretrained``: ``config.json`` + ``model.safetensors``), plus ``brainseg.json`` (how
-it was trained, on what data, what it scored) and a model card ``README.md``. A fold
-ensemble is one folder with one weight file per member and the same config.
+"""Exported model folders: smp's own format (``save_pretrained``: ``config.json`` +
+``model.safetensors``) plus ``brainseg.json`` (how it was trained, on what data, what it
+scored) and a model card ``README.md``. A fold ensemble is one folder with one weight file
+per member and the same config. A shipped model can be laid out as a run directory
+(:func:`materialise`), so notebooks and evaluation treat it like a run trained here.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
+import shutil
+import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 import segmentation_models_pytorch as smp
 from torch import nn
 
-from brainseg_lib.config import Params, ParamsError, params_from_dict
+from brainseg_lib.config import (
+    IDENTITY_KEYS,
+    Params,
+    ParamsError,
+    params_from_record,
+    save_params,
+)
 from brainseg_lib.io import atomic_write_json, atomic_write_text
 from brainseg_lib.model.checkpoint import (
     ArtifactError,
@@ -25,21 +33,20 @@ from brainseg_lib.model.checkpoint import (
     network_from_checkpoint,
     save_checkpoint,
 )
+from brainseg_lib.rundir import (
+    BEST_CHECKPOINT,
+    ENV_FILE,
+    HISTORY_FILE,
+    METRICS_FILE,
+    PARAMS_FILE,
+    SOURCE_MODEL_FILE,
+    TRAIN_FILE,
+    training_record,
+)
 
 WEIGHTS_FILE = "model.safetensors"
-
-
 CONFIG_FILE = "config.json"
-
-
 INFO_FILE = "brainseg.json"
-
-
-# parameters that shape the weights; the rest (threshold, TTA, bootstrap, ...) shape a measurement
-TRAINING_KEYS = ("image_size", "arch", "encoder", "encoder_weights", "in_channels",
-                 "normalize_mean", "normalize_std", "loss", "optimizer", "lr", "weight_decay",
-                 "scheduler", "warmup_epochs", "epochs", "batch_size", "monitor", "augment",
-                 "ema", "ema_decay", "seed", "fold", "limit_train_images")
 
 
 def is_model_dir(path: str | Path) -> bool:
@@ -77,7 +84,7 @@ def read_model_info(model_dir: str | Path) -> dict[str, Any]:
 
 def _training_params(model_dir: Path, info: dict[str, Any]) -> Params:
     try:
-        return params_from_dict(info["params"], source=str(model_dir / INFO_FILE))
+        return params_from_record(info["params"], source=str(model_dir / INFO_FILE))
     except (ParamsError, KeyError, TypeError) as err:
         raise ArtifactError(f"{model_dir / INFO_FILE}: invalid parameters ({err})") from None
 
@@ -115,20 +122,12 @@ def networks_from_model_dir(model_dir: str | Path,
     return members, params, info
 
 
-def export_model(run_dirs: list[Path], out_dir: Path, fp16: bool = True,
-                 dataset_name: str = "") -> Path:
-    """Write smp's ``save_pretrained`` folder for one run (or several: a fold ensemble).
-
-    Files are written to a temporary folder and renamed, so a failed export leaves nothing.
-    """
-    import shutil
-    import tempfile
-
-    from brainseg_lib.rundir import training_record
-
+def _load_members(run_dirs: list[Path]) -> tuple[list[nn.Module], Params, list[dict[str, Any]]]:
+    """Each run's best network and checkpoint state, and the first run's parameters; every
+    run must hold the same network (a fold ensemble shares one config)."""
     models, params_list, states = [], [], []
     for run in run_dirs:
-        model, params, state = network_from_checkpoint(run / "best.pt")
+        model, params, state = network_from_checkpoint(run / BEST_CHECKPOINT)
         models.append(model)
         params_list.append(params)
         states.append(state)
@@ -137,42 +136,17 @@ def export_model(run_dirs: list[Path], out_dir: Path, fp16: bool = True,
         if (p.arch, p.encoder, p.image_size) != (first.arch, first.encoder, first.image_size):
             raise ArtifactError(f"{run}: a different network ({p.arch}/{p.encoder} at "
                                 f"{p.image_size}px) from {run_dirs[0]}")
-    out_dir = Path(out_dir)
+    return models, first, states
+
+
+@contextmanager
+def _atomic_folder(out_dir: Path) -> Iterator[Path]:
+    """A temporary folder beside ``out_dir`` that replaces it when the block succeeds and
+    is removed when it fails, so a failed export leaves nothing."""
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
     try:
-        members = [WEIGHTS_FILE] if len(models) == 1 else [
-            f"model-fold{i}.safetensors" for i in range(len(models))]
-        for model, name in zip(models, members, strict=True):
-            if fp16:
-                model = model.half()
-            model.save_pretrained(tmp)  # smp's format: config.json + model.safetensors
-            if name != WEIGHTS_FILE:
-                (tmp / WEIGHTS_FILE).rename(tmp / name)
-        run0 = run_dirs[0]
-        env = json.loads((run0 / "env.json").read_text()) if (run0 / "env.json").exists() \
-            else {}
-        metrics_file = run0 / "metrics.json"
-        info = {
-            "format": "brainseg model 1", "members": members,
-            "stored_as": "float16" if fp16 else "float32",
-            "params": {k: v for k, v in first.to_dict().items()
-                       if k not in ("resume", "model_dir", "run_id")},
-            "runs": [r.name for r in run_dirs],
-            "training": [training_record(r) or {} for r in run_dirs],
-            "environment": {k: env.get(k) for k in ("device", "gpu", "git_commit", "created",
-                                                    "packages", "cuda") if k in env},
-            "dataset": env.get("dataset", {}) | ({"name": dataset_name} if dataset_name
-                                                else {}),
-            "weights_init": env.get("weights", states[0].get("weights", "")),
-            "checkpoint_epochs": [int(s.get("epoch", 0)) for s in states],
-            "test_metrics": json.loads(metrics_file.read_text()) if metrics_file.exists()
-            else None,
-        }
-        atomic_write_json(tmp / INFO_FILE, info)
-        if (run0 / "history.csv").exists() and len(run_dirs) == 1:
-            shutil.copy(run0 / "history.csv", tmp / "history.csv")
-        atomic_write_text(tmp / "README.md", model_card(info, out_dir.name))
+        yield tmp
         tmp.chmod(0o755)
         for f in tmp.iterdir():
             f.chmod(0o644)
@@ -182,18 +156,75 @@ def export_model(run_dirs: list[Path], out_dir: Path, fp16: bool = True,
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+def _save_weights(folder: Path, models: list[nn.Module], fp16: bool) -> list[str]:
+    """smp's ``save_pretrained`` for each member; returns the weight file names."""
+    members = [WEIGHTS_FILE] if len(models) == 1 else [
+        f"model-fold{i}.safetensors" for i in range(len(models))]
+    for model, name in zip(models, members, strict=True):
+        if fp16:
+            model = model.half()
+        model.save_pretrained(folder)  # smp's format: config.json + model.safetensors
+        if name != WEIGHTS_FILE:
+            (folder / WEIGHTS_FILE).rename(folder / name)
+    return members
+
+
+def _model_info(run_dirs: list[Path], members: list[str], params: Params,
+                states: list[dict[str, Any]], fp16: bool, dataset_name: str) -> dict[str, Any]:
+    """``brainseg.json``: how the model was trained, on what data, and what it scored."""
+    run0 = run_dirs[0]
+    env = json.loads((run0 / ENV_FILE).read_text()) if (run0 / ENV_FILE).exists() else {}
+    metrics_file = run0 / METRICS_FILE
+    return {
+        "format": "brainseg model 1", "members": members,
+        "stored_as": "float16" if fp16 else "float32",
+        "params": {k: v for k, v in params.to_dict().items()
+                   if k not in ("resume", "model_dir", "run_id")},
+        "runs": [r.name for r in run_dirs],
+        "training": [training_record(r) or {} for r in run_dirs],
+        "environment": {k: env.get(k) for k in ("device", "gpu", "git_commit", "created",
+                                                "packages", "cuda") if k in env},
+        "dataset": env.get("dataset", {}) | ({"name": dataset_name} if dataset_name else {}),
+        "weights_init": env.get("weights", states[0].get("weights", "")),
+        "checkpoint_epochs": [int(s.get("epoch", 0)) for s in states],
+        "test_metrics": json.loads(metrics_file.read_text()) if metrics_file.exists()
+        else None,
+    }
+
+
+def export_model(run_dirs: list[Path], out_dir: Path, fp16: bool = True,
+                 dataset_name: str = "") -> Path:
+    """Write smp's ``save_pretrained`` folder for one run (or several: a fold ensemble).
+
+    Files are written to a temporary folder and renamed, so a failed export leaves nothing.
+    """
+    models, params, states = _load_members(run_dirs)
+    out_dir = Path(out_dir)
+    with _atomic_folder(out_dir) as folder:
+        members = _save_weights(folder, models, fp16)
+        info = _model_info(run_dirs, members, params, states, fp16, dataset_name)
+        atomic_write_json(folder / INFO_FILE, info)
+        if (run_dirs[0] / HISTORY_FILE).exists() and len(run_dirs) == 1:
+            shutil.copy(run_dirs[0] / HISTORY_FILE, folder / HISTORY_FILE)
+        atomic_write_text(folder / "README.md", model_card(info, out_dir.name))
     return out_dir
 
 
-def model_card(info: dict[str, Any], name: str) -> str:
-    """The model card: what the model is, how it was made, what it scored, what it is not."""
-    p = info["params"]
-    ds = info.get("dataset", {})
-    lines = [
+def _card_title(name: str) -> list[str]:
+    return [
         f"# brainseg model `{name}`", "",
         "**A research model, not a medical device.** It segments brain-tumour regions in "
         "single 2D MRI slices of one public dataset; it has not been validated for, and must "
         "not be used in, diagnosis or treatment.", "",
+    ]
+
+
+def _card_model(info: dict[str, Any]) -> list[str]:
+    """What the network is, what input it expects, and how to load it."""
+    p = info["params"]
+    return [
         "## Model", "",
         f"- {p['arch']} with a {p['encoder']} encoder (segmentation_models_pytorch), "
         f"{p['in_channels']} input channels, one output channel of logits",
@@ -204,6 +235,14 @@ def model_card(info: dict[str, Any], name: str) -> str:
         "- load: `brainseg predict --model <this folder> IMAGE`, or in Python "
         "`brainseg_lib.model.package.networks_from_model_dir(folder)`; smp alone: "
         "`smp.from_pretrained(folder)` (single-member folders)", "",
+    ]
+
+
+def _card_training(info: dict[str, Any]) -> list[str]:
+    """The data, the recipe, each member run and the code commit."""
+    p = info["params"]
+    ds = info.get("dataset", {})
+    lines = [
         "## Training", "",
         f"- data: {ds.get('name') or 'Brain Tumor Image DataSet: Semantic Segmentation'} "
         "(Kaggle pkdarabi / Roboflow COCO export), licence CC BY 4.0; annotations sha256 "
@@ -221,42 +260,99 @@ def model_card(info: dict[str, Any], name: str) -> str:
                          f" min, stopped by {rec.get('stop_reason')}; best epoch "
                          f"{rec.get('best_epoch')}")
     env = info.get("environment", {})
-    lines += [f"- code: brainseg commit {env.get('git_commit', '?')}", ""]
-    m = info.get("test_metrics")
-    lines += ["## Test metrics", ""]
-    if m:
-        clean = m.get("headline_clean")
-        ev = m.get("evaluated_with", {})
-        lines += [f"Split `{m['split']}` ({m['dataset']['images']} images, annotations "
-                  f"{m['dataset'].get('annotations_sha256', '?')}); evaluated on "
-                  f"{ev.get('device', '?')} at commit {ev.get('git_commit', '?')}. Plain "
-                  f"setting: {m['headline']['setting']}."
-                  + (f" Clean subset: {m['clean_test']['images']} test images with no "
-                     "near-duplicate in train or valid." if clean else ""), "",
-                  "| metric | full test | 95 % CI | clean subset | 95 % CI |",
-                  "|---|---|---|---|---|"]
+    return lines + [f"- code: brainseg commit {env.get('git_commit', '?')}", ""]
 
-        def cell(block: dict[str, Any] | None, key: str) -> str:
-            if not block or key not in block["metrics"]:
-                return "– | –"
-            bounds = block.get("ci95", {}).get(key)
-            value = f"{block['metrics'][key]:.4f}"
-            return value + (f" | {bounds[0]:.4f} – {bounds[1]:.4f}" if bounds else " | –")
 
-        for key, label in m["definitions"].items():
-            if key in m["headline"]["metrics"]:
-                lines.append(f"| {label} | {cell(m['headline'], key)} | {cell(clean, key)} |")
-        lines += ["", "Pooled = pixel counts summed over the split, then the ratio; per-image "
-                  "= the ratio per image, then the mean (both masks empty scores 1). Threshold "
-                  "0.5 on the sigmoid probability unless stated. Intervals: bootstrap over "
-                  "test images."]
-    else:
-        lines.append("Not evaluated yet: run `brainseg evaluate --model <folder>`.")
-    lines += ["", "## Intended use", "",
-              "Teaching and research on segmentation methods: reproducing and comparing "
-              "results on this dataset. Its labels are axis-aligned boxes, so it predicts "
-              "box-like regions, not tumour outlines.", ""]
-    return "\n".join(lines)
+def _metric_cell(block: dict[str, Any] | None, key: str) -> str:
+    """``value | CI`` of one metric in a metrics block; dashes where it has none."""
+    if not block or key not in block["metrics"]:
+        return "– | –"
+    bounds = block.get("ci95", {}).get(key)
+    value = f"{block['metrics'][key]:.4f}"
+    return value + (f" | {bounds[0]:.4f} – {bounds[1]:.4f}" if bounds else " | –")
+
+
+def _card_test_metrics(m: dict[str, Any] | None) -> list[str]:
+    """The test split's plain-setting metrics, full and clean, or how to get them."""
+    if not m:
+        return ["## Test metrics", "",
+                "Not evaluated yet: run `brainseg evaluate --model <folder>`.", ""]
+    clean = m.get("headline_clean")
+    ev = m.get("evaluated_with", {})
+    lines = ["## Test metrics", "",
+             f"Split `{m['split']}` ({m['dataset']['images']} images, annotations "
+             f"{m['dataset'].get('annotations_sha256', '?')}); evaluated on "
+             f"{ev.get('device', '?')} at commit {ev.get('git_commit', '?')}. Plain "
+             f"setting: {m['headline']['setting']}."
+             + (f" Clean subset: {m['clean_test']['images']} test images with no "
+                "near-duplicate in train or valid." if clean else ""), "",
+             "| metric | full test | 95 % CI | clean subset | 95 % CI |",
+             "|---|---|---|---|---|"]
+    for key, label in m["definitions"].items():
+        if key in m["headline"]["metrics"]:
+            lines.append(f"| {label} | {_metric_cell(m['headline'], key)} | "
+                         f"{_metric_cell(clean, key)} |")
+    return lines + ["", "Pooled = pixel counts summed over the split, then the ratio; "
+                    "per-image = the ratio per image, then the mean (both masks empty scores "
+                    "1). Threshold 0.5 on the sigmoid probability unless stated. Intervals: "
+                    "bootstrap over test images.", ""]
+
+
+_CARD_INTENDED_USE = [
+    "## Intended use", "",
+    "Teaching and research on segmentation methods: reproducing and comparing results on "
+    "this dataset. Its labels are axis-aligned boxes, so it predicts box-like regions, not "
+    "tumour outlines.", "",
+]
+
+
+def model_card(info: dict[str, Any], name: str) -> str:
+    """The model card: what the model is, how it was made, what it scored, what it is not."""
+    return "\n".join([*_card_title(name), *_card_model(info), *_card_training(info),
+                      *_card_test_metrics(info.get("test_metrics")), *_CARD_INTENDED_USE])
+
+
+def _refuse_other_params(model_dir: Path, expected: Params, params: Params) -> None:
+    """ArtifactError listing the weight-shaping keys where ``expected`` differs from the
+    model's training parameters."""
+    diff = {k: (getattr(expected, k), getattr(params, k)) for k in IDENTITY_KEYS
+            if getattr(expected, k) != getattr(params, k)}
+    if diff:
+        listed = "; ".join(f"{k}: given {a!r}, model {b!r}" for k, (a, b) in diff.items())
+        raise ArtifactError(f"{model_dir}: trained with other parameters than given "
+                            f"({listed}); unset model_dir to train anew")
+
+
+def _laid_out_from(run_dir: Path, weights_sha256: str) -> bool:
+    """Whether ``run_dir`` was already materialised from these very weights."""
+    if not ((run_dir / BEST_CHECKPOINT).exists() and (run_dir / SOURCE_MODEL_FILE).exists()):
+        return False
+    source = json.loads((run_dir / SOURCE_MODEL_FILE).read_text())
+    return source.get("weights_sha256") == weights_sha256
+
+
+def _write_run_files(model_dir: Path, run_dir: Path, info: dict[str, Any],
+                     params: Params) -> None:
+    """The files a finished run holds: best checkpoint, parameters, environment, training
+    record and history, taken from the model folder."""
+    models, _, _ = networks_from_model_dir(model_dir)
+    epoch = (info.get("checkpoint_epochs") or [0])[0]
+    save_checkpoint(run_dir / BEST_CHECKPOINT, {"model": models[0].state_dict(),
+                                                "params": params.to_dict(), "epoch": epoch,
+                                                "weights": info.get("weights_init", "")})
+    save_params(params, run_dir / PARAMS_FILE)
+    dataset = info.get("dataset", {})
+    env = dict(info.get("environment", {})) | {
+        "dataset": dataset, "weights": info.get("weights_init", ""),
+        "trained_on": f"shipped model {model_dir}"
+                      + (f" ({dataset['provenance']})" if dataset.get("provenance") else "")}
+    atomic_write_json(run_dir / ENV_FILE, env)
+    record = (info.get("training") or [{}])[0]
+    if record:
+        atomic_write_json(run_dir / TRAIN_FILE, {k: v for k, v in record.items()
+                                                 if k not in ("device", "trained_on")})
+    if (model_dir / HISTORY_FILE).exists():
+        shutil.copy(model_dir / HISTORY_FILE, run_dir / HISTORY_FILE)
 
 
 def materialise(model_dir: str | Path, run_dir: Path, expected: Params | None = None) -> Path:
@@ -264,10 +360,9 @@ def materialise(model_dir: str | Path, run_dir: Path, expected: Params | None = 
     notebooks and reports treat a shipped model like a run trained here.
 
     ``expected``: the caller's parameters; where they differ from the model's training
-    parameters (``TRAINING_KEYS``), that is an error listing the differences.
+    parameters in any key that shaped the weights (``config.IDENTITY_KEYS``), that is an
+    error listing the differences.
     """
-    from brainseg_lib.config import save_params
-
     model_dir = Path(model_dir)
     info = read_model_info(model_dir)
     params = _training_params(model_dir, info)
@@ -275,45 +370,17 @@ def materialise(model_dir: str | Path, run_dir: Path, expected: Params | None = 
         raise ArtifactError(f"{model_dir}: a {len(info['members'])}-member ensemble; report "
                             "it with brainseg cv, predict with brainseg predict --model")
     if expected is not None:
-        diff = {k: (getattr(expected, k), getattr(params, k)) for k in TRAINING_KEYS
-                if getattr(expected, k) != getattr(params, k)}
-        if diff:
-            listed = "; ".join(f"{k}: given {a!r}, model {b!r}" for k, (a, b) in diff.items())
-            raise ArtifactError(f"{model_dir}: trained with other parameters than given "
-                                f"({listed}); unset model_dir to train anew")
+        _refuse_other_params(model_dir, expected, params)
     weights_sha256 = _weights_hash(model_dir, info)
-    if (run_dir / "best.pt").exists() and (run_dir / "source_model.json").exists():
-        same = json.loads((run_dir / "source_model.json").read_text())
-        if same.get("weights_sha256") == weights_sha256:
-            return run_dir  # laid out before from these very weights
-    models, _, _ = networks_from_model_dir(model_dir)
-    epoch = (info.get("checkpoint_epochs") or [0])[0]
-    save_checkpoint(run_dir / "best.pt", {"model": models[0].state_dict(),
-                                          "params": params.to_dict(), "epoch": epoch,
-                                          "weights": info.get("weights_init", "")})
-    save_params(params, run_dir / "params.yaml")
-    env = dict(info.get("environment", {})) | {
-        "dataset": info.get("dataset", {}), "weights": info.get("weights_init", ""),
-        "trained_on": f"shipped model {model_dir}"
-                      + (f" ({info['dataset']['provenance']})"
-                         if info.get("dataset", {}).get("provenance") else "")}
-    atomic_write_json(run_dir / "env.json", env)
-    record = (info.get("training") or [{}])[0]
-    if record:
-        atomic_write_json(run_dir / "train.json", {k: v for k, v in record.items()
-                                                   if k not in ("device", "trained_on")})
-    if (model_dir / "history.csv").exists():
-        import shutil
-
-        shutil.copy(model_dir / "history.csv", run_dir / "history.csv")
-    atomic_write_json(run_dir / "source_model.json", {
+    if _laid_out_from(run_dir, weights_sha256):
+        return run_dir
+    _write_run_files(model_dir, run_dir, info, params)
+    atomic_write_json(run_dir / SOURCE_MODEL_FILE, {
         "model_dir": str(model_dir), "weights_sha256": weights_sha256})
     return run_dir
 
 
 def _weights_hash(model_dir: Path, info: dict[str, Any]) -> str:
-    import hashlib
-
     digest = hashlib.sha256()
     for name in info["members"]:
         digest.update((model_dir / name).read_bytes())

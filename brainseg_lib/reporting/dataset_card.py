@@ -1,4 +1,4 @@
-"""Dataset card material for notebook 01: per-split tables, box geometry, duplicates.
+"""Dataset card material for notebook 01: per-split tables and the annotation boxes' geometry.
 """
 
 from __future__ import annotations

@@ -23,7 +23,7 @@ from brainseg_lib.evaluation.records import REFERENCE
 from brainseg_lib.inference.predictor import LoadedModel, load_model
 from brainseg_lib.metrics.functional import HEADLINE, ConfusionCounts, per_image_dice
 from brainseg_lib.reporting.figures import overlay_rows
-from brainseg_lib.rundir import git_commit
+from brainseg_lib.rundir import PARAMS_FILE, git_commit
 
 _BANNER = ('<div style="background:#fff3cd;border:2px solid #d39e00;padding:10px;'
            'margin:8px 0;font-weight:bold">&#9888; {}</div>')
@@ -41,7 +41,8 @@ def header_html(title: str, params: Params, source: DataSource | None = None,
     """Title, synthetic-data banner, data source, environment and the parameters, each set
     from where it came: this notebook's own (``notebook``'s parameters cell, as called) and,
     with ``run_dir``, the training parameters saved with the run (they shaped the weights)."""
-    from brainseg_lib.reporting.notebook_params import DATA, NOTEBOOK_PARAMETERS, TRAINING
+    from brainseg_lib.config import names
+    from brainseg_lib.reporting.notebook_params import NOTEBOOK_PARAMETERS
 
     parts = [f"<h2>{html.escape(title)}</h2>"]
     if source is not None and source.synthetic:
@@ -56,14 +57,14 @@ def header_html(title: str, params: Params, source: DataSource | None = None,
                    for k, v in env.items())
     parts.append(f"<table>{rows}</table>")
     values = params.to_dict()
-    names = ("profile", *NOTEBOOK_PARAMETERS[notebook]) if notebook else tuple(values)
-    parts.append(f"<details><summary>{len(names)} parameters of this notebook (as called)"
-                 f"</summary>{_param_table({k: values[k] for k in names})}</details>")
-    if run_dir is not None and (run_dir / "params.yaml").exists():
+    called = ("profile", *NOTEBOOK_PARAMETERS[notebook]) if notebook else tuple(values)
+    parts.append(f"<details><summary>{len(called)} parameters of this notebook (as called)"
+                 f"</summary>{_param_table({k: values[k] for k in called})}</details>")
+    if run_dir is not None and (run_dir / PARAMS_FILE).exists():
         from brainseg_lib.config import read_params_file
 
-        trained = read_params_file(run_dir / "params.yaml")
-        shown = {k: trained[k] for k in (*DATA, *TRAINING) if k in trained}
+        trained = read_params_file(run_dir / PARAMS_FILE)
+        shown = {k: trained[k] for k in names(groups=("data", "training")) if k in trained}
         parts.append(f"<details><summary>{len(shown)} training parameters of the model "
                      f"(from {html.escape(str(run_dir / 'params.yaml'))})</summary>"
                      f"{_param_table(shown)}</details>")

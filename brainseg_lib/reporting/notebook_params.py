@@ -1,62 +1,63 @@
-"""Each notebook's papermill parameters cell, generated from :class:`Params`.
+"""Each notebook's papermill parameters cell, and the parameter reference, generated from
+:class:`Params`.
 
 papermill reads a notebook's parameters from the cell tagged ``parameters``
 (``papermill --help-notebook``) and warns about any injected name that cell does not
-declare. So each notebook declares exactly the parameters it uses, with the comment that
-``Params`` gives each field; the cells are written from ``Params`` (``python -m
-brainseg_lib.reporting.notebook_params``) and a test keeps them in step. A declared name left at
-``None`` takes its value from the profile's file (``params/<profile>.yaml``).
+declare. So each notebook declares exactly the parameters of its groups (each field's
+``groups`` metadata), with the help ``Params`` gives each field. ``python -m
+brainseg_lib.reporting.notebook_params`` writes the cells and ``docs/reference/parameters.md``;
+tests keep both in step. A declared name left at ``None`` takes its value from the
+profile's file (``params/<profile>.yaml``).
 """
 
 from __future__ import annotations
 
-import inspect
 import json
 import re
 from pathlib import Path
 
-from brainseg_lib.config import MEASUREMENT_KEYS, PARAM_NAMES, Params, project_root
+from brainseg_lib.config import GROUPS, ROLES, Params, names, project_root
 
-DATA = ("data_dir", "synthetic", "synthetic_counts", "synthetic_size", "image_size",
-        "limit_train_images", "cache_dir", "normalize_mean", "normalize_std", "folds_file",
-        "fold", "duplicate_bits")
-
-
-RUN = ("runs_dir", "run_id", "device")
-
-
-TRAINING = tuple(n for n in PARAM_NAMES if n not in ("profile", *DATA, *RUN, *MEASUREMENT_KEYS))
-
-
-EVALUATION = ("threshold", "tune_threshold", "tta", "min_component_px", "eval_original_size",
-              "bootstrap", "seed")
-
-
-NOTEBOOK_SECTIONS: dict[str, dict[str, tuple[str, ...]]] = {
-    "01_data_exploration": {"data": DATA},
-    "02_train": {"data": DATA, "training (what shapes the weights)": TRAINING,
-                 "validation while training (val IoU, hence the best checkpoint)": ("threshold",),
-                 "run": RUN},
-    "03_evaluate": {"data": DATA, "evaluation (what shapes the measurement)": EVALUATION,
-                    "run": RUN},
-    "04_visualise": {"data": DATA, "figures": ("n_examples", "seed"), "run": RUN},
-    "05_compare": {"data": DATA, "comparison": ("compare",),
-                   "evaluation (of runs not yet evaluated)": EVALUATION, "run": RUN},
+SECTION_TITLES = {
+    "data": "data",
+    "training": "training (what shapes the weights, and how it runs)",
+    "validation": "validation while training (val IoU, hence the best checkpoint)",
+    "evaluation": "evaluation (what shapes the measurement)",
+    "figures": "figures",
+    "comparison": "comparison",
+    "run": "run",
 }
+NOTEBOOK_GROUPS: dict[str, tuple[str, ...]] = {
+    "01_data_exploration": ("data",),
+    "02_train": ("data", "training", "validation", "run"),
+    "03_evaluate": ("data", "evaluation", "run"),
+    "04_visualise": ("data", "figures", "run"),
+    "05_compare": ("data", "comparison", "evaluation", "run"),
+}
+REFERENCE_FILE = Path("docs") / "reference" / "parameters.md"
 
 
-NOTEBOOK_PARAMETERS = {nb: tuple(n for names in sections.values() for n in names)
-                       for nb, sections in NOTEBOOK_SECTIONS.items()}
+def notebook_sections(notebook: str) -> dict[str, tuple[str, ...]]:
+    """Section title -> parameter names, for one notebook; a name shows in its first group."""
+    taken: set[str] = set()
+    sections = {}
+    for group in NOTEBOOK_GROUPS[notebook]:
+        new = tuple(n for n in names(groups=(group,)) if n not in taken)
+        taken.update(new)
+        sections[SECTION_TITLES[group]] = new
+    return sections
 
 
-def field_comments() -> dict[str, str]:
-    """The comment after each field in :class:`Params`' source, by field name."""
-    comments = {}
-    for line in inspect.getsource(Params).splitlines():
-        match = re.match(r"\s+(\w+): [^=]+=.*?#\s*(.+)$", line)
-        if match and match.group(1) in PARAM_NAMES:
-            comments[match.group(1)] = match.group(2).strip()
-    return comments
+NOTEBOOK_PARAMETERS = {nb: tuple(n for ns in notebook_sections(nb).values() for n in ns)
+                       for nb in NOTEBOOK_GROUPS}
+
+
+def _groups(name: str) -> tuple[str, ...]:
+    return Params.__dataclass_fields__[name].metadata["groups"]
+
+
+def _help(name: str) -> str:
+    return Params.__dataclass_fields__[name].metadata["help"]
 
 
 def _type_name(name: str) -> str:
@@ -75,14 +76,14 @@ def _choices(name: str) -> str:
 
 def parameters_cell(notebook: str) -> str:
     """The source of ``notebook``'s parameters cell: ``name: type = None  # default; help``."""
-    comments, defaults = field_comments(), Params().to_dict()
+    defaults = Params().to_dict()
     lines = ['profile: str = "smoke"  # a file in params/: smoke, quick, seed, reference, ...',
              "# None = the profile's value (brainseg_lib.config.Params: types, ranges, defaults)"]
-    for section, names in NOTEBOOK_SECTIONS[notebook].items():
+    for section, section_names in notebook_sections(notebook).items():
         lines.append(f"# --- {section}")
-        for name in names:
+        for name in section_names:
             note = "; ".join(x for x in (f"default {json.dumps(defaults[name])}",
-                                         _choices(name), comments.get(name, "")) if x)
+                                         _choices(name), _help(name)) if x)
             # papermill's parser skips a line whose comment holds " = "
             lines.append(f"{name}: {_type_name(name)} = None  # " + note.replace(" = ", ": "))
     return "\n".join(lines)
@@ -103,6 +104,41 @@ def stale_notebooks(folder: Path | None = None) -> list[str]:
     return stale
 
 
+def parameters_reference() -> str:
+    """``docs/reference/parameters.md``: every parameter with its type, default, range, role
+    and help, by group."""
+    defaults = Params().to_dict()
+    lines = ["# Parameters", "",
+             "Generated from `brainseg_lib.config.Params` by `python -m "
+             "brainseg_lib.reporting.notebook_params` (a test keeps it in step). Profiles in "
+             "`params/*.yaml` set them; `--set key=value` and notebook parameters override them.",
+             "", "Roles (what a parameter shapes):", ""]
+    lines += [f"- **{role}**: {what}" for role, what in ROLES.items()]
+    lines += ["", "A resumed run may change `label`, `budget`, `execution`, `run` and "
+              "`measurement` parameters only; a shipped model is reused (`model_dir`) only "
+              "when every `weights` and `budget` parameter agrees."]
+    for group in ("label", *GROUPS):  # each parameter under its first group
+        group_names = ("profile",) if group == "label" else tuple(
+            n for n in names(groups=(group,)) if _groups(n)[0] == group)
+        if not group_names:
+            continue
+        lines += ["", f"## {group}", "", "| name | type | default | range | role | help |",
+                  "|---|---|---|---|---|---|"]
+        for name in group_names:
+            meta = Params.__dataclass_fields__[name].metadata
+            span = "–" if meta["range"] is None else f"{meta['range'][0]} – {meta['range'][1]}"
+            kind = _type_name(name) + (f" ({_choices(name)})" if _choices(name) else "")
+            lines.append(f"| `{name}` | {kind} | `{json.dumps(defaults[name])}` | {span} | "
+                         f"{meta['role']} | {meta['help']} |")
+    return "\n".join(lines) + "\n"
+
+
+def stale_reference(root: Path | None = None) -> bool:
+    """Whether ``docs/reference/parameters.md`` differs from :func:`parameters_reference`."""
+    path = (root or project_root()) / REFERENCE_FILE
+    return not path.exists() or path.read_text() != parameters_reference()
+
+
 def write_cells(folder: Path | None = None) -> list[str]:
     """Rewrite the parameters cell of every notebook that is out of step; returns their names."""
     import nbformat
@@ -119,5 +155,16 @@ def write_cells(folder: Path | None = None) -> list[str]:
     return changed
 
 
+def write_reference(root: Path | None = None) -> bool:
+    """Write ``docs/reference/parameters.md`` when out of step; True when written."""
+    from brainseg_lib.io import atomic_write_text
+
+    if not stale_reference(root):
+        return False
+    atomic_write_text((root or project_root()) / REFERENCE_FILE, parameters_reference())
+    return True
+
+
 if __name__ == "__main__":
-    print("updated: " + (", ".join(write_cells()) or "nothing (all in step)"))
+    written = write_cells() + ([str(REFERENCE_FILE)] if write_reference() else [])
+    print("updated: " + (", ".join(written) or "nothing (all in step)"))

@@ -18,17 +18,19 @@ from typing import Any
 from brainseg_lib.config import Params, load_params, project_root
 from brainseg_lib.io import atomic_write_json, atomic_write_text
 from brainseg_lib.reporting.notebook_params import NOTEBOOK_PARAMETERS
-from brainseg_lib.rundir import new_run_id, target_run_dir, training_record
+from brainseg_lib.rundir import (
+    ENV_FILE,
+    METRICS_FILE,
+    REPORT_SUMMARY_FILE,
+    eval_dir,
+    new_run_id,
+    target_run_dir,
+    training_record,
+)
 
 NOTEBOOKS = ("01_data_exploration", "02_train", "03_evaluate", "04_visualise")
-
-
 COMPARE = "05_compare"  # runs after the four when ``compare`` names runs to set this one beside
-
-
 KERNEL = "python3"
-
-
 HEADLINE_KEYS = ("pooled_iou", "mean_image_dice", "fg_bg_miou")
 
 
@@ -66,7 +68,7 @@ def _unique_report_dir(reports_dir: Path, run_id: str) -> Path:
 def _headline(params: Params, since: float) -> dict[str, Any]:
     """Test metrics written by this report's 03 notebook; nothing older (a failed 03 must
     not show the numbers of an earlier evaluation)."""
-    metrics_file = target_run_dir(params) / "eval-test" / "metrics.json"
+    metrics_file = eval_dir(target_run_dir(params), "test") / METRICS_FILE
     if not metrics_file.exists() or metrics_file.stat().st_mtime < since:
         return {}
     m = json.loads(metrics_file.read_text())
@@ -91,26 +93,87 @@ def _training(params: Params) -> dict[str, Any]:
 
 
 def _dataset(params: Params) -> dict[str, Any]:
-    env = target_run_dir(params) / "env.json"
+    env = target_run_dir(params) / ENV_FILE
     if env.exists():
         return json.loads(env.read_text()).get("dataset", {})
     return {"kind": "synthetic" if params.synthetic else "unknown"}
+
+
+def _report_params(params_file: str | Path, name: str | None,
+                   overrides: dict[str, Any] | None) -> tuple[Params, str]:
+    """The run's parameters, checked before anything runs, with its run id fixed."""
+    params = load_params(params_file, **(overrides or {}))  # errors before anything runs
+    run_id = params.run_id or new_run_id(name or params.profile)
+    params = load_params(params_file, **((overrides or {}) | {"run_id": run_id,
+                                                              "progress_bar": False}))
+    return params, run_id
+
+
+def _execute_notebook(nb: str, out_dir: Path, injected: dict[str, Any]) -> dict[str, Any]:
+    """Run one notebook into ``out_dir`` and render its HTML; its summary entry says how it
+    went (a failure is recorded, not raised)."""
+    import papermill
+
+    out = out_dir / f"{nb}.ipynb"
+    t0 = time.perf_counter()
+    entry: dict[str, Any] = {"name": nb, "notebook": out.name, "status": "succeeded"}
+    print(f"  {nb} ...", end=" ", flush=True)
+    try:
+        papermill.execute_notebook(
+            notebooks_dir() / f"{nb}.ipynb", out, kernel_name=KERNEL,
+            # each notebook gets the parameters its parameters cell declares
+            parameters={k: injected[k] for k in ("profile", *NOTEBOOK_PARAMETERS[nb])},
+            cwd=str(notebooks_dir()), progress_bar=False, log_output=False,
+            # the kernel's own start-up warnings (e.g. "running over TCP") are noise here
+            extra_arguments=["--IPKernelApp.log_level=ERROR"])
+    except Exception as err:  # papermill raises PapermillExecutionError, kernels others
+        entry["status"] = "failed"
+        entry["error"] = f"{type(err).__name__}: {str(err).strip().splitlines()[-1][:500]}"
+    entry["seconds"] = round(time.perf_counter() - t0, 1)
+    if out.exists():
+        entry["html"] = render_html(out).name
+    print(f"{entry['status']} ({entry['seconds']} s)", flush=True)
+    return entry
+
+
+def _execute_notebooks(params: Params, out_dir: Path,
+                       injected: dict[str, Any]) -> list[dict[str, Any]]:
+    """The four notebooks (and 05_compare when asked) in order, stopping at the first
+    failure, whose partial notebook is kept."""
+    entries = []
+    for nb in NOTEBOOKS + ((COMPARE,) if params.compare else ()):
+        entry = _execute_notebook(nb, out_dir, injected)
+        entries.append(entry)
+        if entry["status"] == "failed":
+            print(f"  failed: {entry['error']}\n  partial notebook: {out_dir / entry['notebook']}",
+                  file=sys.stderr)
+            break
+    return entries
+
+
+def _outcome(params: Params, notebooks: list[dict[str, Any]], started: float,
+             started_wall: float) -> dict[str, Any]:
+    """The summary's closing fields: status, duration, data, test metrics and training."""
+    failed = any(e["status"] == "failed" for e in notebooks)
+    return {
+        "status": "failed" if failed else "succeeded",
+        "seconds": round(time.perf_counter() - started, 1),
+        "finished": datetime.now().isoformat(timespec="seconds"),
+        "dataset": _dataset(params),
+        "headline": {} if failed else _headline(params, started_wall),
+        "training": _training(params),
+    }
 
 
 def run_pipeline(params_file: str | Path, name: str | None = None,
                  reports_dir: str | Path | None = None,
                  overrides: dict[str, Any] | None = None) -> dict[str, Any]:
     """Execute the notebooks in order; returns (and writes) the run's summary."""
-    import papermill
-
-    params = load_params(params_file, **(overrides or {}))  # errors before anything runs
-    run_id = params.run_id or new_run_id(name or params.profile)
-    params = load_params(params_file, **((overrides or {}) | {"run_id": run_id,
-                                                              "progress_bar": False}))
+    params, run_id = _report_params(params_file, name, overrides)
     reports_dir = Path(reports_dir) if reports_dir else default_reports_dir()
     out_dir = _unique_report_dir(reports_dir, run_id)
     injected = params.to_dict()
-    if params.compare:
+    if params.compare:  # 05_compare sets this run beside the ones named
         injected["compare"] = [*params.compare, run_id]
     summary: dict[str, Any] = {
         "run_id": run_id, "name": name or params.profile, "profile": params.profile,
@@ -119,40 +182,9 @@ def run_pipeline(params_file: str | Path, name: str | None = None,
     }
     print(f"brainseg run {run_id}: reports in {out_dir}")
     started, started_wall = time.perf_counter(), time.time()
-    for nb in NOTEBOOKS + ((COMPARE,) if params.compare else ()):
-        out = out_dir / f"{nb}.ipynb"
-        t0 = time.perf_counter()
-        entry: dict[str, Any] = {"name": nb, "notebook": out.name, "status": "succeeded"}
-        print(f"  {nb} ...", end=" ", flush=True)
-        try:
-            papermill.execute_notebook(
-                notebooks_dir() / f"{nb}.ipynb", out, kernel_name=KERNEL,
-                # each notebook gets the parameters its parameters cell declares
-                parameters={k: injected[k] for k in ("profile", *NOTEBOOK_PARAMETERS[nb])},
-                cwd=str(notebooks_dir()), progress_bar=False, log_output=False,
-                # the kernel's own start-up warnings (e.g. "running over TCP") are noise here
-                extra_arguments=["--IPKernelApp.log_level=ERROR"])
-        except Exception as err:  # papermill raises PapermillExecutionError, kernels others
-            entry["status"] = "failed"
-            entry["error"] = f"{type(err).__name__}: {str(err).strip().splitlines()[-1][:500]}"
-        entry["seconds"] = round(time.perf_counter() - t0, 1)
-        if out.exists():
-            entry["html"] = render_html(out).name
-        summary["notebooks"].append(entry)
-        print(f"{entry['status']} ({entry['seconds']} s)", flush=True)
-        if entry["status"] == "failed":
-            print(f"  failed: {entry['error']}\n  partial notebook: {out}", file=sys.stderr)
-            break
-    failed = any(e["status"] == "failed" for e in summary["notebooks"])
-    summary.update({
-        "status": "failed" if failed else "succeeded",
-        "seconds": round(time.perf_counter() - started, 1),
-        "finished": datetime.now().isoformat(timespec="seconds"),
-        "dataset": _dataset(params),
-        "headline": {} if failed else _headline(params, started_wall),
-        "training": _training(params),
-    })
-    atomic_write_json(out_dir / "summary.json", summary)
+    summary["notebooks"] = _execute_notebooks(params, out_dir, injected)
+    summary.update(_outcome(params, summary["notebooks"], started, started_wall))
+    atomic_write_json(out_dir / REPORT_SUMMARY_FILE, summary)
     write_index(reports_dir)
     print(f"{summary['status']} in {summary['seconds']} s; index: {reports_dir / 'index.html'}")
     return summary
@@ -162,38 +194,45 @@ def _fmt(value: Any) -> str:
     return f"{value:.3f}" if isinstance(value, float) else "-"
 
 
-def write_index(reports_dir: str | Path) -> Path:
-    """``index.html``: one row per run found under ``reports_dir``, newest first."""
-    reports_dir = Path(reports_dir)
-    rows = []
-    summaries = sorted(reports_dir.glob("*/*/summary.json"),
-                       key=lambda p: json.loads(p.read_text()).get("started", ""), reverse=True)
-    for path in summaries:
-        s = json.loads(path.read_text())
-        rel = path.parent.relative_to(reports_dir).as_posix()
-        head = s.get("headline", {})
-        kind = s.get("dataset", {}).get("kind", "unknown")
-        links = " ".join(
-            f'<a href="{html.escape(rel)}/{html.escape(nb["html"])}">{nb["name"][:2]}</a>'
-            for nb in s.get("notebooks", []) if nb.get("html"))
-        status = s.get("status", "?")
-        trained = s.get("training", {})
-        training = (f'{trained["epochs"]} ep, {trained["minutes"]} min on '
-                    f'{html.escape(str(trained["device"]))}') if trained else "-"
-        rows.append(
-            f'<tr class="{status}"><td>{html.escape(s.get("started", "")[:16].replace("T", " "))}'
-            f'</td><td>{html.escape(s.get("name", ""))}</td>'
-            f'<td>{html.escape(s.get("profile", ""))}</td>'
-            f'<td class="{kind}">{html.escape(kind)}</td>'
-            f'<td>{_fmt(head.get("pooled_iou"))}</td><td>{_fmt(head.get("mean_image_dice"))}</td>'
-            f'<td>{_fmt(head.get("clean", {}).get("pooled_iou"))}</td>'
-            f'<td>{_fmt(head.get("clean", {}).get("mean_image_dice"))}</td>'
-            f'<td>{_fmt(head.get("fg_bg_miou"))}</td><td>{_fmt(head.get("test_bce"))}</td>'
-            f'<td>{_fmt(head.get("selected", {}).get("pooled_iou"))}</td>'
-            f'<td>{training}</td><td>{s.get("seconds", 0) / 60:.1f} min</td>'
-            f'<td>{html.escape(status)}</td>'
-            f"<td>{links}</td></tr>")
-    page = f"""<!DOCTYPE html>
+def _notebook_links(rel: str, notebooks: list[dict[str, Any]]) -> str:
+    """Links to each rendered notebook, labelled by its number (01, 02, ...)."""
+    return " ".join(
+        f'<a href="{html.escape(rel)}/{html.escape(nb["html"])}">{nb["name"][:2]}</a>'
+        for nb in notebooks if nb.get("html"))
+
+
+def _training_cell(trained: dict[str, Any]) -> str:
+    if not trained:
+        return "-"
+    return (f'{trained["epochs"]} ep, {trained["minutes"]} min on '
+            f'{html.escape(str(trained["device"]))}')
+
+
+def _index_row(s: dict[str, Any], rel: str) -> str:
+    """One ``<tr>`` of the index for the summary ``s`` of the report folder ``rel``."""
+    head = s.get("headline", {})
+    clean = head.get("clean", {})
+    kind = s.get("dataset", {}).get("kind", "unknown")
+    status = s.get("status", "?")
+    return (
+        f'<tr class="{status}"><td>{html.escape(s.get("started", "")[:16].replace("T", " "))}'
+        f'</td><td>{html.escape(s.get("name", ""))}</td>'
+        f'<td>{html.escape(s.get("profile", ""))}</td>'
+        f'<td class="{kind}">{html.escape(kind)}</td>'
+        f'<td>{_fmt(head.get("pooled_iou"))}</td><td>{_fmt(head.get("mean_image_dice"))}</td>'
+        f'<td>{_fmt(clean.get("pooled_iou"))}</td>'
+        f'<td>{_fmt(clean.get("mean_image_dice"))}</td>'
+        f'<td>{_fmt(head.get("fg_bg_miou"))}</td><td>{_fmt(head.get("test_bce"))}</td>'
+        f'<td>{_fmt(head.get("selected", {}).get("pooled_iou"))}</td>'
+        f'<td>{_training_cell(s.get("training", {}))}</td>'
+        f'<td>{s.get("seconds", 0) / 60:.1f} min</td>'
+        f'<td>{html.escape(status)}</td>'
+        f"<td>{_notebook_links(rel, s.get('notebooks', []))}</td></tr>")
+
+
+def _index_page(rows: list[str]) -> str:
+    """The whole ``index.html``: styles, what the columns mean, the table of ``rows``."""
+    return f"""<!DOCTYPE html>
 <html lang="en"><head><meta charset="utf-8"><title>brainseg reports</title>
 <style>
 body{{font-family:system-ui,sans-serif;margin:2em;color:#222}}
@@ -222,4 +261,13 @@ execution. The published reference
 Segmentation (Kaggle pkdarabi, Roboflow export), CC BY 4.0.</small></p>
 </body></html>
 """
-    return atomic_write_text(reports_dir / "index.html", page)
+
+
+def write_index(reports_dir: str | Path) -> Path:
+    """``index.html``: one row per run found under ``reports_dir``, newest first."""
+    reports_dir = Path(reports_dir)
+    summaries = sorted(reports_dir.glob("*/*/summary.json"),
+                       key=lambda p: json.loads(p.read_text()).get("started", ""), reverse=True)
+    rows = [_index_row(json.loads(path.read_text()),
+                       path.parent.relative_to(reports_dir).as_posix()) for path in summaries]
+    return atomic_write_text(reports_dir / "index.html", _index_page(rows))

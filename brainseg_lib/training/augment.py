@@ -1,4 +1,4 @@
-"""Batch preprocessing on the training device: normalisation and augmentation.
+"""Batch augmentation on the training device.
 
 Augmenting whole uint8 batches on the GPU with tensor ops (one ``affine_grid`` /
 ``grid_sample`` per batch) keeps up with ~1,700 img/s on an H100, where per-sample CPU

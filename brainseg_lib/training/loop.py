@@ -19,14 +19,32 @@ import numpy as np
 import torch
 from torch import nn
 
-from brainseg_lib.config import MEASUREMENT_KEYS, Params, load_params, params_from_dict, save_params
+from brainseg_lib.config import (
+    RESUMABLE_KEYS,
+    Params,
+    params_from_dict,
+    params_from_record,
+    read_params_file,
+    save_params,
+)
 from brainseg_lib.data.arrays import SplitArrays, load_split_arrays
-from brainseg_lib.data.locate import DataSource, data_source, dataset_record
+from brainseg_lib.data.identity import dataset_record
+from brainseg_lib.data.locate import DataSource, data_source
 from brainseg_lib.io import atomic_write_json, atomic_write_text
 from brainseg_lib.model.checkpoint import read_checkpoint, save_checkpoint
 from brainseg_lib.model.device import autocast_dtype, select_device
 from brainseg_lib.model.network import create_model
-from brainseg_lib.rundir import environment_info, target_run_dir, training_record
+from brainseg_lib.rundir import (
+    BEST_CHECKPOINT,
+    ENV_FILE,
+    HISTORY_FILE,
+    LAST_CHECKPOINT,
+    PARAMS_FILE,
+    TRAIN_FILE,
+    environment_info,
+    target_run_dir,
+    training_record,
+)
 from brainseg_lib.training.batches import ResidentBatches
 from brainseg_lib.training.distributed import (
     DistContext,
@@ -39,8 +57,6 @@ from brainseg_lib.training.distributed import (
 from brainseg_lib.training.trainer import EarlyStopping, Trainer, seed_everything, validate
 
 LAST_EVERY_S = 60.0  # resumable state (last.pt) at most this often, and at the end
-
-
 HISTORY_FIELDS = ("epoch", "train_loss", "val_loss", "val_iou", "val_dice", "lr", "seconds",
                   "train_img_per_s")
 
@@ -80,7 +96,7 @@ def _write_history(path: Path, history: list[dict[str, float]]) -> None:
 
 
 def read_history(run_dir: Path) -> list[dict[str, float]]:
-    with (run_dir / "history.csv").open() as f:
+    with (run_dir / HISTORY_FILE).open() as f:
         return [{k: float(v) for k, v in row.items()} for row in csv.DictReader(f)]
 
 
@@ -98,7 +114,7 @@ def finished_run(params: Params) -> TrainResult | None:
 
         materialise(params.resolve_path(params.model_dir), run_dir, expected=params)
     record = training_record(run_dir)
-    if record is None or not (run_dir / "best.pt").exists():
+    if record is None or not (run_dir / BEST_CHECKPOINT).exists():
         return None
     history = read_history(run_dir)
     monitor = next(k for k in record if k.startswith("best_val"))
@@ -111,26 +127,23 @@ def finished_run(params: Params) -> TrainResult | None:
                        record["stop_reason"], float(record["train_seconds_this_session"]))
 
 
-SAFE_ON_RESUME = ("epochs", "train_minutes", "max_train_minutes", "patience", "progress_bar",
-                  "num_threads", "num_workers", "device", "compile", "runs_dir",
-                  "duplicate_bits", *MEASUREMENT_KEYS)
-
-
 def _resume_params(run_dir: Path, overrides: dict[str, Any]) -> Params:
-    """The saved run's parameters with the caller's explicit overrides: the safe ones (more
-    epochs, a larger time budget, execution settings) apply and are announced; one that
-    would change what shaped the weights is refused."""
-    saved = load_params(run_dir / "params.yaml").to_dict()
+    """The saved run's parameters with the caller's explicit overrides: the resumable ones
+    (more budget, execution and measurement settings) apply and are announced; one that
+    shaped the weights is refused, listing each difference."""
+    saved = params_from_record(read_params_file(run_dir / PARAMS_FILE),
+                               str(run_dir / PARAMS_FILE)).to_dict()
     changed = {k: v for k, v in overrides.items()
                if k not in ("resume", "run_id") and saved.get(k, v) != v}
-    refused = sorted(k for k in changed if k not in SAFE_ON_RESUME)
+    refused = sorted(k for k in changed if k not in RESUMABLE_KEYS)
     if refused:
-        raise ValueError(f"resume {run_dir}: cannot change {', '.join(refused)} of a run "
-                         "(its weights were shaped by them); start a new run instead")
+        listed = "; ".join(f"{k}: run {saved.get(k)!r}, given {changed[k]!r}" for k in refused)
+        raise ValueError(f"resume {run_dir}: cannot change what shaped its weights ({listed}); "
+                         "start a new run instead")
     if changed:
         print(f"resume: applying {changed}")
     return params_from_dict(saved | changed | {"resume": str(run_dir)},
-                            source=str(run_dir / "params.yaml"))
+                            source=str(run_dir / PARAMS_FILE))
 
 
 def train(params: Params, progress: bool = True,
@@ -139,148 +152,202 @@ def train(params: Params, progress: bool = True,
     """Train with ``params`` into ``runs_dir/run_id`` (or continue ``params.resume``).
 
     A resumed run keeps its saved parameters; ``resume_overrides`` (what the caller set
-    explicitly) may change the safe ones only. ``step_callback(epoch, step)`` runs after
+    explicitly) may change the resumable ones only. ``step_callback(epoch, step)`` runs after
     every optimiser step (tests use it to interrupt a run). Raises TrainingDivergedError on
     a non-finite loss.
     """
     ctx = init_from_env(params.device)  # several processes under torchrun
     try:
-        return _train(params, ctx, progress, step_callback, resume_overrides)
+        session = _Session.open(params, ctx, resume_overrides or {})
+        return session.run(progress, step_callback)
     finally:
         finish(ctx)
 
 
-def _train(params: Params, ctx: DistContext, progress: bool,
-           step_callback: Callable[[int, int], None] | None,
-           resume_overrides: dict[str, Any] | None) -> TrainResult:
-    say = print if ctx.is_main else (lambda *a, **k: None)
-    start_state: dict[str, Any] | None = None
-    if params.resume:
-        run_dir = params.resolve_path(params.resume)
-        start_state = read_checkpoint(run_dir / "last.pt")
-        params = _resume_params(run_dir, resume_overrides or {})
-    else:
-        run_dir = Path(from_main(ctx, str(target_run_dir(params))))  # one id for all ranks
-        if (run_dir / "last.pt").exists():
-            raise FileExistsError(f"{run_dir} already holds a run: set resume: {run_dir} "
-                                  "to continue it, or choose another run_id")
-        if ctx.is_main:
-            run_dir.mkdir(parents=True, exist_ok=True)
-    if params.num_threads:
-        torch.set_num_threads(params.num_threads)
-    seed_everything(params.seed, params.deterministic)
-    device = device_for(ctx, select_device(params.device))
-    dtype = autocast_dtype(params, device)
+@dataclass
+class _Session:
+    """One training session of a run: a new run, or a resumed one from its ``last.pt``."""
 
-    source, data = load_training_data(params)
-    model, provenance = create_model(params.arch, params.encoder, params.encoder_weights,
-                                     params.in_channels, params.require_pretrained)
-    if ctx.enabled and device.type == "cuda":
-        model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
-    train_batches = ResidentBatches(data["train"], device, params.batch_size, shuffle=True,
-                                    seed=params.seed, rank=ctx.rank, world=ctx.world)
-    valid_batches = ResidentBatches(data["valid"], device, params.batch_size)
-    trainer = Trainer(params, model, device, len(train_batches), ctx)
-    stopper = EarlyStopping("min" if params.monitor == "val_loss" else "max", params.patience,
-                            params.min_delta)
-    history: list[dict[str, float]] = []
-    first_epoch = 1
-    if start_state:
-        trainer.load_state_dict(start_state)
-        stopper.load_state_dict(start_state["early_stopping"])
-        history = start_state["history"]
-        first_epoch = start_state["epoch"] + 1
-        say(f"resuming {run_dir.name} after epoch {start_state['epoch']}")
-    elif ctx.is_main:
-        save_params(params, run_dir / "params.yaml")
-        atomic_write_json(run_dir / "env.json", environment_info(device) | {
-            "dataset": dataset_record(source, {k: len(v) for k, v in data.items()}),
-            "weights": provenance, "autocast": str(dtype) if dtype else "fp32"})
+    params: Params
+    ctx: DistContext
+    run_dir: Path
+    device: torch.device
+    trainer: Trainer
+    stopper: EarlyStopping
+    train_batches: ResidentBatches
+    valid_batches: ResidentBatches
+    provenance: str
+    history: list[dict[str, float]]
+    first_epoch: int
 
-    budget = (f"a {params.train_minutes:g}-minute budget (at most {params.epochs} epochs)"
-              if params.train_minutes else f"{params.epochs} epochs")
-    parallel = f" | {ctx.world} data-parallel processes" if ctx.enabled else ""
-    say(f"run {run_dir} | {source.kind} data ({len(data['train'])} train / "
-          f"{len(data['valid'])} valid at {params.image_size}px) | {params.arch}/"
-          f"{params.encoder}, {provenance} | {device}, {dtype or 'fp32'}"
-          f"{', compiled' if trainer.compiled else ''}{', EMA' if trainer.ema else ''} | "
-          f"{budget}{parallel}", flush=True)
-    started = last_saved = time.perf_counter()
-    stop_reason = "max epochs"
-    epoch = first_epoch - 1
-    for epoch in range(first_epoch, params.epochs + 1):
-        if stopper.should_stop or trainer.schedule.out_of_time:  # a resumed, finished run
-            break
+    @classmethod
+    def open(cls, params: Params, ctx: DistContext, overrides: dict[str, Any]) -> _Session:
+        """Set up the run directory, data, network, trainer and early stopping."""
+        params, run_dir, start_state = _open_run_dir(params, ctx, overrides)
+        if params.num_threads:
+            torch.set_num_threads(params.num_threads)
+        seed_everything(params.seed, params.deterministic)
+        device = device_for(ctx, select_device(params.device))
+        source, data = load_training_data(params)
+        model, provenance = create_model(params.arch, params.encoder, params.encoder_weights,
+                                         params.in_channels, params.require_pretrained)
+        if ctx.enabled and device.type == "cuda":
+            model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
+        train_batches = ResidentBatches(data["train"], device, params.batch_size, shuffle=True,
+                                        seed=params.seed, rank=ctx.rank, world=ctx.world)
+        session = cls(params, ctx, run_dir, device,
+                      Trainer(params, model, device, len(train_batches), ctx),
+                      EarlyStopping("min" if params.monitor == "val_loss" else "max",
+                                    params.patience, params.min_delta),
+                      train_batches, ResidentBatches(data["valid"], device, params.batch_size),
+                      provenance, [], 1)
+        if start_state:
+            session.restore(start_state)
+        elif ctx.is_main:
+            session.record_start(source, {k: len(v) for k, v in data.items()})
+        session.announce(source, data)
+        return session
+
+    def say(self, *args: Any, **kwargs: Any) -> None:
+        if self.ctx.is_main:
+            print(*args, **kwargs)
+
+    def restore(self, state: dict[str, Any]) -> None:
+        self.trainer.load_state_dict(state)
+        self.stopper.load_state_dict(state["early_stopping"])
+        self.history = state["history"]
+        self.first_epoch = state["epoch"] + 1
+        self.say(f"resuming {self.run_dir.name} after epoch {state['epoch']}")
+
+    def record_start(self, source: DataSource, images: dict[str, int]) -> None:
+        """``params.yaml`` and ``env.json``: what the run is and where it trains."""
+        dtype = autocast_dtype(self.params, self.device)
+        save_params(self.params, self.run_dir / PARAMS_FILE)
+        atomic_write_json(self.run_dir / ENV_FILE, environment_info(self.device) | {
+            "dataset": dataset_record(source, images), "weights": self.provenance,
+            "autocast": str(dtype) if dtype else "fp32"})
+
+    def announce(self, source: DataSource, data: dict[str, SplitArrays]) -> None:
+        p, trainer = self.params, self.trainer
+        budget = (f"a {p.train_minutes:g}-minute budget (at most {p.epochs} epochs)"
+                  if p.train_minutes else f"{p.epochs} epochs")
+        parallel = f" | {self.ctx.world} data-parallel processes" if self.ctx.enabled else ""
+        dtype = autocast_dtype(p, self.device)
+        self.say(f"run {self.run_dir} | {source.kind} data ({len(data['train'])} train / "
+                 f"{len(data['valid'])} valid at {p.image_size}px) | {p.arch}/{p.encoder}, "
+                 f"{self.provenance} | {self.device}, {dtype or 'fp32'}"
+                 f"{', compiled' if trainer.compiled else ''}{', EMA' if trainer.ema else ''} "
+                 f"| {budget}{parallel}", flush=True)
+
+    def run(self, progress: bool, step_callback: Callable[[int, int], None] | None,
+            ) -> TrainResult:
+        """Epochs until early stopping, the time budget or the last epoch."""
+        started = last_saved = time.perf_counter()
+        stop_reason, epoch = "max epochs", self.first_epoch - 1
+        for epoch in range(self.first_epoch, self.params.epochs + 1):
+            if self.stopper.should_stop or self.trainer.schedule.out_of_time:
+                break  # a resumed run that had already finished
+            row, time_up = self.epoch(epoch, progress, step_callback)
+            improved = self.stopper.step(row[self.params.monitor], epoch)
+            save_last = (epoch == self.first_epoch or self.stopper.should_stop or time_up
+                         or epoch == self.params.epochs
+                         or time.perf_counter() - last_saved > LAST_EVERY_S)
+            self.save(epoch, row, improved, save_last)
+            if save_last:
+                last_saved = time.perf_counter()
+            self.report_epoch(epoch, row, improved)
+            if self.stopper.should_stop:
+                stop_reason = "early stopping"
+                break
+            if time_up:
+                stop_reason = "time budget"
+                break
+        if self.stopper.should_stop:
+            stop_reason = "early stopping"
+        return self.finish(epoch, stop_reason, time.perf_counter() - started)
+
+    def epoch(self, epoch: int, progress: bool,
+              step_callback: Callable[[int, int], None] | None,
+              ) -> tuple[dict[str, float], bool]:
+        """Train one epoch, validate (rank 0, on the whole split); the epoch's history row
+        and whether the time budget leaves no room for another."""
+        p, trainer, ctx = self.params, self.trainer, self.ctx
         epoch_start = time.perf_counter()
-        train_batches.generator.manual_seed(params.seed * 1000 + epoch)
+        self.train_batches.generator.manual_seed(p.seed * 1000 + epoch)
         train_loss, seen, train_seconds = trainer.train_epoch(
-            train_batches, epoch, progress, f" of run {run_dir}", step_callback)
+            self.train_batches, epoch, progress, f" of run {self.run_dir}", step_callback)
         val_start = time.perf_counter()
-        # rank 0 validates on the whole split (nothing padded), and its clock and decisions
-        # are everyone's
-        val = validate(trainer.eval_model, valid_batches, trainer.loss_fn, params, device) \
-            if ctx.is_main else {}
+        val = validate(trainer.eval_model, self.valid_batches, trainer.loss_fn, p,
+                       self.device) if ctx.is_main else {}
         val_seconds = time.perf_counter() - val_start
         epoch_seconds = time.perf_counter() - epoch_start
-        capped = bool(params.max_train_minutes) and (
-            time.perf_counter() - started > params.max_train_minutes * 60)
-        if ctx.enabled:
-            val, trainer.schedule.elapsed, capped, epoch_seconds = from_main(ctx, (
-                val, trainer.schedule.elapsed + train_seconds + val_seconds, capped,
-                epoch_seconds))
+        if ctx.enabled:  # rank 0's clock and decisions are everyone's
+            val, trainer.schedule.elapsed, epoch_seconds = from_main(ctx, (
+                val, trainer.schedule.elapsed + train_seconds + val_seconds, epoch_seconds))
         else:
             trainer.schedule.elapsed += val_seconds
-        time_up = trainer.schedule.next_epoch_overruns(epoch_seconds)
         row = {"epoch": epoch, "train_loss": train_loss, **val,
-               "lr": float(trainer.optimizer.param_groups[0]["lr"]),
-               "seconds": epoch_seconds,
+               "lr": float(trainer.optimizer.param_groups[0]["lr"]), "seconds": epoch_seconds,
                "train_img_per_s": seen * ctx.world / train_seconds}
-        history.append(row)
-        improved = stopper.step(val[params.monitor], epoch)
-        state = {"model": trainer.eval_model.state_dict(), "params": params.to_dict(),
-                 "epoch": epoch, "metrics": row, "weights": provenance,
-                 "ema": trainer.ema is not None}
-        if improved and ctx.is_main:
-            save_checkpoint(run_dir / "best.pt", state)
-        last_due = (epoch == first_epoch or stopper.should_stop or capped or time_up
-                    or epoch == params.epochs
-                    or time.perf_counter() - last_saved > LAST_EVERY_S)
-        if last_due and ctx.is_main:  # ~4x the weights: at most once a minute on a fast GPU
-            save_checkpoint(run_dir / "last.pt", state | trainer.state_dict() | {
-                "early_stopping": stopper.state_dict(), "history": history})
-            last_saved = time.perf_counter()
-        if ctx.is_main:
-            _write_history(run_dir / "history.csv", history)
-        say(f"epoch {epoch:3d} | train {row['train_loss']:.4f} | val loss "
-              f"{val['val_loss']:.4f} iou {val['val_iou']:.4f} dice {val['val_dice']:.4f} | "
-              f"lr {row['lr']:.2e} | {row['seconds']:.1f}s ({row['train_img_per_s']:.0f} img/s)"
-              f"{' *' if improved else ''}", flush=True)
-        if epoch == first_epoch and not params.train_minutes:
-            left = (params.epochs - epoch) * row["seconds"]
-            say(f"expected: about {left / 60:.1f} more minutes for {params.epochs} epochs",
-                  flush=True)
-        if stopper.should_stop:
-            break
-        if time_up:
-            stop_reason = "time budget"
-            break
-        if capped:
-            stop_reason = "time limit"
-            break
-    if stopper.should_stop:
-        stop_reason = "early stopping"
-    seconds = time.perf_counter() - started
-    summary = {"best_epoch": stopper.best_epoch, "best_" + params.monitor: stopper.best,
-               "epochs_run": len(history), "stop_reason": stop_reason,
-               "train_seconds_this_session": seconds,
-               "compile_seconds": trainer.compile_seconds,
-               "train_seconds_total": trainer.schedule.elapsed + trainer.compile_seconds,
-               "ema": trainer.ema is not None}
+        self.history.append(row)
+        return row, trainer.schedule.next_epoch_overruns(epoch_seconds)
+
+    def save(self, epoch: int, row: dict[str, float], improved: bool, save_last: bool) -> None:
+        """``best.pt`` on improvement, ``last.pt`` when due (~4x the weights: at most once a
+        minute on a fast GPU), and the history; rank 0 only."""
+        if not self.ctx.is_main:
+            return
+        state = {"model": self.trainer.eval_model.state_dict(), "params": self.params.to_dict(),
+                 "epoch": epoch, "metrics": row, "weights": self.provenance,
+                 "ema": self.trainer.ema is not None}
+        if improved:
+            save_checkpoint(self.run_dir / BEST_CHECKPOINT, state)
+        if save_last:
+            save_checkpoint(self.run_dir / LAST_CHECKPOINT, state | self.trainer.state_dict() | {
+                "early_stopping": self.stopper.state_dict(), "history": self.history})
+        _write_history(self.run_dir / HISTORY_FILE, self.history)
+
+    def report_epoch(self, epoch: int, row: dict[str, float], improved: bool) -> None:
+        self.say(f"epoch {epoch:3d} | train {row['train_loss']:.4f} | val loss "
+                 f"{row['val_loss']:.4f} iou {row['val_iou']:.4f} dice {row['val_dice']:.4f} | "
+                 f"lr {row['lr']:.2e} | {row['seconds']:.1f}s ({row['train_img_per_s']:.0f} "
+                 f"img/s){' *' if improved else ''}", flush=True)
+        if epoch == self.first_epoch and not self.params.train_minutes:
+            left = (self.params.epochs - epoch) * row["seconds"]
+            self.say(f"expected: about {left / 60:.1f} more minutes for {self.params.epochs} "
+                     "epochs", flush=True)
+
+    def finish(self, epoch: int, stop_reason: str, seconds: float) -> TrainResult:
+        """``train.json`` (rank 0), then every rank returns the finished run."""
+        p, trainer, stopper = self.params, self.trainer, self.stopper
+        summary = {"best_epoch": stopper.best_epoch, "best_" + p.monitor: stopper.best,
+                   "epochs_run": len(self.history), "stop_reason": stop_reason,
+                   "train_seconds_this_session": seconds,
+                   "compile_seconds": trainer.compile_seconds,
+                   "train_seconds_total": trainer.schedule.elapsed + trainer.compile_seconds,
+                   "ema": trainer.ema is not None}
+        if self.ctx.is_main:
+            atomic_write_json(self.run_dir / TRAIN_FILE, summary)
+        barrier(self.ctx)
+        self.say(f"stopped after epoch {epoch} ({stop_reason}); best {p.monitor} "
+                 f"{stopper.best:.4f} at epoch {stopper.best_epoch}"
+                 + (f"; compile {trainer.compile_seconds:.0f} s" if trainer.compiled else ""))
+        return TrainResult(self.run_dir, self.history, stopper.best_epoch,
+                           float(stopper.best or 0.0), stop_reason, seconds)
+
+
+def _open_run_dir(params: Params, ctx: DistContext, overrides: dict[str, Any],
+                  ) -> tuple[Params, Path, dict[str, Any] | None]:
+    """The run's parameters, directory and saved state: a resumed run's own (with the
+    resumable overrides), or a new directory that holds no run yet."""
+    if params.resume:
+        run_dir = params.resolve_path(params.resume)
+        state = read_checkpoint(run_dir / LAST_CHECKPOINT)
+        return _resume_params(run_dir, overrides), run_dir, state
+    run_dir = Path(from_main(ctx, str(target_run_dir(params))))  # one id for all ranks
+    if (run_dir / LAST_CHECKPOINT).exists():
+        raise FileExistsError(f"{run_dir} already holds a run: set resume: {run_dir} "
+                              "to continue it, or choose another run_id")
     if ctx.is_main:
-        atomic_write_json(run_dir / "train.json", summary)
-    barrier(ctx)  # every rank returns a finished run
-    say(f"stopped after epoch {epoch} ({stop_reason}); best {params.monitor} "
-          f"{stopper.best:.4f} at epoch {stopper.best_epoch}"
-          + (f"; compile {trainer.compile_seconds:.0f} s" if trainer.compiled else ""))
-    return TrainResult(run_dir, history, stopper.best_epoch, float(stopper.best or 0.0),
-                       stop_reason, seconds)
+        run_dir.mkdir(parents=True, exist_ok=True)
+    return params, run_dir, None

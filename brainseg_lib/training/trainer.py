@@ -1,5 +1,5 @@
-"""One training step and everything it needs: device and precision, optimiser, schedule,
-early stopping, weight EMA, compile, validation.
+"""One training step and everything it needs: optimiser, schedule, early stopping, weight
+EMA, compile, validation.
 
 The split lives on the training device as uint8 and batches are index-gathered and augmented
 there: no DataLoader, no host copy and no host sync inside an epoch (the loss is checked
