@@ -1,6 +1,5 @@
 #!/usr/bin/env bash
-# One lent-GPU session, unattended, in under 10 minutes (README "Running on a GPU machine"),
-# for every open issue's GPU work. Phases (PHASES="bench ddp sweep cv" by default; "ref" is
+# One GPU session, unattended, in under 10 minutes (docs/how-to/gpu-machine.md). Phases (PHASES="bench ddp sweep cv" by default; "ref" is
 # the 150-epoch reference alone on the card, ~4 min, for a session with time to spare):
 #   1. bench: bare vs trainer step, eager at batch 32/64 and compiled at 32
 #      (which also fills the compile cache the runs below reuse);
@@ -13,9 +12,10 @@
 #      out-of-fold scores and the fold ensemble on test (full and clean);
 #   4. pack: logs, tables and metrics in results.tgz, the selected model exported in smp's
 #      format with its weights split into <16 MiB parts.
-# Carried (git-ignored): .whl (smp + pycocotools wheels for the device's Python),
-# .gpu/data256 (brainseg data resize ... --size 256 --grey) and .gpu/cache (its
-# near-duplicate groups, so the device needs no imagehash).
+# Inputs (git-ignored): the data, $BRAINSEG_DATA or .gpu/data256 (brainseg data resize ...
+# --size 256 --grey); .gpu/cache (its near-duplicate groups, so the GPU machine needs no
+# imagehash); optionally .whl (smp + pycocotools wheels for a machine without PyPI).
+# Output: everything in $OUT (default /tmp/gpu-out).
 # DRY=1 runs every step tiny on the CPU, to check the script before spending GPU time.
 set -u
 export PYTHONUNBUFFERED=1
@@ -27,7 +27,7 @@ then
     --target /tmp/site .whl/*.whl && export PYTHONPATH=/tmp/site
 fi
 export PYTHONPATH=${PYTHONPATH:+$PYTHONPATH:}$ROOT
-export BRAINSEG_DATA=$ROOT/.gpu/data256 BRAINSEG_CACHE=/tmp/brainseg-cache
+export BRAINSEG_DATA=${BRAINSEG_DATA:-$ROOT/.gpu/data256} BRAINSEG_CACHE=/tmp/brainseg-cache
 mkdir -p "$BRAINSEG_CACHE"
 cp .gpu/cache/duplicates-*.json "$BRAINSEG_CACHE"/ 2>/dev/null || \
   echo "warning: no .gpu/cache/duplicates-*.json: test evaluations will need imagehash" \
