@@ -294,8 +294,8 @@ def _card_test_metrics(m: dict[str, Any] | None) -> list[str]:
                          f"{_metric_cell(clean, key)} |")
     return lines + ["", "Pooled = pixel counts summed over the split, then the ratio; "
                     "per-image = the ratio per image, then the mean (both masks empty scores "
-                    "1). Threshold 0.5 on the sigmoid probability unless stated. Intervals: "
-                    "bootstrap over test images.", ""]
+                    "1). Threshold 0.5 on the sigmoid probability unless stated. Intervals: 95 % "
+                    "BCa bootstrap over test images (scipy.stats.bootstrap).", ""]
 
 
 _CARD_INTENDED_USE = [
