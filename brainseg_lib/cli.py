@@ -1,4 +1,5 @@
-"""The ``brainseg`` command: data, train, evaluate, predict and the notebook pipeline."""
+"""The ``brainseg`` command: data, train, evaluate, predict, export, sweep, cv and the
+notebook pipeline."""
 
 from __future__ import annotations
 
@@ -12,9 +13,17 @@ import yaml
 
 from brainseg_lib.config import ParamsError, load_params, profile_path
 from brainseg_lib.data.coco import DatasetError
-from brainseg_lib.rundir import eval_dir
+from brainseg_lib.rundir import SWEEP_FILE, eval_dir
 
 _FLOAT = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+")
+
+
+def _runs_dir() -> Path:
+    """The default runs folder (``runs_dir``, relative to the project, not the cwd)."""
+    from brainseg_lib.config import Params
+
+    defaults = Params()
+    return defaults.resolve_path(defaults.runs_dir)
 
 
 def parse_overrides(items: list[str] | None) -> dict[str, Any]:
@@ -97,13 +106,13 @@ def _evaluate(args: argparse.Namespace) -> int:
     if args.params:
         settings = load_params(args.params, **(settings or {}))
     model_dir = target if is_model_dir(target) else None
+    if args.record and (not model_dir or args.split != "test"):  # before minutes of work
+        raise ParamsError("--record needs --model DIR and the test split")
     if model_dir:  # a shipped model: laid out as a run under runs/
-        target = materialise(target, Path("runs") / f"model-{target.resolve().name}")
+        target = materialise(target, _runs_dir() / f"model-{target.resolve().name}")
     metrics = evaluate_run(target, args.split, args.device, settings=settings)
     print(f"wrote {eval_dir(target, args.split)}")
     if args.record:
-        if not model_dir or args.split != "test":
-            raise ParamsError("--record needs --model DIR and the test split")
         from brainseg_lib.model.package import record_metrics
 
         record_metrics(model_dir, metrics)
@@ -128,7 +137,7 @@ def _export(args: argparse.Namespace) -> int:
     from brainseg_lib.model.package import export_model
 
     out = export_model([Path(r) for r in args.run_dirs], Path(args.out),
-                       fp16=not args.fp32)
+                       fp16=not args.fp32, dataset_name=args.dataset_name)
     size = sum(f.stat().st_size for f in out.iterdir()) / 2**20
     print(f"exported {len(args.run_dirs)} run(s) to {out} ({size:.1f} MiB)")
     return 0
@@ -137,12 +146,12 @@ def _export(args: argparse.Namespace) -> int:
 def _sweep(args: argparse.Namespace) -> int:
     from brainseg_lib.experiments.sweep import run_sweep
 
-    out = Path(args.out) if args.out else Path("runs") / f"sweep-{Path(args.grid).stem}"
+    out = Path(args.out) if args.out else _runs_dir() / f"sweep-{Path(args.grid).stem}"
     table = run_sweep(args.grid, out, args.parallel, evaluate=not args.no_test)
     cols = [c for c in ("variant", "status", "val_iou", "val_dice", "epochs", "minutes",
                         "selected") if c in table]
     print(table[cols].to_string(index=False))
-    print(f"wrote {out / 'sweep.csv'}")
+    print(f"wrote {out / SWEEP_FILE}")
     return 0 if (table.status == "finished").all() else 1
 
 
@@ -262,13 +271,16 @@ def _add_export_parser(sub: argparse._SubParsersAction) -> None:
     export.add_argument("--out", required=True, help="model folder, e.g. models/reference")
     export.add_argument("--fp32", action="store_true",
                         help="keep float32 weights (default fp16)")
+    export.add_argument("--dataset-name", default="",
+                        help="the training data's name for the model card (default: this "
+                        "project's dataset)")
     export.set_defaults(func=_export)
 
 
 def _add_sweep_parser(sub: argparse._SubParsersAction) -> None:
     sweep = sub.add_parser("sweep", help="train parameter variants, select one on validation")
     sweep.add_argument("--grid", required=True,
-                       help="grid file (see brainseg_lib/experiments)")
+                       help="grid file (see docs/how-to/sweep.md)")
     sweep.add_argument("--out", help="sweep folder (default runs/sweep-<grid name>)")
     sweep.add_argument("--parallel", type=int, default=0,
                        help="runs at once (default: per GPU)")

@@ -85,8 +85,8 @@ class Params:
                              "train+valid (written by brainseg cv)")
     fold: int = _param(-1, "data", "weights", "-1 = the dataset's own train/valid split; k = "
                        "hold out fold k of folds_file", (-1, 100))
-    duplicate_bits: int = _param(4, "data", "measurement", "pHash distance at or under which "
-                                 "two images are near-duplicates", (0, 64))
+    duplicate_bits: int = _param(4, ("data", "evaluation"), "measurement", "pHash distance at "
+                                 "or under which two images are near-duplicates", (0, 64))
 
     # --- model
     arch: str = _param("Unet", "training", "weights", "smp architecture")
@@ -217,8 +217,6 @@ def names(*, groups: tuple[str, ...] = (), roles: tuple[str, ...] = ()) -> tuple
                  and (not roles or f.metadata["role"] in roles))
 
 
-# what shapes a measurement or a report, never the weights: taken from the call at evaluation
-MEASUREMENT_KEYS = names(roles=("measurement",))
 # what may change when a run is resumed: more budget, other execution or measurement settings
 RESUMABLE_KEYS = names(roles=("budget", "execution", "run", "measurement", "label"))
 # what makes a trained model what it is: a shipped model is reused only when these agree

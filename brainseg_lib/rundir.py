@@ -30,7 +30,10 @@ VARIANTS_FILE = "variants.csv"  # in eval-<split>/: every setting tried on the s
 THRESHOLDS_FILE = "threshold_curve.csv"  # in eval-<split>/: pooled metrics per threshold
 FOLDS_FILE = "folds.json"  # in a CV folder
 CV_FILE = "cv.json"  # in a CV folder
-SWEEP_FILE = "sweep.csv"  # in a sweep folder
+SWEEP_FILE = "sweep.csv"  # in a sweep folder: one row per variant
+SWEEP_RECORD_FILE = "sweep.json"  # in a sweep folder: the table, the selection, its test
+LOGS_DIR = "logs"  # in a CV or sweep folder: one log per training process
+PROVENANCE_FILE = "provenance.json"  # in a resized dataset copy: what it was made from
 REPORT_SUMMARY_FILE = "summary.json"  # in a report folder
 
 PACKAGES = ("torch", "torchvision", "segmentation-models-pytorch", "numpy", "pycocotools",
@@ -62,8 +65,7 @@ def training_record(run_dir: Path) -> dict[str, Any] | None:
     if not (run_dir / TRAIN_FILE).exists():
         return None
     record = json.loads((run_dir / TRAIN_FILE).read_text())
-    env_file = run_dir / ENV_FILE
-    env = json.loads(env_file.read_text()) if env_file.exists() else {}
+    env = read_env(run_dir)
     record["device"] = env.get("gpu") or env.get("device", "an unrecorded device")
     record["trained_on"] = env.get("trained_on", "")
     return record

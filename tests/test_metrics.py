@@ -11,7 +11,6 @@ import torch
 from brainseg_lib.metrics.functional import (
     ConfusionCounts,
     batch_pooled_iou,
-    fg_bg_miou,
     hd95,
     iou,
     per_image_dice,
@@ -57,7 +56,7 @@ def test_pooled_scores_by_hand():
     assert summarise(c)["precision"] == pytest.approx(4 / 6)
     assert summarise(c)["recall"] == pytest.approx(4 / 6)
     assert iou(c.tn.sum(), c.fp.sum(), c.fn.sum()) == pytest.approx(40 / 44)  # background
-    assert fg_bg_miou(c) == pytest.approx((4 / 8 + 40 / 44) / 2)
+    assert summarise(c)["fg_bg_miou"] == pytest.approx((4 / 8 + 40 / 44) / 2)
     # batches of 2: images (0,1) pooled 4/6, image (2) pooled 0 -> mean 1/3
     assert batch_pooled_iou(c, 2) == pytest.approx((4 / 6 + 0) / 2)
     assert batch_pooled_iou(c, 3) == pytest.approx(pooled_iou(c))

@@ -10,7 +10,7 @@ from typing import Any
 from brainseg_lib.config import Params
 from brainseg_lib.data.coco import dataset_hash
 from brainseg_lib.data.locate import DataSource, data_source, find_real_dataset
-from brainseg_lib.rundir import read_env
+from brainseg_lib.rundir import PROVENANCE_FILE, read_env
 
 
 def dataset_record(source: Any, images: dict[str, int]) -> dict[str, Any]:
@@ -18,7 +18,7 @@ def dataset_record(source: Any, images: dict[str, int]) -> dict[str, Any]:
     the dataset it was made from (``brainseg data resize`` writes provenance.json)."""
     record = {"path": str(source.path), "kind": source.kind, "found_by": source.how,
               "annotations_sha256": dataset_hash(source.path), "images": images}
-    provenance = source.path / "provenance.json"
+    provenance = source.path / PROVENANCE_FILE
     if provenance.exists():
         prov = json.loads(provenance.read_text())
         record["derived_from"] = prov
@@ -28,15 +28,15 @@ def dataset_record(source: Any, images: dict[str, int]) -> dict[str, Any]:
     return record
 
 
-def data_for_run(run_dir: Path, params: Params) -> DataSource:
-    """The data to evaluate a run on: what the caller configured (``data_dir``,
-    $BRAINSEG_DATA, data/ in the repository), else the path the run recorded when it still
-    exists there. Synthetic runs are evaluated on their own synthetic data. Whatever is
-    chosen is then checked against the training record (:func:`check_data_identity`)."""
+def data_for_run(run_dir: Path, params: Params, data_dir: str = "") -> DataSource:
+    """The data to evaluate a run (trained with ``params``) on: the caller's ``data_dir``,
+    else $BRAINSEG_DATA or data/ in the repository, else the path the run recorded when it
+    still exists there. Synthetic runs are evaluated on their own synthetic data. Whatever
+    is chosen is then checked against the training record (:func:`check_data_identity`)."""
     recorded = read_env(run_dir).get("dataset", {})
     if params.synthetic or recorded.get("kind") == "synthetic":
         return data_source(params)
-    found = find_real_dataset(params.data_dir)
+    found = find_real_dataset(data_dir)
     if found:
         return found
     path = Path(recorded.get("path", ""))

@@ -21,6 +21,7 @@ from brainseg_lib.data.coco import (
     read_image,
     read_json_text,
 )
+from brainseg_lib.rundir import PROVENANCE_FILE
 
 
 def _scale_annotation(ann: dict[str, Any], fx: float, fy: float) -> dict[str, Any]:
@@ -83,7 +84,7 @@ def resize_dataset(src: str | Path, dst: str | Path, size: int, grey: bool = Fal
             else _scale_annotation(a, *scale[image_key(a["image_id"])])
             for a in data["annotations"]]
         (dst / name / ANNOTATION_FILE).write_text(json.dumps(data))
-    (dst / "provenance.json").write_text(json.dumps({
+    (dst / PROVENANCE_FILE).write_text(json.dumps({
         "source": str(src.resolve()), "source_annotations_sha256": dataset_hash(src),
         "size": size, "grey": grey, "jpeg_quality": quality}, indent=2))
     return dst

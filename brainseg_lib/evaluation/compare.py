@@ -82,7 +82,7 @@ def find_runs(names: list[str], runs_dir: Path, reports_dir: Path | None = None,
             if (run_dir / BEST_CHECKPOINT).exists():
                 found.append(run_dir)
     if len(found) < 2:
-        evaluated = sorted(runs_dir.glob(f"*/eval-test/{METRICS_FILE}"),
+        evaluated = sorted(runs_dir.glob(f"*/{eval_dir(Path(), 'test').name}/{METRICS_FILE}"),
                            key=lambda p: p.stat().st_mtime)
         found = [p.parent.parent for p in evaluated[-2:]]
     if not found:

@@ -1,6 +1,7 @@
 """Evaluation of a trained model on a split, honest about what each number measures.
 
-The *headline* setting is the plain method: the model's resolution, threshold 0.5, no
+The *headline* setting is the plain method: the model's resolution, threshold 0.5 (or the
+call's ``threshold``), no
 test-time augmentation (TTA), no post-processing. Threshold, TTA and post-processing are
 then chosen on the **validation** split (or out-of-fold predictions) only and the chosen
 setting is reported on test, so no test number is tuned on test. Everything is also scored
@@ -33,11 +34,16 @@ from brainseg_lib.evaluation.records import (
     reference_comparison,
     write_evaluation,
 )
-from brainseg_lib.evaluation.selection import choose_setting, describe, threshold_table
+from brainseg_lib.evaluation.selection import (
+    choose_setting,
+    describe,
+    plain_setting,
+    threshold_table,
+)
 from brainseg_lib.inference.predictor import LoadedModel, load_model
 from brainseg_lib.io import atomic_write_json
 from brainseg_lib.metrics.functional import (
-    HEADLINE,
+    METRIC_DEFINITIONS,
     ConfusionCounts,
     hd95,
     per_image_dice,
@@ -45,16 +51,17 @@ from brainseg_lib.metrics.functional import (
 )
 from brainseg_lib.rundir import METRICS_FILE, eval_dir, git_commit
 
-# what shapes a measurement: the call's evaluation parameters, never the run's
-EVALUATION_KEYS = (*names(groups=("evaluation",)), "duplicate_bits")
+# what an evaluation takes from the call, never from the run: the evaluation group
+EVALUATION_KEYS = names(groups=("evaluation",))
 EvalSettings = make_dataclass(
     "EvalSettings",
     [(n, Params.__dataclass_fields__[n].type, field(default=Params.__dataclass_fields__[n].default))
      for n in EVALUATION_KEYS],
     frozen=True,
     namespace={
-        "__doc__": "The evaluation parameters of a call (``Params`` fields of the evaluation "
-                   "group, and ``duplicate_bits``): they shape a measurement, not the weights.",
+        "__doc__": "The evaluation parameters of a call (the ``Params`` fields of the "
+                   "evaluation group): threshold, TTA, post-processing, bootstrap and its "
+                   "seed, the near-duplicate threshold of the clean subset.",
         "from_params": classmethod(lambda cls, p: cls(**{k: getattr(p, k)
                                                           for k in EVALUATION_KEYS})),
     })
@@ -64,8 +71,8 @@ def evaluate_run(run_dir: str | Path, split: str = "test", device: str = "auto",
                  verbose: bool = True, settings: Any = None) -> dict[str, Any]:
     """Evaluate a run's ``best.pt`` (or an exported model laid out as a run) on ``split``.
 
-    ``settings``: the caller's parameters (threshold, TTA, post-processing, bootstrap...),
-    or a mapping of just those to change; default: the run's. Writes
+    ``settings``: the caller's parameters (threshold, TTA, post-processing, bootstrap...,
+    and ``data_dir``), or a mapping of just those to change; default: the run's. Writes
     ``run_dir/eval-<split>/`` and, for test, ``run_dir/metrics.json``.
     The data must be what the run trained on (same annotations hash) or what its training
     copy was made from (recorded provenance); anything else is an error.
@@ -74,8 +81,9 @@ def evaluate_run(run_dir: str | Path, split: str = "test", device: str = "auto",
     loaded = load_model(run_dir, device)
     if isinstance(settings, dict):
         settings = params_from_dict(loaded.params.to_dict() | settings, "evaluation settings")
-    st = EvalSettings.from_params(settings if settings is not None else loaded.params)
-    source = data_for_run(run_dir, loaded.params)
+    call = settings if settings is not None else loaded.params
+    st = EvalSettings.from_params(call)
+    source = data_for_run(run_dir, loaded.params, call.data_dir)
     data_note = check_data_identity(run_dir, source)
     valid_arrays = load_split_arrays(source.path, "valid", loaded.params.image_size,
                                      loaded.params.cache_path())
@@ -105,7 +113,7 @@ def evaluate_on_split(loaded: LoadedModel, source: DataSource, split: str, out_d
               f"data, {loaded.device}")
     pred = predict_split(loaded, arrays, st.tta)
     chosen, variants = choose_setting(selection, st.min_component_px, st.tune_threshold,
-                                      st.tta)
+                                      st.tta, st.threshold)
     clean = _clean_test_mask(source, arrays, st, p) if split == "test" else None
     out = _record_header(loaded, source, split, pred, st, chosen, selection_name, data_note,
                          clean)
@@ -113,8 +121,7 @@ def evaluate_on_split(loaded: LoadedModel, source: DataSource, split: str, out_d
                               "tumour_area_fraction": arrays.masks.mean((1, 2))})
     if clean is not None:
         per_image["clean"] = clean
-    plain = {"threshold": st.threshold, "tta": False, "postprocess": "none"}
-    for key, setting in (("headline", plain), ("selected", chosen)):
+    for key, setting in (("headline", plain_setting(st.threshold)), ("selected", chosen)):
         in_sample = key == "selected" and split == selection_name
         _score_setting(out, per_image, key, setting, pred, source, split, st, clean, in_sample)
     out["reference_comparison"] = reference_comparison(out)
@@ -148,7 +155,7 @@ def _record_header(loaded: LoadedModel, source: DataSource, split: str,
                            "torch": torch.__version__, "settings": asdict(st)},
         "loss": {"name": p.loss, "value": pred.loss, "bce": pred.bce,
                  "definition": "mean over images of each image's own loss"},
-        "definitions": HEADLINE, "batch_size_for_batch_pooled_iou": p.batch_size,
+        "definitions": METRIC_DEFINITIONS, "batch_size_for_batch_pooled_iou": p.batch_size,
         "chosen_on": selection_name, "chosen_on_valid": chosen,
         "selected_is_in_sample": split == selection_name,
     }

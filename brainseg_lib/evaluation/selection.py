@@ -20,8 +20,14 @@ from brainseg_lib.metrics.functional import (
 THRESHOLDS = np.round(np.arange(0.1, 0.91, 0.05), 2)
 
 
-def score(pred: SplitPrediction, threshold: float, tta: bool, method: str,
-          min_px: int) -> ConfusionCounts:
+def plain_setting(threshold: float = 0.5) -> dict[str, Any]:
+    """The plain method: the given threshold, no TTA, no post-processing."""
+    return {"threshold": threshold, "tta": False, "postprocess": "none"}
+
+
+def counts_at(pred: SplitPrediction, threshold: float, tta: bool, method: str,
+              min_px: int) -> ConfusionCounts:
+    """Per-image confusion counts of ``pred`` binarised in one setting."""
     probs = pred.probs_tta if tta else pred.probs
     return ConfusionCounts.from_masks(binarise(probs, threshold, method, min_px),
                                       pred.arrays.masks)
@@ -30,22 +36,24 @@ def score(pred: SplitPrediction, threshold: float, tta: bool, method: str,
 def threshold_table(pred: SplitPrediction, tta: bool = False) -> pd.DataFrame:
     rows = []
     for t in THRESHOLDS:
-        s = summarise(score(pred, float(t), tta, "none", 0))
+        s = summarise(counts_at(pred, float(t), tta, "none", 0))
         rows.append({"threshold": float(t), "tta": tta, **s})
     return pd.DataFrame(rows)
 
 
 def choose_setting(valid: SplitPrediction, min_px: int, tune_threshold: bool,
-                   tta: bool) -> tuple[dict[str, Any], pd.DataFrame]:
-    """Pick threshold, TTA and post-processing maximising pooled IoU on validation."""
+                   tta: bool, threshold: float = 0.5) -> tuple[dict[str, Any], pd.DataFrame]:
+    """Pick threshold, TTA and post-processing maximising pooled IoU on the selection split;
+    the plain setting (``threshold``, no TTA, no post-processing) is always a candidate."""
     rows = []
     for use_tta in ([False, True] if tta else [False]):
-        curve = threshold_table(valid, use_tta) if tune_threshold else None
-        best_t = float(curve.loc[curve.pooled_iou.idxmax(), "threshold"]) if tune_threshold \
-            else 0.5
+        best_t = threshold
+        if tune_threshold:
+            curve = threshold_table(valid, use_tta)
+            best_t = float(curve.loc[curve.pooled_iou.idxmax(), "threshold"])
         for method in POSTPROCESSING:
-            for t in sorted({0.5, best_t}):
-                s = summarise(score(valid, t, use_tta, method, min_px))
+            for t in sorted({threshold, best_t}):
+                s = summarise(counts_at(valid, t, use_tta, method, min_px))
                 rows.append({"tta": use_tta, "postprocess": method, "threshold": t, **s})
     table = pd.DataFrame(rows)
     best = table.loc[table.pooled_iou.idxmax()]

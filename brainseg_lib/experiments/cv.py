@@ -23,12 +23,12 @@ from brainseg_lib.data.splits import dev_keys, fold_indices, make_folds, read_fo
 from brainseg_lib.evaluation.evaluate import EvalSettings, evaluate_on_split
 from brainseg_lib.evaluation.predictions import SplitPrediction, predict_split
 from brainseg_lib.evaluation.records import metric_block
-from brainseg_lib.evaluation.selection import describe, score
+from brainseg_lib.evaluation.selection import counts_at, describe, plain_setting
 from brainseg_lib.experiments.runner import Job, run_jobs
 from brainseg_lib.inference.predictor import LoadedModel, load_model
 from brainseg_lib.io import atomic_write_json
 from brainseg_lib.metrics.functional import hd95, pooled_iou
-from brainseg_lib.rundir import CV_FILE, FOLDS_FILE, eval_dir
+from brainseg_lib.rundir import CV_FILE, FOLDS_FILE, LOGS_DIR, eval_dir
 
 
 def cv_dir_for(params: Params, k: int) -> Path:
@@ -39,7 +39,7 @@ def cv_dir_for(params: Params, k: int) -> Path:
 def out_of_fold(members: list[LoadedModel], dev: SplitArrays,
                 indices: list[np.ndarray], tta: bool) -> SplitPrediction:
     """Each development image predicted by the one fold model that did not train on it
-    (``indices``: each fold's positions in ``dev``, from :func:`folds.fold_indices`)."""
+    (``indices``: each fold's positions in ``dev``, from :func:`data.splits.fold_indices`)."""
     probs = np.full((len(dev), *dev.masks.shape[1:]), np.nan, np.float32)
     probs_tta = probs.copy() if tta else None
     loss = bce = 0.0
@@ -75,7 +75,7 @@ def _train_folds(params_file: Path, overrides: dict[str, Any], cv_dir: Path, n_f
     jobs = [Job(f"fold{i}", cv_dir / f"fold{i}", params_file,
                 overrides | {"fold": i, "folds_file": str(folds_file.resolve())})
             for i in range(n_folds)]
-    codes = run_jobs(jobs, parallel, cv_dir / "logs")
+    codes = run_jobs(jobs, parallel, cv_dir / LOGS_DIR)
     failed = [n for n, c in codes.items() if c != 0]
     if failed:
         raise RuntimeError(f"cv {cv_dir}: fold(s) {', '.join(failed)} failed; see "
@@ -95,8 +95,8 @@ def _score_out_of_fold(members: list[LoadedModel], data: dict[str, SplitArrays],
     dev = SplitArrays.concat("dev", [data["train"], data["valid"]])
     indices = fold_indices(dev_keys(data), folds)
     oof = out_of_fold(members, dev, indices, st.tta)
-    plain = {"threshold": st.threshold, "tta": False, "postprocess": "none"}
-    counts = score(oof, st.threshold, False, "none", 0)
+    plain = plain_setting(st.threshold)
+    counts = counts_at(oof, st.threshold, False, "none", 0)
     dists = np.asarray([hd95(m, t) for m, t in zip(oof.probs >= st.threshold, dev.masks,
                                                    strict=True)])
     block = metric_block(counts, dists, params.batch_size, st.bootstrap, st.seed,
@@ -146,5 +146,5 @@ def run_cv(params_file: str | Path, k: int = 5, overrides: dict[str, Any] | None
     atomic_write_json(cv_dir / CV_FILE, result)
     cv = result["cv"]["metrics"]
     say(f"CV (out-of-fold, plain): pooled IoU {cv['pooled_iou']:.4f}, mean image Dice "
-        f"{cv['mean_image_dice']:.4f}; wrote {cv_dir / 'cv.json'}")
+        f"{cv['mean_image_dice']:.4f}; wrote {cv_dir / CV_FILE}")
     return result

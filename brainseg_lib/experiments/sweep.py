@@ -2,7 +2,8 @@
 
 A grid file (YAML)::
 
-    base: params/reference.yaml     # every variant starts from this profile
+    base: ../reference.yaml         # the profile every variant starts from (relative to
+                                    # the grid file)
     parallel: 4                     # runs at once (default: one per GPU)
     select_on: val_iou              # validation metric of each run's best checkpoint (max)
     common: {train_minutes: 4}      # applied to every variant
@@ -27,7 +28,7 @@ import pandas as pd
 from brainseg_lib.config import ParamsError, load_params, read_params_file
 from brainseg_lib.experiments.runner import Job, run_jobs
 from brainseg_lib.io import atomic_write, atomic_write_json
-from brainseg_lib.rundir import HISTORY_FILE, SWEEP_FILE, TRAIN_FILE
+from brainseg_lib.rundir import HISTORY_FILE, LOGS_DIR, SWEEP_FILE, SWEEP_RECORD_FILE, TRAIN_FILE
 
 SELECT_ON = ("val_iou", "val_dice", "val_loss")
 
@@ -108,7 +109,7 @@ def run_sweep(grid_file: str | Path, sweep_dir: str | Path, parallel: int = 0,
     sweep_dir = Path(sweep_dir)
     sweep_dir.mkdir(parents=True, exist_ok=True)
     codes = run_jobs(sweep_jobs(grid, sweep_dir), parallel or grid["parallel"],
-                     sweep_dir / "logs")
+                     sweep_dir / LOGS_DIR)
     table = sweep_table(grid, sweep_dir)
     table["exit_code"] = table.variant.map(codes)
     selected = table[table.selected]
@@ -122,5 +123,5 @@ def run_sweep(grid_file: str | Path, sweep_dir: str | Path, parallel: int = 0,
                                    for k in ("headline", "headline_clean", "selected",
                                              "selected_clean") if k in metrics}
     atomic_write(sweep_dir / SWEEP_FILE, lambda tmp: table.to_csv(tmp, index=False))
-    atomic_write_json(sweep_dir / "sweep.json", result | {"table": table.to_dict("records")})
+    atomic_write_json(sweep_dir / SWEEP_RECORD_FILE, result | {"table": table.to_dict("records")})
     return table

@@ -6,6 +6,7 @@ batches or for images of any size (padded to a square, not squashed).
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
 
 import numpy as np
@@ -35,6 +36,11 @@ class LoadedModel:
     @property
     def model(self) -> nn.Module:
         return self.members[0]
+
+    @cached_property
+    def normalizer(self) -> Normalizer:
+        """The input normalisation, its constants made once on the model's device."""
+        return Normalizer(self.params.normalize_mean, self.params.normalize_std, self.device)
 
 
 def _to_device(models: list[nn.Module], params: Params, device: str) -> tuple[
@@ -73,7 +79,7 @@ def _model_input(loaded: LoadedModel, images_u8: torch.Tensor,
     """A uint8 batch as the model takes it (on its device, normalised, its memory format)
     and the autocast dtype to run it in."""
     p = loaded.params
-    x = Normalizer(p.normalize_mean, p.normalize_std, loaded.device)(images_u8.to(loaded.device))
+    x = loaded.normalizer(images_u8.to(loaded.device))
     if p.channels_last:
         x = x.contiguous(memory_format=torch.channels_last)
     return x, autocast_dtype(p, loaded.device)

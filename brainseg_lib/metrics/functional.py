@@ -23,11 +23,13 @@ Resolution is the caller's: the evaluation reports both the model's and the sour
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
-import segmentation_models_pytorch as smp
-import torch
 from scipy import ndimage
+
+if TYPE_CHECKING:
+    import torch
 
 
 @dataclass
@@ -42,7 +44,12 @@ class ConfusionCounts:
     @classmethod
     def from_masks(cls, pred: torch.Tensor | np.ndarray,
                    target: torch.Tensor | np.ndarray) -> ConfusionCounts:
-        """Counts for a batch of binary masks shaped (N,1,H,W) or (N,H,W)."""
+        """Counts for a batch of binary masks shaped (N,1,H,W) or (N,H,W), tensors (on any
+        device) or arrays, by ``smp.metrics.get_stats`` (imported here: the formulas below
+        need only numpy)."""
+        import segmentation_models_pytorch as smp
+        import torch
+
         pred_t = torch.as_tensor(np.asarray(pred) if isinstance(pred, np.ndarray) else pred)
         target_t = torch.as_tensor(
             np.asarray(target) if isinstance(target, np.ndarray) else target)
@@ -90,7 +97,7 @@ def recall(tp: np.ndarray, fn: np.ndarray) -> np.ndarray:
     return _ratio(tp, tp + fn)
 
 
-def headline_metrics(tp: np.ndarray, fp: np.ndarray, fn: np.ndarray, tn: np.ndarray,
+def count_metrics(tp: np.ndarray, fp: np.ndarray, fn: np.ndarray, tn: np.ndarray,
                      axis: int = -1) -> dict[str, np.ndarray]:
     """The pooled and per-image metrics of per-image counts along ``axis`` (images)."""
     sums = [x.sum(axis) for x in (tp, fp, fn, tn)]
@@ -124,10 +131,6 @@ def pooled_dice(c: ConfusionCounts) -> float:
     return float(dice(c.tp.sum(), c.fp.sum(), c.fn.sum()))
 
 
-def fg_bg_miou(c: ConfusionCounts) -> float:
-    """Mean of pooled foreground IoU and pooled background IoU, TN / (TN + FP + FN)."""
-    return float(headline_metrics(c.tp, c.fp, c.fn, c.tn)["fg_bg_miou"])
-
 
 def batch_pooled_iou(c: ConfusionCounts, batch_size: int) -> float:
     """Foreground IoU pooled within consecutive batches, averaged over batches."""
@@ -159,7 +162,7 @@ def hd95(pred: np.ndarray, target: np.ndarray) -> float:
     return float(max(np.percentile(to_target, 95), np.percentile(to_pred, 95)))
 
 
-HEADLINE = {
+METRIC_DEFINITIONS = {
     "pooled_iou": "Foreground IoU, pooled over the split",
     "pooled_dice": "Foreground Dice, pooled over the split",
     "mean_image_iou": "Mean per-image foreground IoU",
@@ -175,7 +178,7 @@ HEADLINE = {
 def summarise(c: ConfusionCounts, batch_size: int = 16,
               hd95_values: np.ndarray | None = None) -> dict[str, float]:
     """Every headline metric from per-image counts (and optional per-image HD95)."""
-    out = {k: float(v) for k, v in headline_metrics(c.tp, c.fp, c.fn, c.tn).items()}
+    out = {k: float(v) for k, v in count_metrics(c.tp, c.fp, c.fn, c.tn).items()}
     out["batch_pooled_iou"] = batch_pooled_iou(c, batch_size)
     if hd95_values is not None:
         finite = hd95_values[np.isfinite(hd95_values)]

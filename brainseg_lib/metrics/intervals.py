@@ -15,7 +15,7 @@ from collections.abc import Callable
 import numpy as np
 from scipy import stats
 
-from brainseg_lib.metrics.functional import ConfusionCounts, dice, headline_metrics, iou
+from brainseg_lib.metrics.functional import ConfusionCounts, count_metrics, dice, iou
 
 Interval = tuple[float, float]
 
@@ -39,10 +39,10 @@ def bootstrap_ci(c: ConfusionCounts, hd95_values: np.ndarray | None = None,
                  n_resamples: int = 1000, seed: int = 0) -> dict[str, Interval]:
     """95 % intervals of the pooled and per-image metrics (and mean HD95 over the images
     where it is defined), resampling images with replacement."""
-    keys = list(headline_metrics(c.tp[:1], c.fp[:1], c.fn[:1], c.tn[:1]))
+    keys = list(count_metrics(c.tp[:1], c.fp[:1], c.fn[:1], c.tn[:1]))
 
     def statistic(tp, fp, fn, tn, axis=-1):
-        return np.stack(list(headline_metrics(tp, fp, fn, tn, axis).values()))
+        return np.stack(list(count_metrics(tp, fp, fn, tn, axis).values()))
 
     bounds = _bootstrap((c.tp, c.fp, c.fn, c.tn), statistic, n_resamples, seed)
     out = {k: (float(bounds[0, i]), float(bounds[1, i])) for i, k in enumerate(keys)}

@@ -122,8 +122,9 @@ def create_model(arch: str = "Unet", encoder: str = "resnet34", encoder_weights:
 
 
 class Normalizer:
-    """:func:`normalize` with its constants made once on the device: no host-to-device copy
-    (and so no wait for the GPU) per batch."""
+    """The model's input normalisation: uint8 or [0, 1] float (B,3,H,W) to float32 with
+    per-channel mean/std, its constants made once on the device (no host-to-device copy,
+    and so no wait for the GPU, per batch). Training and inference both use it."""
 
     def __init__(self, mean: list[float], std: list[float], device: torch.device):
         self.mean = torch.tensor(mean, device=device).view(1, -1, 1, 1)

@@ -41,6 +41,7 @@ from brainseg_lib.rundir import (
     PARAMS_FILE,
     SOURCE_MODEL_FILE,
     TRAIN_FILE,
+    read_env,
     training_record,
 )
 
@@ -175,7 +176,7 @@ def _model_info(run_dirs: list[Path], members: list[str], params: Params,
                 states: list[dict[str, Any]], fp16: bool, dataset_name: str) -> dict[str, Any]:
     """``brainseg.json``: how the model was trained, on what data, and what it scored."""
     run0 = run_dirs[0]
-    env = json.loads((run0 / ENV_FILE).read_text()) if (run0 / ENV_FILE).exists() else {}
+    env = read_env(run0)
     metrics_file = run0 / METRICS_FILE
     return {
         "format": "brainseg model 1", "members": members,

@@ -1,4 +1,5 @@
-"""Notebook helpers: the header every report starts with, and finding the run to report.
+"""What the notebooks show: the header every report starts with, the metrics and reference
+tables of 03, and the test-image galleries and browser of 04.
 """
 
 from __future__ import annotations
@@ -17,11 +18,11 @@ from matplotlib.figure import Figure
 
 from brainseg_lib.config import Params
 from brainseg_lib.data.arrays import SplitArrays, load_split_arrays
-from brainseg_lib.data.locate import SYNTHETIC_BANNER, DataSource, data_source
+from brainseg_lib.data.identity import check_data_identity, data_for_run
+from brainseg_lib.data.locate import SYNTHETIC_BANNER, DataSource
 from brainseg_lib.evaluation.predictions import predict_split
-from brainseg_lib.evaluation.records import REFERENCE
 from brainseg_lib.inference.predictor import LoadedModel, load_model
-from brainseg_lib.metrics.functional import HEADLINE, ConfusionCounts, per_image_dice
+from brainseg_lib.metrics.functional import METRIC_DEFINITIONS, ConfusionCounts, per_image_dice
 from brainseg_lib.reporting.figures import overlay_rows
 from brainseg_lib.rundir import PARAMS_FILE, git_commit
 
@@ -66,7 +67,7 @@ def header_html(title: str, params: Params, source: DataSource | None = None,
         trained = read_params_file(run_dir / PARAMS_FILE)
         shown = {k: trained[k] for k in names(groups=("data", "training")) if k in trained}
         parts.append(f"<details><summary>{len(shown)} training parameters of the model "
-                     f"(from {html.escape(str(run_dir / 'params.yaml'))})</summary>"
+                     f"(from {html.escape(str(run_dir / PARAMS_FILE))})</summary>"
                      f"{_param_table(shown)}</details>")
     return "\n".join(parts)
 
@@ -92,9 +93,10 @@ def metrics_table(metrics: dict[str, Any]) -> pd.DataFrame:
              "headline_original_resolution_clean", "selected", "selected_clean",
              "selected_original_resolution", "selected_original_resolution_clean")
     blocks = [(k, metrics[k]) for k in order if k in metrics]
+    keys = METRIC_DEFINITIONS
     table = pd.DataFrame(
-        {block["setting"]: [_fmt_ci(block, k) for k in HEADLINE] for _, block in blocks},
-        index=pd.Index([f"{HEADLINE[k]} ({k})" for k in HEADLINE], name="metric"))
+        {block["setting"]: [_fmt_ci(block, k) for k in keys] for _, block in blocks},
+        index=pd.Index([f"{keys[k]} ({k})" for k in keys], name="metric"))
     loss = metrics["loss"]
     table.loc[f"test loss: {loss['name']}"] = [f"{loss['value']:.4f}"] + [""] * (len(blocks) - 1)
     table.loc["test loss: BCE"] = [f"{loss['bce']:.4f}"] + [""] * (len(blocks) - 1)
@@ -103,15 +105,17 @@ def metrics_table(metrics: dict[str, Any]) -> pd.DataFrame:
 
 def reference_table(metrics: dict[str, Any]) -> pd.DataFrame:
     """The reference's two numbers beside ours, each labelled with what it measures."""
-    m = metrics["headline"]["metrics"]
+    c = metrics["reference_comparison"]  # written by the evaluation: one source
+    loss, iou = c["reference_test_loss (BCE)"], c[
+        "reference_test_iou (as published; closest to fg+bg mIoU)"]
     rows = [
-        ("Test loss (BCE, mean over test images)", REFERENCE["test_loss"], metrics["loss"]["bce"]),
-        ("Reference 'Test IoU' vs our mean of foreground and background IoU",
-         REFERENCE["test_iou"], m["fg_bg_miou"]),
-        ("Reference 'Test IoU' vs our foreground IoU pooled per batch, averaged",
-         REFERENCE["test_iou"], m["batch_pooled_iou"]),
-        ("Reference 'Test IoU' vs our foreground IoU pooled over the split",
-         REFERENCE["test_iou"], m["pooled_iou"]),
+        ("Test loss (BCE, mean over test images)", loss, c["our_test_bce"]),
+        ("Reference 'Test IoU' vs our mean of foreground and background IoU", iou,
+         c["our_fg_bg_miou"]),
+        ("Reference 'Test IoU' vs our foreground IoU pooled per batch, averaged", iou,
+         c["our_batch_pooled_iou"]),
+        ("Reference 'Test IoU' vs our foreground IoU pooled over the split", iou,
+         c["our_pooled_foreground_iou"]),
     ]
     return pd.DataFrame(rows, columns=["what is compared", "reference", "ours (plain setting)"]
                         ).set_index("what is compared").round(5)
@@ -127,10 +131,13 @@ class TestPredictions:
     dice: np.ndarray
 
     @classmethod
-    def load(cls, run_dir: Path, split: str = "test") -> TestPredictions:
+    def load(cls, run_dir: Path, split: str = "test", data_dir: str = "") -> TestPredictions:
+        """The run's plain-setting predictions on ``split`` of the data evaluation would use
+        (``data_dir``, else the usual search), checked to be the data the run trained on."""
         loaded = load_model(run_dir)
         p = loaded.params
-        source = data_source(p)
+        source = data_for_run(run_dir, p, data_dir)
+        check_data_identity(run_dir, source)
         arrays = load_split_arrays(source.path, split, p.image_size, p.cache_path())
         pred = predict_split(loaded, arrays, tta=False)
         masks = pred.probs >= p.threshold

@@ -73,7 +73,7 @@ def barrier(ctx: DistContext) -> None:
 
 
 def wrap(model: torch.nn.Module, ctx: DistContext, device: torch.device) -> torch.nn.Module:
-    """DDP around ``model`` (SyncBatchNorm on CUDA, where per-GPU batches are small)."""
+    """DDP around ``model`` (the caller converts BatchNorm to SyncBatchNorm on CUDA first)."""
     if not ctx.enabled:
         return model
     from torch.nn.parallel import DistributedDataParallel
