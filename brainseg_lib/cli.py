@@ -102,14 +102,16 @@ def _evaluate(args: argparse.Namespace) -> int:
     if not args.model and not args.run_dir:
         raise ParamsError("evaluate: give a run directory or --model MODEL_DIR")
     # evaluation settings from the call: a file, or changes to the run's own settings
-    settings: Any = parse_overrides(args.set) or None
+    settings: Any = parse_overrides(args.set)
+    runs_dir = Path(settings.pop("runs_dir")) if "runs_dir" in settings else _runs_dir()
+    settings = settings or None
     if args.params:
         settings = load_params(args.params, **(settings or {}))
     model_dir = target if is_model_dir(target) else None
     if args.record and (not model_dir or args.split != "test"):  # before minutes of work
         raise ParamsError("--record needs --model DIR and the test split")
-    if model_dir:  # a shipped model: laid out as a run under runs/
-        target = materialise(target, _runs_dir() / f"model-{target.resolve().name}")
+    if model_dir:  # a shipped model: laid out as a run under runs_dir (the project's runs/)
+        target = materialise(target, runs_dir / f"model-{target.resolve().name}")
     metrics = evaluate_run(target, args.split, args.device, settings=settings)
     print(f"wrote {eval_dir(target, args.split)}")
     if args.record:

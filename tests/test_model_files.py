@@ -115,14 +115,14 @@ def test_export_roundtrip_smp_format_and_model_card(trained_run, tmp_path):
 
 
 def test_predict_and_evaluate_with_a_model_folder(trained_run, tmp_path, synthetic_root,
-                                                  capsys, monkeypatch):
+                                                  capsys):
     model_dir = export_model([trained_run], tmp_path / "m")
     image = next((synthetic_root / "test").glob("*.jpg"))
     assert main(["predict", str(image), "--model", str(model_dir), "--out",
                  str(tmp_path / "pred")]) == 0
     assert (tmp_path / "pred" / f"{image.stem}_mask.png").exists()
-    monkeypatch.chdir(tmp_path)
-    assert main(["evaluate", "--model", str(model_dir), "--set", "threshold=0.3"]) == 0
+    assert main(["evaluate", "--model", str(model_dir), "--set", "threshold=0.3",
+                 "--set", f"runs_dir={tmp_path / 'runs'}"]) == 0
     per_image = (tmp_path / "runs" / "model-m" / "eval-test" / "per_image.csv").read_text()
     assert "threshold_headline" in per_image and ",0.3," in per_image
 

@@ -30,13 +30,14 @@ def dataset_record(source: Any, images: dict[str, int]) -> dict[str, Any]:
 
 def data_for_run(run_dir: Path, params: Params, data_dir: str = "") -> DataSource:
     """The data to evaluate a run (trained with ``params``) on: the caller's ``data_dir``,
-    else $BRAINSEG_DATA or data/ in the repository, else the path the run recorded when it
-    still exists there. Synthetic runs are evaluated on their own synthetic data. Whatever
-    is chosen is then checked against the training record (:func:`check_data_identity`)."""
+    else the run's own ``data_dir``, else $BRAINSEG_DATA or data/ in the repository, else the
+    path the run recorded when it still exists there. Synthetic runs are evaluated on their
+    own synthetic data. Whatever is chosen is then checked against the training record
+    (:func:`check_data_identity`)."""
     recorded = read_env(run_dir).get("dataset", {})
     if params.synthetic or recorded.get("kind") == "synthetic":
         return data_source(params)
-    found = find_real_dataset(data_dir)
+    found = find_real_dataset(data_dir or params.data_dir)
     if found:
         return found
     path = Path(recorded.get("path", ""))
