@@ -73,6 +73,11 @@ class Params:
                                  (32, 1024))
     image_size: int = _param(256, "data", "weights", "model resolution (square, a multiple of "
                              "32); masks resized by area + 0.5 threshold", (32, 2048))
+    crop_size: int = _param(0, "training", "weights", "train on random crop_size patches of "
+                            "the image_size image (0 = whole images); validation and test "
+                            "see whole images", (0, 2048))
+    fg_oversample: float = _param(0.0, "training", "weights", "fraction of training patches "
+                                  "placed to contain tumour (nnU-Net: 0.33)", (0.0, 1.0))
     limit_train_images: int = _param(0, "data", "weights", "0 = all; otherwise a seeded subset "
                                      "of the train split", (0, 10**7))
     cache_dir: str = _param("", "data", "execution", "decoded-image cache; \"\" = "
@@ -96,6 +101,8 @@ class Params:
     require_pretrained: bool = _param(False, "training", "execution", "make unavailable "
                                       "ImageNet weights an error, not a warning")
     in_channels: int = _param(3, "training", "weights", "input channels", (1, 4))
+    decoder_channels: list[int] = _param([], "training", "weights", "decoder widths, deepest "
+                                         "first; [] = smp's default (256, 128, 64, 32, 16)")
     model_dir: str = _param("", "training", "run", "an exported model (brainseg export) to "
                             "report on instead of training")
 
@@ -268,6 +275,14 @@ def _check_ranges(params: Params) -> None:
             raise ParamsError(f"parameter '{f.name}' = {value!r} is outside [{low}, {high}]")
     if params.image_size % 32:
         raise ParamsError(f"parameter 'image_size' = {params.image_size} must be a multiple of 32")
+    if params.crop_size and (params.crop_size % 32 or params.crop_size > params.image_size):
+        raise ParamsError(f"parameter 'crop_size' = {params.crop_size} must be 0 or a multiple "
+                          f"of 32 no larger than image_size ({params.image_size})")
+    if params.decoder_channels and (len(params.decoder_channels) != 5
+                                    or min(params.decoder_channels) < 1):
+        raise ParamsError("parameter 'decoder_channels' must be [] or five positive widths")
+    if params.fg_oversample and not params.crop_size:
+        raise ParamsError("parameter 'fg_oversample' needs crop_size (patches to place)")
     if len(params.synthetic_counts) != 3 or min(params.synthetic_counts) < 1:
         raise ParamsError("parameter 'synthetic_counts' must be three positive counts")
     if len(params.normalize_mean) != 3 or len(params.normalize_std) != 3:

@@ -101,6 +101,7 @@ def network_from_checkpoint(path: str | Path) -> tuple[nn.Module, Params, dict[s
         params = params_from_record(state["params"], source=str(path))
     except (ParamsError, TypeError) as err:
         raise ArtifactError(f"{path}: its parameters are invalid: {err}") from None
-    model = build_network(params.arch, params.encoder, params.in_channels)
+    model = build_network(params.arch, params.encoder, params.in_channels,
+                          decoder_channels=params.decoder_channels)
     load_weights(model, state["model"], path, f"{params.arch}/{params.encoder}")
     return model, params, state

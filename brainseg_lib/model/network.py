@@ -68,26 +68,29 @@ def _cached_imagenet_file(encoder: str) -> Path | None:
 
 
 def build_network(arch: str, encoder: str, in_channels: int = 3,
-                  weights: str | None = None) -> nn.Module:
+                  weights: str | None = None,
+                  decoder_channels: list[int] | None = None) -> nn.Module:
     """The smp network with one output channel of logits; ``weights=None`` never touches the
-    network (what loading a checkpoint or model folder needs)."""
+    network (what loading a checkpoint or model folder needs). ``decoder_channels``: the
+    decoder's widths, deepest first (None or empty: smp's default for the architecture)."""
+    widths = {"decoder_channels": tuple(decoder_channels)} if decoder_channels else {}
     try:
         return smp.create_model(arch, encoder_name=encoder, encoder_weights=weights,
-                                in_channels=in_channels, classes=1)
+                                in_channels=in_channels, classes=1, **widths)
     except KeyError as err:
         raise ValueError(f"unknown architecture or encoder: {err}") from None
 
 
 def create_model(arch: str = "Unet", encoder: str = "resnet34", encoder_weights: str = "none",
                  in_channels: int = 3, require_pretrained: bool = False,
-                 ) -> tuple[nn.Module, str]:
+                 decoder_channels: list[int] | None = None) -> tuple[nn.Module, str]:
     """Build the network (one output channel of logits) and say where its weights came from.
 
     ``encoder_weights``: ``imagenet``, ``none`` or a path to a local weights file.
     Returns ``(model, provenance)``; provenance is a sentence for the run's metadata.
     """
     def build(weights: str | None) -> nn.Module:
-        return build_network(arch, encoder, in_channels, weights)
+        return build_network(arch, encoder, in_channels, weights, decoder_channels)
 
     choice = encoder_weights.strip()
     if choice.lower() in ("", "none", "null", "random"):

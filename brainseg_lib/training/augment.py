@@ -1,4 +1,5 @@
-"""Batch augmentation on the training device.
+"""Batch augmentation on the training device: patches and their placement, then the
+random geometric and intensity transforms.
 
 Augmenting whole uint8 batches on the GPU with tensor ops (one ``affine_grid`` /
 ``grid_sample`` per batch) keeps up with ~1,700 img/s on an H100, where per-sample CPU
@@ -58,3 +59,50 @@ class BatchAugment:
         mean = images.mean(dim=(1, 2, 3), keepdim=True)
         images = ((images - mean) * contrast + mean + brightness).clamp(0, 1)
         return images, masks
+
+
+class PatchSampler:
+    """Random ``crop_size`` patches of a batch, a fraction ``fg_oversample`` of them placed to
+    contain tumour: nnU-Net's foreground oversampling (MONAI's ``RandCropByPosNegLabeld``).
+
+    On a machine short of compute, a step on a patch of a higher-resolution image costs what
+    a step on a whole downscaled frame costs, and the forced patches stop the ~97 % background
+    from dominating. A forced patch is placed uniformly among the positions that contain one
+    tumour pixel drawn at random (an image without tumour gets a free patch); the others are
+    placed uniformly. Every draw comes from ``generator`` on the images' device.
+    """
+
+    def __init__(self, crop_size: int, fg_oversample: float):
+        self.size, self.fg = crop_size, fg_oversample
+
+    def offsets(self, masks: torch.Tensor, generator: torch.Generator,
+                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Top-left corners (rows, columns) of each patch, and which were placed on tumour."""
+        b, h, w = masks.shape[0], masks.shape[-2], masks.shape[-1]
+        dev = masks.device
+        u = torch.rand(5, b, generator=generator, device=dev)
+        flat = masks.reshape(b, -1).float()
+        forced = (u[0] < self.fg) & (flat.amax(1) > 0)
+        pixel = torch.multinomial(flat + 1e-12, 1, generator=generator)[:, 0]
+        rows = self._place(u[1], u[2], pixel // w, h, forced)
+        cols = self._place(u[3], u[4], pixel % w, w, forced)
+        return rows, cols, forced
+
+    def _place(self, u_free: torch.Tensor, u_forced: torch.Tensor, on: torch.Tensor,
+               side: int, forced: torch.Tensor) -> torch.Tensor:
+        c = self.size
+        free = (u_free * (side - c + 1)).long().clamp(max=side - c)
+        low, high = (on - c + 1).clamp(min=0), on.clamp(max=side - c)
+        placed = low + (u_forced * (high - low + 1)).long().clamp(max=high - low)
+        return torch.where(forced, placed, free)
+
+    def __call__(self, images: torch.Tensor, masks: torch.Tensor,
+                 generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+        """Patches of (B,C,H,W) images and (B,1,H,W) masks, the same window for both."""
+        rows, cols, _ = self.offsets(masks, generator)
+        span = torch.arange(self.size, device=images.device)
+        r = (rows[:, None] + span)[:, :, None]  # (B, c, 1)
+        k = (cols[:, None] + span)[:, None, :]  # (B, 1, c)
+        batch = torch.arange(len(images), device=images.device)[:, None, None]
+        return (images[batch, :, r, k].permute(0, 3, 1, 2).contiguous(),
+                masks[batch, :, r, k].permute(0, 3, 1, 2).contiguous())

@@ -190,7 +190,8 @@ class _Session:
         device = device_for(ctx, select_device(params.device))
         source, data = load_training_data(params)
         model, provenance = create_model(params.arch, params.encoder, params.encoder_weights,
-                                         params.in_channels, params.require_pretrained)
+                                         params.in_channels, params.require_pretrained,
+                                         params.decoder_channels)
         if ctx.enabled and device.type == "cuda":
             model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
         train_batches = ResidentBatches(data["train"], device, params.batch_size, shuffle=True,
@@ -234,7 +235,8 @@ class _Session:
         parallel = f" | {self.ctx.world} data-parallel processes" if self.ctx.enabled else ""
         dtype = autocast_dtype(p, self.device)
         self.say(f"run {self.run_dir} | {source.kind} data ({len(data['train'])} train / "
-                 f"{len(data['valid'])} valid at {p.image_size}px) | {p.arch}/{p.encoder}, "
+                 f"{len(data['valid'])} valid at {p.image_size}px{_patches(p)}) | "
+                 f"{p.arch}/{p.encoder}, "
                  f"{self.provenance} | {self.device}, {dtype or 'fp32'}"
                  f"{', compiled' if trainer.compiled else ''}{', EMA' if trainer.ema else ''} "
                  f"| {budget}{parallel}", flush=True)
@@ -334,6 +336,12 @@ class _Session:
                  + (f"; compile {trainer.compile_seconds:.0f} s" if trainer.compiled else ""))
         return TrainResult(self.run_dir, self.history, stopper.best_epoch,
                            float(stopper.best or 0.0), stop_reason, seconds)
+
+
+def _patches(p: Params) -> str:
+    if not p.crop_size or p.crop_size >= p.image_size:
+        return ""
+    return f", trained on {p.crop_size}px patches, {p.fg_oversample:.0%} placed on tumour"
 
 
 def _open_run_dir(params: Params, ctx: DistContext, overrides: dict[str, Any],

@@ -24,7 +24,7 @@ from brainseg_lib.config import Params
 from brainseg_lib.metrics.functional import ConfusionCounts, pooled_dice, pooled_iou
 from brainseg_lib.model.device import autocast_dtype
 from brainseg_lib.model.network import Normalizer
-from brainseg_lib.training.augment import BatchAugment
+from brainseg_lib.training.augment import BatchAugment, PatchSampler
 from brainseg_lib.training.batches import ResidentBatches
 from brainseg_lib.training.distributed import DistContext, wrap
 from brainseg_lib.training.losses import build_loss, per_image_loss
@@ -206,6 +206,8 @@ class Trainer:
         self.schedule = Schedule(params, steps_per_epoch)
         self.scaler = torch.amp.GradScaler(enabled=self.dtype == torch.float16)
         self.augment = BatchAugment(params) if params.augment else None
+        self.patches = PatchSampler(params.crop_size, params.fg_oversample) \
+            if params.crop_size and params.crop_size < params.image_size else None
         self.normalize = Normalizer(params.normalize_mean, params.normalize_std, device)
 
     @property
@@ -238,6 +240,8 @@ class Trainer:
     def _step(self, images: torch.Tensor, masks: torch.Tensor,
               aug_gen: torch.Generator) -> torch.Tensor:
         p = self.params
+        if self.patches:
+            images, masks = self.patches(images, masks, aug_gen)
         x, y = images.float() / 255.0, masks.float()
         if self.augment:
             x, y = self.augment(x, y, aug_gen)
