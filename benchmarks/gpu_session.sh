@@ -12,8 +12,8 @@
 #      out-of-fold scores and the fold ensemble on test (full and clean);
 #   4. pack: logs, tables and metrics in results.tgz, the selected model exported in smp's
 #      format with its weights split into <16 MiB parts.
-# Inputs (git-ignored): the data, $BRAINSEG_DATA or .gpu/data256 (brainseg data resize ...
-# --size 256 --grey); .gpu/cache (its near-duplicate groups, so the GPU machine needs no
+# Inputs (git-ignored): the data, $BRAINSEG_DATA or .gpu/data (brainseg data resize ...
+# --size 384 --grey: at least the grid's largest image_size); .gpu/cache (its near-duplicate groups, so the GPU machine needs no
 # imagehash); optionally .whl (smp + pycocotools wheels for a machine without PyPI).
 # Output: everything in $OUT (default /tmp/gpu-out).
 # DRY=1 runs every step tiny on the CPU, to check the script before spending GPU time.
@@ -27,7 +27,7 @@ then
     --target /tmp/site .whl/*.whl && export PYTHONPATH=/tmp/site
 fi
 export PYTHONPATH=${PYTHONPATH:+$PYTHONPATH:}$ROOT
-export BRAINSEG_DATA=${BRAINSEG_DATA:-$ROOT/.gpu/data256} BRAINSEG_CACHE=/tmp/brainseg-cache
+export BRAINSEG_DATA=${BRAINSEG_DATA:-$ROOT/.gpu/data} BRAINSEG_CACHE=/tmp/brainseg-cache
 mkdir -p "$BRAINSEG_CACHE"
 cp .gpu/cache/duplicates-*.json "$BRAINSEG_CACHE"/ 2>/dev/null || \
   echo "warning: no .gpu/cache/duplicates-*.json: test evaluations will need imagehash" \
@@ -45,7 +45,8 @@ CVSET=()
 if [ "${DRY:-0}" = 1 ]; then  # tiny, on the CPU
   BENCH=(--device cpu --batches 4 --steps 2 --size 64 --encoder resnet18)
   sed -e 's/train_minutes: 3.0/train_minutes: 0.05/' -e 's/epochs: 1000/epochs: 2/' \
-      -e 's#base: ../reference.yaml#base: ../smoke.yaml#' $GRID > params/grids/_dry.yaml
+      -e 's#base: ../reference.yaml#base: ../smoke.yaml#' -e 's/image_size: 384/image_size: 64/' \
+      -e 's/crop_size: 1[29][28]/crop_size: 32/' $GRID > params/grids/_dry.yaml
   GRID=params/grids/_dry.yaml; SWEEP_MIN=0.05; CV_MIN=0.05
   CVSET=(--set synthetic=true --set image_size=64 --set encoder=resnet18 --set device=cpu)
   DDPSET=(--set device=cpu --set epochs=2); NGPU=2
