@@ -83,7 +83,10 @@ class PatchSampler:
         u = torch.rand(5, b, generator=generator, device=dev)
         flat = masks.reshape(b, -1).float()
         forced = (u[0] < self.fg) & (flat.amax(1) > 0)
-        pixel = torch.multinomial(flat + 1e-12, 1, generator=generator)[:, 0]
+        # a tumour pixel to place a patch on: drawn only when patches are placed on tumour (a
+        # multinomial over every pixel of the batch is not free on a CPU step)
+        pixel = torch.multinomial(flat + 1e-12, 1, generator=generator)[:, 0] if self.fg \
+            else torch.zeros(b, dtype=torch.long, device=dev)
         rows = self._place(u[1], u[2], pixel // w, h, forced)
         cols = self._place(u[3], u[4], pixel % w, w, forced)
         return rows, cols, forced
