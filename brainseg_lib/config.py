@@ -107,8 +107,8 @@ class Params:
                             "report on instead of training")
 
     # --- optimisation
-    loss: Literal["bce", "dice", "bce_dice", "focal"] = _param("bce", "training", "weights",
-                                                               "training loss")
+    loss: Literal["bce", "dice", "bce_dice", "focal", "focal_dice"] = _param(
+        "bce", "training", "weights", "training loss")
     optimizer: Literal["adam", "adamw"] = _param("adam", "training", "weights", "optimiser")
     lr: float = _param(1e-4, "training", "weights", "peak learning rate", (1e-7, 1.0))
     weight_decay: float = _param(0.0, "training", "weights", "weight decay", (0.0, 1.0))

@@ -8,30 +8,42 @@ import torch
 from torch import nn
 
 
-class BCEDiceLoss(nn.Module):
-    """BCE + soft Dice: BCE gives stable per-pixel gradients, Dice counters the ~97 %
-    background imbalance that makes BCE alone under-segment small tumours."""
+class PixelPlusDiceLoss(nn.Module):
+    """A pixel loss + soft Dice: the pixel term (BCE or focal) gives stable per-pixel
+    gradients, Dice counters the ~97 % background imbalance that makes a pixel loss alone
+    under-segment small tumours."""
 
-    def __init__(self) -> None:
+    def __init__(self, pixel: nn.Module) -> None:
         super().__init__()
-        self.bce = nn.BCEWithLogitsLoss()
-        self.dice = smp.losses.DiceLoss(smp.losses.BINARY_MODE, from_logits=True)
+        self.pixel = pixel
+        self.dice = _dice()
 
     def forward(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-        return self.bce(logits, target) + self.dice(logits, target)
+        return self.pixel(logits, target) + self.dice(logits, target)
+
+
+def _dice() -> nn.Module:
+    return smp.losses.DiceLoss(smp.losses.BINARY_MODE, from_logits=True)
+
+
+def _focal() -> nn.Module:
+    return smp.losses.FocalLoss(smp.losses.BINARY_MODE)
+
+
+LOSSES = {
+    "bce": nn.BCEWithLogitsLoss,
+    "dice": _dice,
+    "bce_dice": lambda: PixelPlusDiceLoss(nn.BCEWithLogitsLoss()),
+    "focal": _focal,
+    "focal_dice": lambda: PixelPlusDiceLoss(_focal()),
+}
 
 
 def build_loss(name: str) -> nn.Module:
-    """``bce`` (the reference), ``dice``, ``bce_dice`` or ``focal``."""
-    if name == "bce":
-        return nn.BCEWithLogitsLoss()
-    if name == "dice":
-        return smp.losses.DiceLoss(smp.losses.BINARY_MODE, from_logits=True)
-    if name == "bce_dice":
-        return BCEDiceLoss()
-    if name == "focal":
-        return smp.losses.FocalLoss(smp.losses.BINARY_MODE)
-    raise ValueError(f"unknown loss '{name}': use bce, dice, bce_dice or focal")
+    """``bce`` (the reference), ``dice``, ``bce_dice``, ``focal`` or ``focal_dice``."""
+    if name not in LOSSES:
+        raise ValueError(f"unknown loss '{name}': use {', '.join(LOSSES)}")
+    return LOSSES[name]()
 
 
 def per_image_loss(loss_fn: nn.Module, logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
