@@ -24,6 +24,7 @@ CONFIGS = [  # (encoder, decoder widths or None for smp's default, input sizes)
     ("resnet18", None, (96, 128, 160, 192)),
     ("resnet18", [128, 64, 32, 16, 8], (128, 192)),
     ("tu-mobilenetv3_large_100", None, (128, 192)),
+    ("tu-mobilenetv3_large_100", [128, 64, 32, 16, 8], (128,)),
     ("tu-efficientnet_lite0", None, (128, 192)),
     ("tu-regnety_004", None, (128, 192)),
 ]
