@@ -16,6 +16,7 @@ from brainseg_lib.evaluation.postprocess import postprocess
 from brainseg_lib.evaluation.predictions import SplitPrediction, predict_split
 from brainseg_lib.inference.predictor import load_model
 from brainseg_lib.metrics.functional import ConfusionCounts, hd95, per_image_dice, per_image_iou
+from brainseg_lib.model.package import export_model, record_metrics
 from brainseg_lib.training.loop import train
 from conftest import tiny_params
 
@@ -106,7 +107,7 @@ def test_evaluate_run_writes_consistent_results(trained_run, synthetic_root):
 
 
 def test_lesion_calibration_and_group_figures_agree_with_the_per_image_table(trained_run,
-                                                                            capsys):
+                                                                            capsys, tmp_path):
     """Lesion-wise figures recomputed from per_image.csv; every test image in exactly one
     sub-class and one size quintile; calibration recomputed from the test probabilities, with
     the temperature fitted on valid; the lesion line printed beside the pixel line."""
@@ -131,8 +132,7 @@ def test_lesion_calibration_and_group_figures_agree_with_the_per_image_table(tra
     by_class = saved["headline_by_subclass"]
     assert set(by_class) == set(col.subclass) and set(col.subclass) <= {"0", "1", "mixed",
                                                                          "none"}
-    assert sum(int(b["setting"].rsplit("(", 1)[1].split()[0]) for b in by_class.values()) \
-        == len(col)
+    assert sum(block["images"] for block in by_class.values()) == len(col)
     for value, block in by_class.items():
         rows = col[col.subclass == value]
         assert block["metrics"]["lesion_dice"] == pytest.approx(rows.lesion_dice_headline.mean())
@@ -150,6 +150,14 @@ def test_lesion_calibration_and_group_figures_agree_with_the_per_image_table(tra
     assert len(cal["raw"]["reliability"]["pixels"]) == 15
     assert sum(cal["raw"]["reliability"]["pixels"]) == arrays.masks.size
     assert "lesion-wise (BraTS 2023 rule): lesion sensitivity" in printed
+    # the model card shows them: lesion rows with intervals, calibration, the groups
+    model_dir = export_model([trained_run], tmp_path / "model")
+    record_metrics(model_dir, saved)
+    card = (model_dir / "README.md").read_text()
+    sens = saved["headline"]["metrics"]["lesion_sensitivity"]
+    assert "| Lesion sensitivity: detected true lesions / all" in card
+    assert f"{sens:.4f}" in card and "### Calibration" in card and "fitted on valid" in card
+    assert "### By subclass" in card and "### By size quintile" in card
 
 
 def _non_square_set(root):

@@ -73,9 +73,9 @@ def add_metric_blocks(out: dict[str, Any], key: str, counts: ConfusionCounts,
                                            _take(lesions, idx))
     for name, labels in (groups or {}).items():
         out[f"{key}_by_{name}"] = {
-            str(value): metric_block(counts.take(idx), dists[idx], batch_size, n_boot, seed,
-                                     f"{label}; {name} {value} ({len(idx)} images)",
-                                     _take(lesions, idx))
+            str(value): {"images": len(idx)} | metric_block(
+                counts.take(idx), dists[idx], batch_size, n_boot, seed,
+                f"{label}; {name} {value}", _take(lesions, idx))
             for value in sorted(set(labels))
             for idx in [np.flatnonzero(labels == value)]}
 
