@@ -131,6 +131,9 @@ def evaluate_on_split(loaded: LoadedModel, source: DataSource, split: str, out_d
     out = _record_header(loaded, source, split, pred, st, chosen, selection_name, data_note,
                          clean)
     lesions = load_split_lesions(source.path, split, p.image_size)
+    if lesions.files != arrays.files:
+        raise ValueError(f"{source.path} {split}: the annotations list other images than the "
+                         "decoded arrays; clear the cache and evaluate again")
     groups = _groups(out, lesions)
     per_image = pd.DataFrame({"file": arrays.files,
                               "tumour_area_fraction": arrays.masks.mean((1, 2)),
