@@ -28,6 +28,7 @@ from brainseg_lib.metrics.lesion import (
     image_lesions,
     lesion_table,
     summarise_lesions,
+    worst_cases,
 )
 
 SIZE = 20
@@ -260,3 +261,22 @@ def test_calibration_intervals_hold_the_estimate_and_subsets_add_up():
         assert low < point[key] < high, key
     halves = [take_images(tallies, np.arange(i, 60, 2)) for i in (0, 1)]
     assert sum(h["count"].sum() for h in halves) == tallies["count"].sum()
+
+
+def test_worst_cases_by_kind_pick_and_order_the_right_images():
+    empty = np.zeros((SIZE, SIZE), bool)
+    outcomes = [
+        image_lesions([LESION], box(2, 5, 3, 6)),               # 0 found, Dice 0.75
+        image_lesions([LESION], empty),                          # 1 missed, 16 px
+        image_lesions([box(2, 9, 2, 9)], empty),                 # 2 missed, 64 px
+        image_lesions([LESION], LESION | box(15, 16, 15, 16)),  # 3 found + 1 FP
+        image_lesions([LESION], box(2, 5, 2, 4)),                # 4 found, Dice 24/28
+        image_lesions([LESION], box(10, 11, 10, 11) | box(15, 16, 15, 16)),  # 5: 2 FP, missed
+    ]
+    tumour_px = np.array([16, 16, 64, 16, 16, 16])
+    assert worst_cases(outcomes, "missed lesion", 5, tumour_px) == [2, 1, 5]
+    assert worst_cases(outcomes, "false-positive component", 5, tumour_px) == [5, 3]
+    assert worst_cases(outcomes, "boundary error", 5, tumour_px) == [0, 4]
+    assert worst_cases(outcomes, "boundary error", 1, tumour_px) == [0]
+    with pytest.raises(ValueError, match="unknown failure kind 'typo'"):
+        worst_cases(outcomes, "typo", 1, tumour_px)

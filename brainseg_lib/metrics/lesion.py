@@ -171,3 +171,33 @@ def summarise_lesions(table: dict[str, np.ndarray]) -> dict[str, float]:
     out = {k: float(v) for k, v in lesion_metrics(*(table[f] for f in FIELDS)).items()}
     out["true_lesions"] = int(table["lesions"].sum())
     return out
+
+
+FAILURE_KINDS = {
+    "missed lesion": "an annotated tumour no predicted component touches",
+    "false-positive component": "a predicted component touching no annotated tumour",
+    "boundary error": "every tumour found and no false alarm, but the outline is off",
+}
+
+
+def worst_cases(outcomes: list[ImageLesions], kind: str, n: int,
+                tumour_px: np.ndarray) -> list[int]:
+    """Indices of the ``n`` worst images of one kind of failure (``FAILURE_KINDS``): missed
+    lesions (most tumour pixels first: the biggest misses), false-positive components (most
+    first, then the lowest lesion Dice), boundary errors (every lesion found, no false alarm,
+    lowest lesion Dice first)."""
+    r = outcomes
+    if kind == "missed lesion":
+        pick = [i for i in range(len(r)) if r[i].detected < r[i].lesions]
+        key = [(-float(tumour_px[i]), 0.0) for i in pick]
+    elif kind == "false-positive component":
+        pick = [i for i in range(len(r)) if r[i].fp_components]
+        key = [(-r[i].fp_components, r[i].lesion_dice) for i in pick]
+    elif kind == "boundary error":
+        pick = [i for i in range(len(r)) if r[i].detected == r[i].lesions > 0
+                and not r[i].fp_components]
+        key = [(r[i].lesion_dice, 0.0) for i in pick]
+    else:
+        raise ValueError(f"unknown failure kind '{kind}': use {', '.join(FAILURE_KINDS)}")
+    order = sorted(range(len(pick)), key=lambda j: key[j])
+    return [pick[j] for j in order[:n]]

@@ -23,7 +23,13 @@ from brainseg_lib.data.locate import SYNTHETIC_BANNER, DataSource
 from brainseg_lib.evaluation.predictions import predict_split
 from brainseg_lib.inference.predictor import LoadedModel, load_model
 from brainseg_lib.metrics.functional import METRIC_DEFINITIONS, ConfusionCounts, per_image_dice
-from brainseg_lib.metrics.lesion import LESION_DEFINITIONS, ImageLesions, image_lesions
+from brainseg_lib.metrics.lesion import (
+    FAILURE_KINDS,
+    LESION_DEFINITIONS,
+    ImageLesions,
+    image_lesions,
+    worst_cases,
+)
 from brainseg_lib.reporting.figures import overlay_rows
 from brainseg_lib.rundir import PARAMS_FILE, git_commit
 
@@ -122,13 +128,6 @@ def reference_table(metrics: dict[str, Any]) -> pd.DataFrame:
                         ).set_index("what is compared").round(5)
 
 
-FAILURE_KINDS = {
-    "missed lesion": "an annotated tumour no predicted component touches",
-    "false-positive component": "a predicted component touching no annotated tumour",
-    "boundary error": "every tumour found and no false alarm, but the outline is off",
-}
-
-
 @dataclass
 class TestPredictions:
     """Test images with truth and plain-setting predictions, for galleries and a browser."""
@@ -168,29 +167,10 @@ class TestPredictions:
     def worst(self, n: int) -> list[int]:
         return np.argsort(self.dice, kind="stable")[:n].tolist()
 
-    def failures(self, kind: str, n: int) -> list[int]:
-        """The ``n`` worst images of one kind of failure (``FAILURE_KINDS``): missed lesions
-        (largest lesions first), false-positive components (most first), boundary errors
-        (every lesion found, no false alarm, lowest lesion Dice first)."""
-        r = self.lesions
-        if kind == "missed lesion":
-            pick = [i for i in range(len(r)) if r[i].detected < r[i].lesions]
-            key = [-int(self.arrays.masks[i].sum()) for i in pick]
-        elif kind == "false-positive component":
-            pick = [i for i in range(len(r)) if r[i].fp_components]
-            key = [-r[i].fp_components - (1 - r[i].lesion_dice) for i in pick]
-        elif kind == "boundary error":
-            pick = [i for i in range(len(r)) if r[i].detected == r[i].lesions > 0
-                    and not r[i].fp_components]
-            key = [r[i].lesion_dice for i in pick]
-        else:
-            raise ValueError(f"unknown failure kind '{kind}': use {', '.join(FAILURE_KINDS)}")
-        return [pick[j] for j in np.argsort(key, kind="stable")[:n]]
-
     def failure_figure(self, kind: str, n: int) -> Figure | None:
-        """The gallery of :meth:`failures`, zoomed on truth and prediction; None when no
-        image fails that way."""
-        indices = self.failures(kind, n)
+        """The ``n`` worst images of one kind of failure (:func:`.lesion.worst_cases`),
+        zoomed on truth and prediction together; None when no image fails that way."""
+        indices = worst_cases(self.lesions, kind, n, self.arrays.masks.sum((1, 2)))
         if not indices:
             print(f"no test image with a {kind}")
             return None
