@@ -280,3 +280,13 @@ def test_worst_cases_by_kind_pick_and_order_the_right_images():
     assert worst_cases(outcomes, "boundary error", 1, tumour_px) == [0]
     with pytest.raises(ValueError, match="unknown failure kind 'typo'"):
         worst_cases(outcomes, "typo", 1, tumour_px)
+
+
+def test_temperature_fitted_on_a_stride_of_the_pixels_is_the_same(monkeypatch):
+    import brainseg_lib.metrics.calibration as calibration
+
+    valid = synthetic(np.random.default_rng(4), 3.0)
+    every = fit_temperature(*valid)
+    monkeypatch.setattr(calibration, "FIT_PIXELS", valid[0].size // 4)  # every 4th pixel
+    assert calibration.fit_temperature(*valid) == pytest.approx(every, rel=0.05)
+    assert every == pytest.approx(3.0, rel=0.1)

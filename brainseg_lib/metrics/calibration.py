@@ -86,10 +86,16 @@ def logits_of(probs: np.ndarray) -> np.ndarray:
     return np.log(p) - np.log1p(-p)
 
 
+FIT_PIXELS = 2**24  # the temperature is fitted on at most this many pixels (a regular stride)
+
+
 def fit_temperature(probs: np.ndarray, labels: np.ndarray) -> float:
     """The temperature T minimising the mean pixel NLL of sigmoid(logit / T), searched on
-    log T in [log 0.05, log 20] (bounded Brent)."""
-    z, y = logits_of(probs).ravel(), np.asarray(labels, np.float32).ravel()
+    log T in [log 0.05, log 20] (bounded Brent); beyond ``FIT_PIXELS`` pixels every k-th
+    pixel is used, which keeps memory bounded for out-of-fold predictions of a whole dataset."""
+    step = -(-np.size(probs) // FIT_PIXELS)
+    z = logits_of(np.ravel(probs)[::step])
+    y = np.asarray(labels, np.float32).ravel()[::step]
     signed = np.where(y > 0, z, -z)  # NLL = softplus(-signed / T)
 
     def nll(log_t: float) -> float:
