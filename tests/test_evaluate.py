@@ -17,6 +17,7 @@ from brainseg_lib.evaluation.predictions import SplitPrediction, predict_split
 from brainseg_lib.inference.predictor import load_model
 from brainseg_lib.metrics.functional import ConfusionCounts, hd95, per_image_dice, per_image_iou
 from brainseg_lib.model.package import export_model, record_metrics
+from brainseg_lib.reporting.notebook import calibration_table, group_table, lesion_wise_table
 from brainseg_lib.training.loop import train
 from conftest import tiny_params
 
@@ -150,6 +151,16 @@ def test_lesion_calibration_and_group_figures_agree_with_the_per_image_table(tra
     assert len(cal["raw"]["reliability"]["pixels"]) == 15
     assert sum(cal["raw"]["reliability"]["pixels"]) == arrays.masks.size
     assert "lesion-wise (BraTS 2023 rule): lesion sensitivity" in printed
+    # 03's tables: one column per setting, one row per group, each figure with its interval
+    lesion_rows = lesion_wise_table(saved)
+    assert saved["headline"]["setting"] in lesion_rows.columns and len(lesion_rows) == 8
+    sensitivity = f"{saved['headline']['metrics']['lesion_sensitivity']:.4f} ["
+    assert lesion_rows.loc[lesion_rows.index.str.endswith("(lesion_sensitivity)"),
+                           saved["headline"]["setting"]].item().startswith(sensitivity)
+    assert list(calibration_table(saved).columns[:2]) == ["raw", "temperature scaled"]
+    sizes = group_table(saved, "size_quintile")
+    assert list(sizes.index) == ["Q1", "Q2", "Q3", "Q4", "Q5"] and sizes.images.sum() == len(col)
+    assert group_table(saved, "subclass").images.sum() == len(col)
     # the model card shows them: lesion rows with intervals, calibration, the groups
     model_dir = export_model([trained_run], tmp_path / "model")
     record_metrics(model_dir, saved)
