@@ -50,7 +50,7 @@ def metric_block(counts: ConfusionCounts, dists: np.ndarray, batch_size: int, n_
     block = {"setting": setting, "metrics": summarise(counts, batch_size, dists)}
     if lesions is not None:
         block["metrics"] |= summarise_lesions(lesions)
-    if n_boot:
+    if n_boot and len(counts) > 1:  # a bootstrap needs two images (a small group may not)
         block["ci95"] = bootstrap_ci(counts, dists, n_boot, seed)
         if lesions is not None:
             block["ci95"] |= lesion_bootstrap_ci(lesions, n_boot, seed)
@@ -87,7 +87,7 @@ def calibration_record(tallies: dict[str, np.ndarray], scaled: dict[str, np.ndar
     subset, with intervals) and the reliability diagram's bins."""
     def block(t: dict[str, np.ndarray]) -> dict[str, Any]:
         b = {"metrics": summarise_calibration(t)}
-        if n_boot:
+        if n_boot and len(t["pixels"]) > 1:
             b["ci95"] = calibration_bootstrap_ci(t, n_boot, seed)
         return b
 
