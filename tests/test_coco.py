@@ -8,7 +8,7 @@ import pytest
 from PIL import Image
 from pycocotools import mask as mask_utils
 
-from brainseg_lib.data.arrays import load_split_arrays, resize_mask
+from brainseg_lib.data.arrays import load_split_arrays, load_split_lesions, resize_mask
 from brainseg_lib.data.check import check_dataset
 from brainseg_lib.data.coco import (
     ANNOTATION_FILE,
@@ -237,3 +237,33 @@ def test_synthetic_dataset_boxes_are_exact(synthetic_root, cache_dir):
             assert m.sum() == w * h and m[y:y + h, x:x + w].all()
     arrays = load_split_arrays(synthetic_root, "train", 64, cache_dir)
     assert arrays.images.shape == (16, 3, 64, 64) and arrays.images.dtype == np.uint8
+
+
+def test_lesions_subclass_and_box_area_per_image(tmp_path):
+    """One mask per annotation (not their union), the category name as the dataset gives it,
+    'mixed' and 'none' where an image has two classes or no annotation; resized like masks."""
+    root = tmp_path / "d"
+    (root / "test").mkdir(parents=True)
+    images, anns = [], []
+    boxes = {0: [(1, [0, 0, 4, 2])], 1: [(1, [0, 0, 2, 2]), (2, [4, 4, 4, 4])], 2: []}
+    for i, spec in boxes.items():
+        Image.fromarray(np.zeros((H, W, 3), np.uint8)).save(root / "test" / f"{i}.png")
+        images.append({"id": i, "file_name": f"{i}.png", "width": W, "height": H})
+        for cat, b in spec:
+            anns.append({"id": len(anns), "image_id": i, "category_id": cat, "bbox": b,
+                         "segmentation": []})
+    cats = [{"id": 0, "name": "Tumor", "supercategory": "none"},
+            {"id": 1, "name": "0", "supercategory": "Tumor"},
+            {"id": 2, "name": "1", "supercategory": "Tumor"}]
+    (root / "test" / ANNOTATION_FILE).write_text(json.dumps(
+        {"images": images, "annotations": anns, "categories": cats}))
+    split = load_split(root, "test")
+    two = split.lesions(split.images[1])
+    assert two.shape == (2, H, W)
+    assert np.array_equal(two[0], box(0, 0, 2, 2)) and np.array_equal(two[1], box(4, 4, 8, 8))
+    assert split.lesions(split.images[2]).shape == (0, H, W)
+    assert [split.subclass(img) for img in split.images] == ["0", "mixed", "none"]
+    assert [split.box_area(img) for img in split.images] == [8.0, 20.0, 0.0]
+    lesions = load_split_lesions(root, "test", 4)
+    assert [len(x) for x in lesions.lesions] == [1, 2, 0]
+    assert np.array_equal(lesions.lesions[1][1], resize_mask(box(4, 4, 8, 8), 4) > 0)

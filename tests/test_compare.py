@@ -55,13 +55,22 @@ def test_differences_match_each_runs_own_metrics_whatever_the_row_order(two_runs
     b.per_image = b.per_image.sample(frac=1, random_state=0)  # images in another order
     diffs = paired_differences([a, b], n_resamples=200)
     full = diffs[diffs.subset == "full"].set_index("metric")
-    for metric in ("pooled_iou", "mean_image_dice"):
+    for metric in ("pooled_iou", "mean_image_dice", "lesion_sensitivity",
+                   "fp_components_per_image", "lesion_dice", "lesion_hd95", "pq"):
         expected = (b.metrics["headline"]["metrics"][metric]
                     - a.metrics["headline"]["metrics"][metric])
         assert full.loc[metric, "difference"] == pytest.approx(expected)
     assert full.loc["pooled_iou", "ci95 low"] <= full.loc["pooled_iou", "ci95 high"]
     assert full.loc["mean_image_dice", "verdict"] == "b-longer better"  # 8 epochs vs 1
+    # fewer false alarms is better: the verdict follows the sign of the gain, not of B - A
+    fp = full.loc["fp_components_per_image"]
+    if fp["ci95 high"] < 0:
+        assert fp["verdict"] == "b-longer better"
+    elif fp["ci95 low"] > 0:
+        assert fp["verdict"] == "a-short better"
     table = summary_table([a, b])
+    assert table.loc["b-longer", "test lesion Dice"] == b.metrics["headline"]["metrics"][
+        "lesion_dice"]
     assert table.loc["b-longer", "epochs"] == 8 and table.loc["a-short", "epochs"] == 1
     left, right = aligned_dice(a, b)
     assert (right.dice - left.dice).mean() == pytest.approx(

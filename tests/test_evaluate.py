@@ -15,7 +15,9 @@ from brainseg_lib.evaluation.evaluate import evaluate_run, score_at_source_resol
 from brainseg_lib.evaluation.postprocess import postprocess
 from brainseg_lib.evaluation.predictions import SplitPrediction, predict_split
 from brainseg_lib.inference.predictor import load_model
-from brainseg_lib.metrics.functional import ConfusionCounts, hd95, per_image_iou
+from brainseg_lib.metrics.functional import ConfusionCounts, hd95, per_image_dice, per_image_iou
+from brainseg_lib.model.package import export_model, record_metrics
+from brainseg_lib.reporting.notebook import calibration_table, group_table, lesion_wise_table
 from brainseg_lib.training.loop import train
 from conftest import tiny_params
 
@@ -105,6 +107,70 @@ def test_evaluate_run_writes_consistent_results(trained_run, synthetic_root):
     assert row.pooled_iou.item() >= plain.pooled_iou.item()
 
 
+def test_lesion_calibration_and_group_figures_agree_with_the_per_image_table(trained_run,
+                                                                            capsys, tmp_path):
+    """Lesion-wise figures recomputed from per_image.csv; every test image in exactly one
+    sub-class and one size quintile; calibration recomputed from the test probabilities, with
+    the temperature fitted on valid; the lesion line printed beside the pixel line."""
+    saved = evaluate_run(trained_run, "test", verbose=True)
+    printed = capsys.readouterr().out
+    per_image = pd.read_csv(trained_run / "eval-test" / "per_image.csv",
+                            dtype={"subclass": str})
+    loaded = load_model(trained_run)
+    p = loaded.params
+    annotations = sum(map(len, load_split(p.data_dir, "test").annotations.values()))
+    for key in ("headline", "selected", "headline_original_resolution"):
+        assert saved[key]["metrics"]["true_lesions"] == annotations  # one lesion each
+        for name in ("lesion_sensitivity", "lesion_dice", "pq"):
+            assert name in saved[key]["ci95"]
+    head = saved["headline"]["metrics"]
+    col = per_image
+    assert head["lesion_sensitivity"] == pytest.approx(
+        col.detected_headline.sum() / col.lesions_headline.sum())
+    assert head["fp_components_per_image"] == pytest.approx(col.fp_components_headline.mean())
+    assert head["lesion_dice"] == pytest.approx(col.lesion_dice_headline.mean())
+    # groups: the sub-classes as the dataset names them, each image once
+    by_class = saved["headline_by_subclass"]
+    assert set(by_class) == set(col.subclass) and set(col.subclass) <= {"0", "1", "mixed",
+                                                                         "none"}
+    assert sum(block["images"] for block in by_class.values()) == len(col)
+    for value, block in by_class.items():
+        rows = col[col.subclass == value]
+        assert block["metrics"]["lesion_dice"] == pytest.approx(rows.lesion_dice_headline.mean())
+    quintiles = saved["headline_original_resolution_by_size_quintile"]
+    assert sorted(quintiles) == sorted(set(col.size_quintile)) == ["Q1", "Q2", "Q3", "Q4", "Q5"]
+    assert col.groupby("size_quintile").box_area_px.max().is_monotonic_increasing
+    # calibration: raw Brier from the model's test probabilities; the temperature from valid
+    arrays = load_split_arrays(p.data_dir, "test", p.image_size, p.cache_path())
+    probs = predict_split(loaded, arrays, tta=False).probs
+    cal = saved["calibration"]
+    assert cal["temperature_fitted_on"] == "valid" and cal["temperature"] > 0
+    assert cal["raw"]["metrics"]["brier"] == pytest.approx(
+        float(((probs - arrays.masks) ** 2).mean()), rel=1e-5)
+    assert 0 <= cal["raw"]["metrics"]["ece"] <= 1
+    assert len(cal["raw"]["reliability"]["pixels"]) == 15
+    assert sum(cal["raw"]["reliability"]["pixels"]) == arrays.masks.size
+    assert "lesion-wise (BraTS 2023 rule): lesion sensitivity" in printed
+    # 03's tables: one column per setting, one row per group, each figure with its interval
+    lesion_rows = lesion_wise_table(saved)
+    assert saved["headline"]["setting"] in lesion_rows.columns and len(lesion_rows) == 8
+    sensitivity = f"{saved['headline']['metrics']['lesion_sensitivity']:.4f} ["
+    assert lesion_rows.loc[lesion_rows.index.str.endswith("(lesion_sensitivity)"),
+                           saved["headline"]["setting"]].item().startswith(sensitivity)
+    assert list(calibration_table(saved).columns[:2]) == ["raw", "temperature scaled"]
+    sizes = group_table(saved, "size_quintile")
+    assert list(sizes.index) == ["Q1", "Q2", "Q3", "Q4", "Q5"] and sizes.images.sum() == len(col)
+    assert group_table(saved, "subclass").images.sum() == len(col)
+    # the model card shows them: lesion rows with intervals, calibration, the groups
+    model_dir = export_model([trained_run], tmp_path / "model")
+    record_metrics(model_dir, saved)
+    card = (model_dir / "README.md").read_text()
+    sens = saved["headline"]["metrics"]["lesion_sensitivity"]
+    assert "| Lesion sensitivity: detected true lesions / all" in card
+    assert f"{sens:.4f}" in card and "### Calibration" in card and "fitted on valid" in card
+    assert "### By subclass" in card and "### By size quintile" in card
+
+
 def _non_square_set(root):
     """Two non-square images (96x32 and 64x128, W x H) whose tumour boxes both land on
     model pixels [8, 24) x [8, 24) at 32 px: source and model grids align exactly."""
@@ -141,8 +207,8 @@ def test_source_resolution_path_maps_predictions_onto_each_images_own_grid(tmp_p
     assert arrays.masks[:, 8:24, 8:24].all() and arrays.masks.sum() == 2 * 16 * 16
     probs = np.roll(arrays.masks.astype(np.float32), shift, axis=2)
     plain = {"threshold": 0.5, "tta": False, "postprocess": "none"}
-    counts, dists = score_at_source_resolution(SplitPrediction(arrays, probs, None, 0.0, 0.0),
-                                               root, "test", plain, 0)
+    counts, dists, lesions = score_at_source_resolution(
+        SplitPrediction(arrays, probs, None, 0.0, 0.0), root, "test", plain, 0)
     split = load_split(root, "test")
     truths = [split.mask(img) for img in split.images]
     expected = [_box((32, 96), 24 + 3 * shift, 72 + 3 * shift, 8, 24),
@@ -151,6 +217,10 @@ def test_source_resolution_path_maps_predictions_onto_each_images_own_grid(tmp_p
         c = ConfusionCounts.from_masks(mask[None], truth[None])
         assert (counts.tp[i], counts.fp[i], counts.fn[i]) == (c.tp[0], c.fp[0], c.fn[0])
         assert dists[i] == pytest.approx(hd95(mask, truth))
+        # one annotation, found, no false alarm: its lesion Dice is the image's Dice
+        assert (lesions["lesions"][i], lesions["detected"][i],
+                lesions["fp_components"][i]) == (1, 1, 0)
+        assert lesions["lesion_dice"][i] == pytest.approx(per_image_dice(c)[0])
     if shift == 0:
         assert per_image_iou(counts).tolist() == pytest.approx([1.0, 2044 / 2048])
     else:

@@ -11,10 +11,11 @@ import re
 import pytest
 
 from brainseg_lib.config import params_from_dict
-from brainseg_lib.data.arrays import load_split_arrays
+from brainseg_lib.data.arrays import load_split_arrays, load_split_lesions
 from brainseg_lib.evaluation.predictions import predict_split
 from brainseg_lib.inference.predictor import load_model
 from brainseg_lib.metrics.functional import ConfusionCounts, summarise
+from brainseg_lib.metrics.lesion import image_lesions, lesion_table, summarise_lesions
 from brainseg_lib.model.checkpoint import ArtifactError
 from brainseg_lib.model.package import export_model, materialise
 from brainseg_lib.training.loop import train
@@ -22,7 +23,8 @@ from conftest import ROOT, tiny_params
 
 SHIPPED = ROOT / "models" / "reference"
 # the figures the README prints, and at which precision
-PRINTED = {"pooled_iou": 3, "mean_image_dice": 3, "fg_bg_miou": 3, "bce": 4}
+PRINTED = {"pooled_iou": 3, "mean_image_dice": 3, "fg_bg_miou": 3, "bce": 4,
+           "lesion_sensitivity": 3, "fp_components_per_image": 3}
 
 
 def _readme_headline_row() -> str:
@@ -42,7 +44,10 @@ def test_shipped_model_test_figures_are_what_the_card_and_readme_say(real_root):
     assert len(arrays) == 215  # the full test split
     pred = predict_split(loaded, arrays, tta=False)
     counts = ConfusionCounts.from_masks(pred.probs >= 0.5, arrays.masks)
-    recomputed = summarise(counts) | {"bce": pred.bce}
+    truth = load_split_lesions(real_root, "test", loaded.params.image_size).lesions
+    lesions = lesion_table([image_lesions(t, m) for t, m in zip(truth, pred.probs >= 0.5,
+                                                                strict=True)])
+    recomputed = summarise(counts) | summarise_lesions(lesions) | {"bce": pred.bce}
 
     card = json.loads((SHIPPED / "brainseg.json").read_text())["test_metrics"]
     recorded = card["headline"]["metrics"] | {"bce": card["loss"]["bce"]}

@@ -48,6 +48,10 @@ def test_smoke_pipeline_writes_a_full_report(smoke_reports):
                               / "metrics.json").read_text())
     assert summary["headline"]["pooled_iou"] == run_metrics["headline"]["metrics"]["pooled_iou"]
     assert summary["headline"]["pooled_iou"] > 0.5
+    lesion = run_metrics["headline"]["metrics"]
+    assert summary["headline"]["lesion"] == {k: lesion[k] for k in (
+        "lesion_sensitivity", "fp_components_per_image", "lesion_dice", "pq")}
+    assert summary["headline"]["ece"] == run_metrics["calibration"]["raw"]["metrics"]["ece"]
     # ... computed at the threshold given on the command line (the per-image table says so)
     per_image = (reports.parent / "runs" / "smoke-fixed" / "eval-test" / "per_image.csv")
     assert set(pd.read_csv(per_image).threshold_headline) == {0.3}
@@ -61,6 +65,7 @@ def test_smoke_pipeline_writes_a_full_report(smoke_reports):
     assert "SYNTHETIC DEMO DATA" in text and "0.80568" in text
     index = (reports / "index.html").read_text()
     assert summary["run_id"] in index and "synthetic" in index
+    assert f"<td>{lesion['lesion_sensitivity']:.3f}</td>" in index and "FP / image" in index
 
 
 def test_unknown_parameter_is_rejected_before_anything_runs(tmp_path, capsys):

@@ -38,3 +38,17 @@ def test_sizes_and_mask_area(real_root, tmp_path):
     assert 0.03 <= arrays.masks.mean() <= 0.04
     # grey MRI stored as RGB: the three channels are equal
     assert np.array_equal(arrays.images[:, 0], arrays.images[:, 1])
+
+
+def test_every_test_image_has_one_lesion_and_one_named_subclass(real_root):
+    """The real test split: one annotated tumour per image, and the sub-classes "0" / "1"
+    cover every image exactly once (what the by-sub-class figures split on)."""
+    from brainseg_lib.data.arrays import load_split_lesions
+
+    lesions = load_split_lesions(real_root, "test", 256)
+    assert len(lesions.files) == 215
+    assert all(len(stack) == 1 for stack in lesions.lesions)
+    assert set(lesions.subclass) == {"0", "1"}
+    assert sum(s == "0" for s in lesions.subclass) + sum(
+        s == "1" for s in lesions.subclass) == 215
+    assert (lesions.box_area > 0).all()

@@ -27,6 +27,7 @@ CACHE_VERSION = 1
 
 
 _MEMORY: dict[str, SplitArrays] = {}
+_MEMORY_LESIONS: dict[str, SplitLesions] = {}
 
 
 @dataclass
@@ -163,6 +164,36 @@ def load_split_arrays(data_dir: str | Path, split: str, size: int,
     if use_memory:
         _MEMORY[key] = arrays
     return arrays
+
+
+@dataclass
+class SplitLesions:
+    """The true lesions of a split at one size, in the order of its :class:`SplitArrays`:
+    one bool (K,S,S) stack per image (K annotations), each image's annotation sub-class
+    (``CocoSplit.subclass``) and summed box area in source pixels."""
+
+    files: list[str]
+    lesions: list[np.ndarray]
+    subclass: list[str]
+    box_area: np.ndarray
+
+
+def load_split_lesions(data_dir: str | Path, split: str, size: int) -> SplitLesions:
+    """A split's annotations one by one, resized like the masks (:func:`resize_mask`).
+
+    Rasterising boxes decodes no image and takes well under a second for a split, so this
+    is held in memory (keyed like the arrays) and never written to the disk cache."""
+    coco = raise_on_errors(load_split(data_dir, split))
+    key = f"lesions-{cache_key(coco, size)}"
+    if key not in _MEMORY_LESIONS:
+        lesions = [np.array([resize_mask(m.astype(np.uint8), size) > 0
+                             for m in coco.lesions(img)], bool).reshape(-1, size, size)
+                   for img in coco.images]
+        _MEMORY_LESIONS[key] = SplitLesions(
+            [img["file_name"] for img in coco.images], lesions,
+            [coco.subclass(img) for img in coco.images],
+            np.array([coco.box_area(img) for img in coco.images]))
+    return _MEMORY_LESIONS[key]
 
 
 def load_dataset(data_dir: str | Path, size: int, cache_dir: str | Path | None = None,

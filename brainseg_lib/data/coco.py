@@ -166,6 +166,26 @@ class CocoSplit:
             out |= annotation_mask(ann, height, width)
         return out
 
+    def lesions(self, image: dict[str, Any]) -> np.ndarray:
+        """One mask per tumour annotation (the true lesions of lesion-wise metrics), bool
+        (K, H, W) at the size the JSON gives; K = 0 for an image without annotations."""
+        height, width = int(image["height"]), int(image["width"])
+        masks = [annotation_mask(ann, height, width) > 0 for ann in self.annotations_of(image)]
+        return np.array(masks, bool).reshape(-1, height, width)
+
+    def subclass(self, image: dict[str, Any]) -> str:
+        """The category name of the image's annotations, as the dataset names it ("0" or "1"
+        under "Tumor" here); "mixed" when they differ, "none" without annotations."""
+        by_id = {int(c["id"]): str(c.get("name", c["id"])) for c in self.categories}
+        names = {by_id.get(int(a.get("category_id", -1)), str(a.get("category_id")))
+                 for a in self.annotations_of(image)}
+        return names.pop() if len(names) == 1 else ("mixed" if names else "none")
+
+    def box_area(self, image: dict[str, Any]) -> float:
+        """The summed area of the image's annotation boxes, in source pixels."""
+        return float(sum(float(a["bbox"][2]) * float(a["bbox"][3])
+                         for a in self.annotations_of(image) if a.get("bbox")))
+
 
 def tumour_categories(categories: list[dict[str, Any]]) -> set[int]:
     """Ids of the categories counted as tumour: every non-root category, else all of them.

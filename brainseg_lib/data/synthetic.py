@@ -58,7 +58,7 @@ def synthetic_slice(rng: np.random.Generator, size: int,
 def _rectangle_annotation(ann_id: int, image_id: int, box: list[int]) -> dict:
     x0, y0, x1, y1 = box
     return {
-        "id": ann_id, "image_id": image_id, "category_id": 1, "iscrowd": 0,
+        "id": ann_id, "image_id": image_id, "category_id": 1 + ann_id % 2, "iscrowd": 0,
         "bbox": [x0, y0, x1 - x0, y1 - y0], "area": (x1 - x0) * (y1 - y0),
         "segmentation": [[x1, y0, x0, y0, x0, y1, x1, y1, x1, y0]],
     }

@@ -19,7 +19,8 @@ import pandas as pd
 
 from brainseg_lib.config import project_root, read_params_file
 from brainseg_lib.metrics.functional import ConfusionCounts
-from brainseg_lib.metrics.intervals import paired_bootstrap
+from brainseg_lib.metrics.intervals import paired_bootstrap, paired_lesion_bootstrap
+from brainseg_lib.metrics.lesion import FIELDS as LESION_FIELDS
 from brainseg_lib.rundir import (
     BEST_CHECKPOINT,
     HISTORY_FILE,
@@ -47,6 +48,14 @@ class RunResult:
         tn = np.zeros(len(rows), np.int64)  # not needed by the paired metrics
         return ConfusionCounts(*(rows[f"{k}_{key}"].to_numpy(np.int64)
                                  for k in ("tp", "fp", "fn")), tn)
+
+    def lesions(self, files: list[str], key: str = "headline") -> dict[str, np.ndarray] | None:
+        """Per-image lesion tallies of ``files``; None for an evaluation made before
+        lesion-wise metrics existed."""
+        if f"lesion_dice_{key}" not in self.per_image:
+            return None
+        rows = self.per_image.set_index("file").loc[files]
+        return {k: rows[f"{k}_{key}"].to_numpy(float) for k in LESION_FIELDS}
 
 
 def _runs_in(folder: Path) -> list[Path]:
@@ -129,8 +138,14 @@ def summary_table(results: list[RunResult]) -> pd.DataFrame:
             "test fg+bg mIoU": head["fg_bg_miou"],
             "clean pooled IoU": clean.get("metrics", {}).get("pooled_iou"),
             "clean image Dice": clean.get("metrics", {}).get("mean_image_dice"),
+            "test lesion sensitivity": head.get("lesion_sensitivity"),
+            "test FP components / image": head.get("fp_components_per_image"),
+            "test lesion Dice": head.get("lesion_dice"),
         })
     return pd.DataFrame(rows).set_index("run")
+
+
+LOWER_IS_BETTER = ("fp_components_per_image", "lesion_hd95")
 
 
 def paired_differences(results: list[RunResult], n_resamples: int = 1000, seed: int = 0,
@@ -150,9 +165,14 @@ def paired_differences(results: list[RunResult], n_resamples: int = 1000, seed: 
                 continue
             diffs = paired_bootstrap(base.counts(chosen), other.counts(chosen), n_resamples,
                                      seed)
+            a, b = base.lesions(chosen), other.lesions(chosen)
+            if a is not None and b is not None:
+                diffs |= paired_lesion_bootstrap(a, b, n_resamples, seed)
             for metric, (diff, low, high) in diffs.items():
-                verdict = (f"{other.name} better" if low > 0 else
-                           f"{base.name} better" if high < 0 else "no clear difference")
+                sign = -1 if metric in LOWER_IS_BETTER else 1  # the gain's interval:
+                gain_low, gain_high = sorted((sign * low, sign * high))
+                verdict = (f"{other.name} better" if gain_low > 0 else
+                           f"{base.name} better" if gain_high < 0 else "no clear difference")
                 rows.append({"run": other.name, "minus": base.name, "subset": subset,
                              "images": len(chosen), "metric": metric, "difference": diff,
                              "ci95 low": low, "ci95 high": high, "verdict": verdict})

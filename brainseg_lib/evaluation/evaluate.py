@@ -21,7 +21,12 @@ import torch
 import torch.nn.functional as F
 
 from brainseg_lib.config import Params, names, params_from_dict
-from brainseg_lib.data.arrays import SplitArrays, load_split_arrays
+from brainseg_lib.data.arrays import (
+    SplitArrays,
+    SplitLesions,
+    load_split_arrays,
+    load_split_lesions,
+)
 from brainseg_lib.data.coco import dataset_hash, load_split
 from brainseg_lib.data.duplicates import near_duplicate_groups
 from brainseg_lib.data.identity import check_data_identity, data_for_run
@@ -29,7 +34,9 @@ from brainseg_lib.data.locate import DataSource
 from brainseg_lib.evaluation.postprocess import binarise, postprocess
 from brainseg_lib.evaluation.predictions import SplitPrediction, predict_split
 from brainseg_lib.evaluation.records import (
+    LESION_RULE,
     add_metric_blocks,
+    calibration_record,
     console_summary,
     reference_comparison,
     write_evaluation,
@@ -42,6 +49,11 @@ from brainseg_lib.evaluation.selection import (
 )
 from brainseg_lib.inference.predictor import LoadedModel, load_model
 from brainseg_lib.io import atomic_write_json
+from brainseg_lib.metrics.calibration import (
+    apply_temperature,
+    calibration_tallies,
+    fit_temperature,
+)
 from brainseg_lib.metrics.functional import (
     METRIC_DEFINITIONS,
     ConfusionCounts,
@@ -49,6 +61,7 @@ from brainseg_lib.metrics.functional import (
     per_image_dice,
     per_image_iou,
 )
+from brainseg_lib.metrics.lesion import FIELDS, LESION_DEFINITIONS, image_lesions, lesion_table
 from brainseg_lib.rundir import METRICS_FILE, eval_dir, git_commit
 
 # what an evaluation takes from the call, never from the run: the evaluation group
@@ -117,18 +130,55 @@ def evaluate_on_split(loaded: LoadedModel, source: DataSource, split: str, out_d
     clean = _clean_test_mask(source, arrays, st, p) if split == "test" else None
     out = _record_header(loaded, source, split, pred, st, chosen, selection_name, data_note,
                          clean)
+    lesions = load_split_lesions(source.path, split, p.image_size)
+    if lesions.files != arrays.files:
+        raise ValueError(f"{source.path} {split}: the annotations list other images than the "
+                         "decoded arrays; clear the cache and evaluate again")
+    groups = _groups(out, lesions)
     per_image = pd.DataFrame({"file": arrays.files,
-                              "tumour_area_fraction": arrays.masks.mean((1, 2))})
+                              "tumour_area_fraction": arrays.masks.mean((1, 2)),
+                              "box_area_px": lesions.box_area} | groups)
     if clean is not None:
         per_image["clean"] = clean
     for key, setting in (("headline", plain_setting(st.threshold)), ("selected", chosen)):
         in_sample = key == "selected" and split == selection_name
-        _score_setting(out, per_image, key, setting, pred, source, split, st, clean, in_sample)
+        _score_setting(out, per_image, key, setting, pred, source, split, st, clean, in_sample,
+                       lesions, groups)
+    out["calibration"] = _calibration(pred, selection, selection_name, clean, st)
     out["reference_comparison"] = reference_comparison(out)
     write_evaluation(out_dir, out, per_image, variants, threshold_table(selection, False))
     if verbose:
         print(console_summary(out))
     return out
+
+
+def _groups(out: dict[str, Any], lesions: SplitLesions) -> dict[str, np.ndarray]:
+    """Each image's annotation sub-class and box-area quintile (Q1 smallest; ties broken by
+    split order so every quintile is filled), with the quintile edges recorded in ``out``."""
+    area = pd.Series(lesions.box_area)
+    quintile = pd.qcut(area.rank(method="first"), min(5, len(area)),
+                       labels=[f"Q{i + 1}" for i in range(min(5, len(area)))])
+    edges = [float(area[quintile == q].max()) for q in quintile.cat.categories]
+    out["groups"] = {
+        "subclass": "the category name of the image's annotations, as the dataset names it "
+                    "(mixed: several, none: no annotation)",
+        "size_quintile": "quintile of the summed annotation box area in source pixels on this "
+                         "split (Q1 smallest)",
+        "size_quintile_upper_px": dict(zip(quintile.cat.categories, edges, strict=True))}
+    return {"subclass": np.asarray(lesions.subclass),
+            "size_quintile": np.asarray(quintile.astype(str))}
+
+
+def _calibration(pred: SplitPrediction, selection: SplitPrediction, selection_name: str,
+                 clean: np.ndarray | None, st: Any) -> dict[str, Any]:
+    """Pixel calibration of the plain probabilities, raw and with the temperature fitted on
+    the selection split (never on the split scored)."""
+    temperature = fit_temperature(selection.probs, selection.arrays.masks)
+    masks = pred.arrays.masks
+    return calibration_record(calibration_tallies(pred.probs, masks),
+                              calibration_tallies(apply_temperature(pred.probs, temperature),
+                                                  masks),
+                              temperature, selection_name, clean, st.bootstrap, st.seed)
 
 
 def _clean_test_mask(source: DataSource, arrays: SplitArrays, st: Any, p: Params,
@@ -155,7 +205,8 @@ def _record_header(loaded: LoadedModel, source: DataSource, split: str,
                            "torch": torch.__version__, "settings": asdict(st)},
         "loss": {"name": p.loss, "value": pred.loss, "bce": pred.bce,
                  "definition": "mean over images of each image's own loss"},
-        "definitions": METRIC_DEFINITIONS, "batch_size_for_batch_pooled_iou": p.batch_size,
+        "definitions": METRIC_DEFINITIONS | LESION_DEFINITIONS, "lesion_rule": LESION_RULE,
+        "batch_size_for_batch_pooled_iou": p.batch_size,
         "chosen_on": selection_name, "chosen_on_valid": chosen,
         "selected_is_in_sample": split == selection_name,
     }
@@ -169,8 +220,10 @@ def _record_header(loaded: LoadedModel, source: DataSource, split: str,
 
 def _score_setting(out: dict[str, Any], per_image: pd.DataFrame, key: str,
                    setting: dict[str, Any], pred: SplitPrediction, source: DataSource,
-                   split: str, st: Any, clean: np.ndarray | None, in_sample: bool) -> None:
-    """One setting's metric blocks (model and source resolution) and per-image columns."""
+                   split: str, st: Any, clean: np.ndarray | None, in_sample: bool,
+                   lesions: SplitLesions, groups: dict[str, np.ndarray]) -> None:
+    """One setting's metric blocks (model and source resolution; full, clean and by group)
+    and per-image columns."""
     arrays = pred.arrays
     batch_size = out["batch_size_for_batch_pooled_iou"]
     label = describe(setting, f"{arrays.images.shape[-1]}px (model resolution)") + (
@@ -179,7 +232,10 @@ def _score_setting(out: dict[str, Any], per_image: pd.DataFrame, key: str,
                      setting["postprocess"], st.min_component_px)
     counts = ConfusionCounts.from_masks(masks, arrays.masks)
     dists = np.asarray([hd95(m, t) for m, t in zip(masks, arrays.masks, strict=True)])
-    add_metric_blocks(out, key, counts, dists, clean, batch_size, st.bootstrap, st.seed, label)
+    table = lesion_table([image_lesions(t, m) for t, m in zip(lesions.lesions, masks,
+                                                              strict=True)])
+    add_metric_blocks(out, key, counts, dists, clean, batch_size, st.bootstrap, st.seed, label,
+                      table, groups)
     for name in ("tp", "fp", "fn"):  # pooled metrics of any subset, paired comparisons
         per_image[f"{name}_{key}"] = getattr(counts, name)
     per_image[f"iou_{key}"] = per_image_iou(counts)
@@ -187,24 +243,28 @@ def _score_setting(out: dict[str, Any], per_image: pd.DataFrame, key: str,
     per_image[f"hd95_{key}"] = dists
     per_image[f"pred_area_fraction_{key}"] = masks.mean((1, 2))
     per_image[f"threshold_{key}"] = setting["threshold"]
+    for name in FIELDS:  # lesion-wise figures of any subset, paired comparisons
+        per_image[f"{name}_{key}"] = table[name]
     if st.eval_original_size:
-        c_orig, d_orig = score_at_source_resolution(pred, source.path, split, setting,
-                                                    st.min_component_px)
+        c_orig, d_orig, t_orig = score_at_source_resolution(pred, source.path, split, setting,
+                                                            st.min_component_px)
         sizes = sorted({f"{w}x{h}" for h, w in arrays.source_sizes})
         add_metric_blocks(out, f"{key}_original_resolution", c_orig, d_orig, clean, batch_size,
                           st.bootstrap, st.seed,
-                          describe(setting, f"source resolution ({', '.join(sizes)})"))
+                          describe(setting, f"source resolution ({', '.join(sizes)})"),
+                          t_orig, groups)
 
 
 def score_at_source_resolution(pred: SplitPrediction, data_dir: Path, split: str,
                                setting: dict[str, Any], min_px: int,
-                               ) -> tuple[ConfusionCounts, np.ndarray]:
-    """Counts and HD95 at each image's source size: probabilities resized back bilinearly,
-    truth rasterised from the annotations at full size; ``min_px`` scales with the area."""
+                               ) -> tuple[ConfusionCounts, np.ndarray, dict[str, np.ndarray]]:
+    """Counts, HD95 and lesion tallies at each image's source size: probabilities resized
+    back bilinearly, truth rasterised from the annotations at full size; ``min_px`` scales
+    with the area."""
     coco = load_split(data_dir, split)
     by_name = {img["file_name"]: img for img in coco.images}
     probs = pred.probs_tta if setting["tta"] else pred.probs
-    counts, dists = [], []
+    counts, dists, lesions = [], [], []
     for name, prob in zip(pred.arrays.files, probs, strict=True):
         target = coco.mask(by_name[name])
         up = F.interpolate(torch.from_numpy(prob)[None, None], size=target.shape,
@@ -213,4 +273,5 @@ def score_at_source_resolution(pred: SplitPrediction, data_dir: Path, split: str
                            int(min_px * up.size / prob.size))
         counts.append(ConfusionCounts.from_masks(mask[None], target[None]))
         dists.append(hd95(mask, target))
-    return ConfusionCounts.concat(counts), np.asarray(dists)
+        lesions.append(image_lesions(coco.lesions(by_name[name]), mask))
+    return ConfusionCounts.concat(counts), np.asarray(dists), lesion_table(lesions)

@@ -296,7 +296,45 @@ def _card_test_metrics(m: dict[str, Any] | None) -> list[str]:
     return lines + ["", "Pooled = pixel counts summed over the split, then the ratio; "
                     "per-image = the ratio per image, then the mean (both masks empty scores "
                     "1). Threshold 0.5 on the sigmoid probability unless stated. Intervals: 95 % "
-                    "BCa bootstrap over test images (scipy.stats.bootstrap).", ""]
+                    "BCa bootstrap over test images (scipy.stats.bootstrap)."
+                    + (f" Lesion-wise: {m['lesion_rule']}." if "lesion_rule" in m else ""), "",
+                    *_card_calibration(m), *_card_groups(m)]
+
+
+def _card_calibration(m: dict[str, Any]) -> list[str]:
+    """ECE and Brier score of the raw and the temperature-scaled probabilities."""
+    cal = m.get("calibration")
+    if not cal:
+        return []
+    lines = ["### Calibration", "",
+             f"Pixel level, {cal['binning']}. Temperature T = {cal['temperature']:.3f}, "
+             f"fitted on {cal['temperature_fitted_on']}; {cal['note']}.", "",
+             "| probabilities | ECE | 95 % CI | Brier | 95 % CI |", "|---|---|---|---|---|"]
+    for name in ("raw", "temperature_scaled", "raw_clean", "temperature_scaled_clean"):
+        if name in cal:
+            lines.append(f"| {name.replace('_', ' ')} | {_metric_cell(cal[name], 'ece')} | "
+                         f"{_metric_cell(cal[name], 'brier')} |")
+    return [*lines, ""]
+
+
+def _card_groups(m: dict[str, Any]) -> list[str]:
+    """The plain setting's main figures by annotation sub-class and by box-area quintile."""
+    keys = ("mean_image_dice", "pooled_iou", "lesion_sensitivity", "fp_components_per_image",
+            "lesion_dice")
+    lines = []
+    for group in ("subclass", "size_quintile"):
+        blocks = m.get(f"headline_by_{group}")
+        if not blocks:
+            continue
+        lines += [f"### By {group.replace('_', ' ')}", "", m["groups"][group] + ".", "",
+                  "| " + group.replace("_", " ") + " | images | "
+                  + " | ".join(f"{k} | 95 % CI" for k in keys) + " |",
+                  "|---|---|" + "---|---|" * len(keys)]
+        for value, block in blocks.items():
+            lines.append(f"| {value} | {block['images']} | "
+                         + " | ".join(_metric_cell(block, k) for k in keys) + " |")
+        lines.append("")
+    return lines
 
 
 _CARD_INTENDED_USE = [

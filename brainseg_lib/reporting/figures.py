@@ -3,6 +3,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import matplotlib.pyplot as plt
 import numpy as np
 import pandas as pd
@@ -98,14 +100,16 @@ def zoom_window(*masks: np.ndarray, margin: float = 0.5, min_frac: float = 0.2,
 
 
 def overlay_rows(images: np.ndarray, targets: np.ndarray, preds: np.ndarray,
-                 titles: list[str], title: str) -> Figure:
+                 titles: list[str], title: str, zoom_on_both: bool = False) -> Figure:
     """Like the reference: original | ground truth on the image | prediction on the image,
-    plus a zoom on the tumour with truth and prediction outlined."""
+    plus a zoom on the tumour with truth and prediction outlined (``zoom_on_both``: on
+    truth and prediction together, so a false alarm away from the tumour is in the crop)."""
     n = len(images)
     fig, axes = plt.subplots(n, 4, figsize=(10.5, 2.8 * n), squeeze=False)
     for row, (img, gt, pr, t) in enumerate(zip(images, targets, preds, titles, strict=True)):
         g = _grey(img)
-        rows, cols = zoom_window(gt if gt.any() else pr)  # the tumour, or what was found
+        rows, cols = (zoom_window(gt, pr) if zoom_on_both  # the tumour, or what was found
+                      else zoom_window(gt if gt.any() else pr))
         zoom = axes[row, 3]
         for ax, picture in zip(axes[row], (g, g, g, g[rows, cols]), strict=True):
             ax.imshow(picture, cmap="gray")
@@ -200,5 +204,30 @@ def paired_scatter(a: pd.Series, b: pd.Series, name_a: str, name_b: str,
            ylim=(-0.02, 1.02), title=f"Per-image Dice: B higher on {wins[0]}, lower on "
                                      f"{wins[1]} images")
     ax.legend(fontsize=8, loc="lower right")
+    fig.tight_layout()
+    return fig
+
+
+def reliability_diagram(calibration: dict[str, Any]) -> Figure:
+    """Observed tumour frequency against the mean predicted probability per bin, raw and
+    temperature-scaled (from ``metrics.json``'s calibration record), with the pixels per bin
+    (log scale) beneath: most pixels are background predicted near 0."""
+    fig, (ax, counts) = plt.subplots(2, 1, figsize=(6, 7), height_ratios=(3, 1), sharex=True)
+    ax.plot([0, 1], [0, 1], color="grey", ls="--", lw=1, label="perfect calibration")
+    t = calibration["temperature"]
+    for name, label, colour in (("raw", "raw", "tab:blue"),
+                                ("temperature_scaled", f"temperature-scaled (T = {t:.2f})",
+                                 "tab:orange")):
+        rec = calibration[name]
+        ece = rec["metrics"]["ece"]
+        ax.plot(rec["reliability"]["mean_probability"], rec["reliability"]["observed_frequency"],
+                marker="o", ms=4, color=colour, label=f"{label}: ECE {ece:.4f}")
+        centres = (np.array(rec["reliability"]["low"]) + rec["reliability"]["high"]) / 2
+        counts.bar(centres + (0.01 if name == "raw" else -0.01), rec["reliability"]["pixels"],
+                   width=0.02, color=colour)
+    ax.set(title="Reliability (test pixels, plain setting)", ylabel="observed tumour frequency",
+           xlim=(0, 1), ylim=(0, 1))
+    ax.legend(fontsize=8, loc="upper left")
+    counts.set(yscale="log", xlabel="predicted tumour probability", ylabel="pixels")
     fig.tight_layout()
     return fig

@@ -17,12 +17,19 @@ import torch
 from matplotlib.figure import Figure
 
 from brainseg_lib.config import Params
-from brainseg_lib.data.arrays import SplitArrays, load_split_arrays
+from brainseg_lib.data.arrays import SplitArrays, load_split_arrays, load_split_lesions
 from brainseg_lib.data.identity import check_data_identity, data_for_run
 from brainseg_lib.data.locate import SYNTHETIC_BANNER, DataSource
 from brainseg_lib.evaluation.predictions import predict_split
 from brainseg_lib.inference.predictor import LoadedModel, load_model
 from brainseg_lib.metrics.functional import METRIC_DEFINITIONS, ConfusionCounts, per_image_dice
+from brainseg_lib.metrics.lesion import (
+    FAILURE_KINDS,
+    LESION_DEFINITIONS,
+    ImageLesions,
+    image_lesions,
+    worst_cases,
+)
 from brainseg_lib.reporting.figures import overlay_rows
 from brainseg_lib.rundir import PARAMS_FILE, git_commit
 
@@ -129,6 +136,7 @@ class TestPredictions:
     arrays: SplitArrays
     preds: np.ndarray
     dice: np.ndarray
+    lesions: list[ImageLesions]  # each image's lesion-wise outcome (BraTS 2023 rule)
 
     @classmethod
     def load(cls, run_dir: Path, split: str = "test", data_dir: str = "") -> TestPredictions:
@@ -142,7 +150,9 @@ class TestPredictions:
         pred = predict_split(loaded, arrays, tta=False)
         masks = pred.probs >= p.threshold
         dice = per_image_dice(ConfusionCounts.from_masks(masks, arrays.masks))
-        return cls(loaded, arrays, masks, dice)
+        truth = load_split_lesions(source.path, split, p.image_size).lesions
+        return cls(loaded, arrays, masks, dice,
+                   [image_lesions(t, m) for t, m in zip(truth, masks, strict=True)])
 
     def __len__(self) -> int:
         return len(self.arrays)
@@ -157,11 +167,23 @@ class TestPredictions:
     def worst(self, n: int) -> list[int]:
         return np.argsort(self.dice, kind="stable")[:n].tolist()
 
-    def figure(self, indices: list[int], title: str) -> Figure:
-        a = self.arrays
-        titles = [f"{a.files[i][:30]}  Dice {self.dice[i]:.3f}" for i in indices]
+    def failure_figure(self, kind: str, n: int) -> Figure | None:
+        """The ``n`` worst images of one kind of failure (:func:`.lesion.worst_cases`),
+        zoomed on truth and prediction together; None when no image fails that way."""
+        indices = worst_cases(self.lesions, kind, n, self.arrays.masks.sum((1, 2)))
+        if not indices:
+            print(f"no test image with a {kind}")
+            return None
+        return self.figure(indices, f"Worst test images: {kind} ({FAILURE_KINDS[kind]})",
+                           zoom_on_both=True)
+
+    def figure(self, indices: list[int], title: str, zoom_on_both: bool = False) -> Figure:
+        a, r = self.arrays, self.lesions
+        titles = [f"{a.files[i][:30]}  Dice {self.dice[i]:.3f}\nlesions {r[i].detected}/"
+                  f"{r[i].lesions} found, {r[i].fp_components} FP, lesion Dice "
+                  f"{r[i].lesion_dice:.3f}" for i in indices]
         return overlay_rows(a.images[indices], a.masks[indices], self.preds[indices], titles,
-                            title)
+                            title, zoom_on_both)
 
     def browser(self) -> Any:
         """A slider and a file dropdown over every image (ipywidgets).
@@ -191,3 +213,41 @@ class TestPredictions:
         slider.observe(lambda change: setattr(picture, "value", render(change["new"])),
                        names="value")
         return widgets.VBox([widgets.HBox([slider, files]), picture])
+
+
+def lesion_wise_table(metrics: dict[str, Any]) -> pd.DataFrame:
+    """The lesion-wise figures (with 95 % CIs) of every setting: full split and clean subset,
+    model and source resolution."""
+    order = ("headline", "headline_clean", "headline_original_resolution",
+             "headline_original_resolution_clean", "selected", "selected_clean")
+    blocks = [metrics[k] for k in order if k in metrics and "lesion_dice" in metrics[k]["metrics"]]
+    rows = {**LESION_DEFINITIONS, "true_lesions": "True lesions (annotations) scored"}
+    return pd.DataFrame({b["setting"]: [_fmt_ci(b, k) if k != "true_lesions" else
+                                        str(b["metrics"][k]) for k in rows] for b in blocks},
+                        index=pd.Index([f"{v} ({k})" for k, v in rows.items()], name="metric"))
+
+
+def calibration_table(metrics: dict[str, Any]) -> pd.DataFrame:
+    """ECE and Brier score, raw and temperature-scaled, full and clean (with 95 % CIs)."""
+    cal = metrics["calibration"]
+    names = [n for n in ("raw", "temperature_scaled", "raw_clean", "temperature_scaled_clean")
+             if n in cal]
+    return pd.DataFrame({n.replace("_", " "): [_fmt_ci(cal[n], k) for k in ("ece", "brier")]
+                         for n in names},
+                        index=pd.Index([cal["definitions"][k] for k in ("ece", "brier")],
+                                       name="metric"))
+
+
+def group_table(metrics: dict[str, Any], group: str, key: str = "headline") -> pd.DataFrame:
+    """The main pixel and lesion-wise figures (with 95 % CIs) per value of ``group``
+    (``subclass`` or ``size_quintile``) for the setting ``key``."""
+    columns = ("mean_image_dice", "pooled_iou", "hd95", "lesion_sensitivity",
+               "fp_components_per_image", "lesion_dice", "lesion_hd95", "pq")
+    blocks = metrics[f"{key}_by_{group}"]
+    table = pd.DataFrame({c: [_fmt_ci(b, c) for b in blocks.values()] for c in columns},
+                         index=pd.Index(list(blocks), name=group.replace("_", " ")))
+    table.insert(0, "images", [b["images"] for b in blocks.values()])
+    if group == "size_quintile":
+        table.insert(1, "largest box, px", [round(metrics["groups"]["size_quintile_upper_px"][q])
+                                             for q in blocks])
+    return table

@@ -32,6 +32,7 @@ NOTEBOOKS = ("01_data_exploration", "02_train", "03_evaluate", "04_visualise")
 COMPARE = "05_compare"  # runs after the four when ``compare`` names runs to set this one beside
 KERNEL = "python3"
 HEADLINE_KEYS = ("pooled_iou", "mean_image_dice", "fg_bg_miou")
+LESION_KEYS = ("lesion_sensitivity", "fp_components_per_image", "lesion_dice", "pq")
 
 
 def notebooks_dir() -> Path:
@@ -79,6 +80,12 @@ def _headline(params: Params, since: float) -> dict[str, Any]:
     head["test_bce"] = m["loss"]["bce"]
     head["selected"] = {k: m["selected"]["metrics"][k] for k in HEADLINE_KEYS}
     head["selected_setting"] = m["selected"]["setting"]
+    if "lesion_dice" in m["headline"]["metrics"]:  # evaluations before lesion-wise metrics lack it
+        head["lesion"] = {k: m["headline"]["metrics"][k] for k in LESION_KEYS}
+        if "headline_clean" in m:
+            head["clean"]["lesion"] = {k: m["headline_clean"]["metrics"][k]
+                                       for k in LESION_KEYS}
+        head["ece"] = m["calibration"]["raw"]["metrics"]["ece"]
     return head
 
 
@@ -212,6 +219,7 @@ def _index_row(s: dict[str, Any], rel: str) -> str:
     """One ``<tr>`` of the index for the summary ``s`` of the report folder ``rel``."""
     head = s.get("headline", {})
     clean = head.get("clean", {})
+    lesion = head.get("lesion", {})
     kind = s.get("dataset", {}).get("kind", "unknown")
     status = s.get("status", "?")
     return (
@@ -223,6 +231,8 @@ def _index_row(s: dict[str, Any], rel: str) -> str:
         f'<td>{_fmt(clean.get("pooled_iou"))}</td>'
         f'<td>{_fmt(clean.get("mean_image_dice"))}</td>'
         f'<td>{_fmt(head.get("fg_bg_miou"))}</td><td>{_fmt(head.get("test_bce"))}</td>'
+        f'<td>{_fmt(lesion.get("lesion_sensitivity"))}</td>'
+        f'<td>{_fmt(lesion.get("fp_components_per_image"))}</td>'
         f'<td>{_fmt(head.get("selected", {}).get("pooled_iou"))}</td>'
         f'<td>{_training_cell(s.get("training", {}))}</td>'
         f'<td>{s.get("seconds", 0) / 60:.1f} min</td>'
@@ -245,14 +255,17 @@ td.synthetic{{color:#a15c00;font-weight:bold}} a{{margin-right:6px}}
 resolution, threshold 0.5, no TTA, no post-processing): foreground IoU pooled over the split,
 mean per-image Dice (full test split, comparable with the published reference; then the same
 two on the <em>clean</em> test subset: test images with no near-duplicate in train or valid),
-mean of foreground and background IoU, and BCE. "Selected IoU" uses the
+mean of foreground and background IoU, and BCE; lesion sensitivity (detected annotated tumours
+/ all) and false-positive components per image, by the BraTS 2023 lesion-wise rule (see
+docs/reference/metrics.md). "Selected IoU" uses the
 threshold / TTA / post-processing chosen on the validation split. "Training" says where and how
 long the model trained (a report can be made later, elsewhere); "report time" is the notebooks'
 execution. The published reference
 (Test Loss 0.07201, Test IoU 0.80568) is comparable to the BCE and fg+bg mIoU columns.</p>
 <table id="runs"><thead><tr><th>date</th><th>name</th><th>profile</th><th>dataset</th>
 <th>fg IoU</th><th>image Dice</th><th>clean fg IoU</th><th>clean image Dice</th>
-<th>fg+bg mIoU</th><th>test BCE</th><th>selected IoU</th>
+<th>fg+bg mIoU</th><th>test BCE</th><th>lesion sens.</th><th>FP / image</th>
+<th>selected IoU</th>
 <th>training</th><th>report time</th><th>status</th><th>notebooks</th></tr></thead>
 <tbody>
 {chr(10).join(rows)}
