@@ -21,7 +21,7 @@ from brainseg_lib.metrics.functional import METRIC_DEFINITIONS
 from brainseg_lib.reporting import headline
 from brainseg_lib.reporting.pipeline import write_index
 from brainseg_lib.reporting.rendering import render_html
-from conftest import ROOT
+from conftest import ROOT, tiny_params
 
 CHROMIUM = shutil.which("chromium")
 # a committed report: real executed notebooks (before the headline box existed)
@@ -115,6 +115,20 @@ def test_metrics_tables_have_short_names_and_a_footnote_defining_them():
         assert f"<b>{headline.SHORT_NAMES[key]}</b>: {definition}".replace("'", "&#x27;") in notes
     for block in ("headline", "selected", "selected_original_resolution"):
         assert METRICS[block]["setting"] in notes
+
+
+def test_header_names_the_data_by_name_and_hash_and_folds_its_path(synthetic_root, tmp_path):
+    from brainseg_lib.data.coco import dataset_hash
+    from brainseg_lib.data.locate import DataSource
+    from brainseg_lib.reporting.notebook import header_html
+
+    params = tiny_params(tmp_path, synthetic_root)
+    source = DataSource(synthetic_root, "real", "the data_dir parameter")
+    page = header_html("03 · Evaluate", params, source, "03_evaluate")
+    shown, folded = page.split("<details>", 1)
+    assert f"{synthetic_root.name} (real), annotations {dataset_hash(synthetic_root)}" in shown
+    assert str(synthetic_root) not in shown
+    assert f"{synthetic_root} (found by the data_dir parameter)" in folded
 
 
 @pytest.fixture(scope="module")
