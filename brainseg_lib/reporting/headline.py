@@ -22,9 +22,8 @@ SHORT_NAMES = {
     "fg_bg_miou": "fg+bg mIoU", "batch_pooled_iou": "fg IoU (per batch)",
     "precision": "precision", "recall": "recall", "hd95": "HD95 (px)",
 }
-# the four figures of the 03 box, and what the published reference reported beside each
-BOX_METRICS = {"pooled_iou": "fg IoU (pooled)", "mean_image_dice": "image Dice (mean)",
-               "fg_bg_miou": "fg+bg mIoU"}
+# the figures of the 03 box (test BCE follows them)
+BOX_METRICS = ("pooled_iou", "mean_image_dice", "fg_bg_miou")
 _REF_IOU = "reference_test_iou (as published; closest to fg+bg mIoU)"
 _REF_LOSS = "reference_test_loss (BCE)"
 # 03's settings beyond the plain one, each with the short name its table column gets
@@ -102,10 +101,10 @@ def evaluation_headline(metrics: dict[str, Any]) -> str:
     head = "".join(f"<th style='{_CELL}'>{html.escape(h)}</th>"
                    for h in ("", *(name for _, name, _ in subsets), "published reference"))
     rows = []
-    for key, label in BOX_METRICS.items():
+    for key in BOX_METRICS:
         cells = "".join(_cell(_figure(b["metrics"][key], b.get("ci95", {}).get(key)), key, s,
                               b["metrics"][key]) for s, _, b in subsets)
-        rows.append(f"<tr><th style='text-align:left'>{label}</th>{cells}"
+        rows.append(f"<tr><th style='text-align:left'>{SHORT_NAMES[key]}</th>{cells}"
                     f"{_cell(reference.get(key, _NONE))}</tr>")
     bce = metrics["loss"]["bce"]
     rows.append("<tr><th style='text-align:left'>test BCE</th>"
@@ -113,10 +112,12 @@ def evaluation_headline(metrics: dict[str, Any]) -> str:
                 + "".join(_cell("") for _ in subsets[1:])
                 + f"{_cell(reference['test_bce'])}</tr>")
     selected = metrics["selected"]
+    clean = (" and on its clean subset (no near-duplicate in train or valid)"
+             if len(subsets) > 1 else "")
     sentence = (
-        f"Plain setting ({html.escape(metrics['headline']['setting'])}) on the test split and "
-        "on its clean subset (no near-duplicate in train or valid); brackets: bootstrap 95 % "
-        "intervals. With the setting chosen on the validation split "
+        f"Plain setting ({html.escape(metrics['headline']['setting'])}) on the test "
+        f"split{clean}; brackets: bootstrap 95 % intervals. With the setting chosen on the "
+        "validation split "
         f"({html.escape(selected['setting'])}): fg IoU (pooled) "
         f"{selected['metrics']['pooled_iou']:.3f}.")
     return _box("Result: test split", sentence,
