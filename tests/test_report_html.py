@@ -166,6 +166,19 @@ def test_rendered_report_folds_code_hides_parameters_and_links_the_run(committed
     assert "#Metrics" in hrefs and "#Against-the-published-reference" in hrefs
 
 
+def test_the_bar_names_the_run_s_planned_reports_before_they_exist(tmp_path):
+    """The pipeline renders each notebook as it finishes: the bar lists what the run will
+    hold (05 only when it compares), not what is on disk yet."""
+    from brainseg_lib.reporting.pipeline import COMPARE, NOTEBOOKS
+    from brainseg_lib.reporting.rendering import report_links
+
+    first = tmp_path / "01_data_exploration.ipynb"
+    links = report_links(first, [*NOTEBOOKS, COMPARE])
+    assert [link["href"] for link in links] == [f"{n}.html" for n in (*NOTEBOOKS, COMPARE)]
+    assert [link["here"] for link in links] == [True, False, False, False, False]
+    assert [link["label"] for link in report_links(first)] == ["01 data exploration"]
+
+
 def test_index_links_each_runs_03_result(committed_copy):
     index = (committed_copy.parent.parent / "index.html").read_text()
     link = f"{committed_copy.parent.name}/{committed_copy.name}/03_evaluate.html#headline"
