@@ -52,6 +52,22 @@ def evaluated_runs(tmp_path_factory: pytest.TempPathFactory, synthetic_root: Pat
     return runs
 
 
+@pytest.fixture(scope="session")
+def smoke_reports(tmp_path_factory: pytest.TempPathFactory) -> tuple[int, Path]:
+    """``brainseg run`` of the smoke profile (synthetic data, a fixed run id, threshold 0.3):
+    its exit code and reports folder, shared by the pipeline and the HTML-report tests."""
+    from brainseg_lib.cli import main
+
+    tmp = tmp_path_factory.mktemp("pipeline")
+    reports = tmp / "reports"
+    code = main(["run", "--params", str(ROOT / "params" / "smoke.yaml"), "--reports-dir",
+                 str(reports), "--set", f"runs_dir={tmp / 'runs'}",
+                 "--set", f"cache_dir={tmp / 'cache'}", "--set", "run_id=smoke-fixed",
+                 "--set", "threshold=0.3",
+                 "--name", "smoke-test"])
+    return code, reports
+
+
 def tiny_params(tmp_path: Path, data_root: Path, **changes) -> Params:
     """The smoke profile shrunk further, on ``data_root``, writing under ``tmp_path``."""
     base = {"data_dir": str(data_root), "synthetic": False, "image_size": 64,

@@ -53,3 +53,13 @@ def test_seed_profile_is_the_reference_method():
     assert (p.arch, p.encoder, p.loss, p.optimizer, p.monitor) == (
         "Unet", "resnet34", "bce", "adam", "val_loss")
     assert p.patience > 0 and p.min_delta > 0 and p.image_size == 256
+
+
+def test_report_template_ships_as_package_data():
+    """The HTML reports' nbconvert template is read from the installed package."""
+    setuptools = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]
+    package = ROOT / "brainseg_lib" / "reporting"
+    shipped = {p for g in setuptools["package-data"]["brainseg_lib.reporting"]
+               for p in package.glob(g)}
+    template = {p for p in (package / "templates").rglob("*") if p.is_file()}
+    assert template and template <= shipped

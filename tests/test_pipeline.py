@@ -19,18 +19,6 @@ CHROME_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--no-first-run",
                 "--disable-sync"]
 
 
-@pytest.fixture(scope="module")
-def smoke_reports(tmp_path_factory):
-    tmp = tmp_path_factory.mktemp("pipeline")
-    reports = tmp / "reports"
-    code = main(["run", "--params", str(ROOT / "params" / "smoke.yaml"), "--reports-dir",
-                 str(reports), "--set", f"runs_dir={tmp / 'runs'}",
-                 "--set", f"cache_dir={tmp / 'cache'}", "--set", "run_id=smoke-fixed",
-                 "--set", "threshold=0.3",
-                 "--name", "smoke-test"])
-    return code, reports
-
-
 def test_smoke_pipeline_writes_a_full_report(smoke_reports):
     code, reports = smoke_reports
     assert code == 0
@@ -131,9 +119,10 @@ def test_index_renders_in_a_real_browser(smoke_reports, tmp_path):
     rows = re.findall(r"<tr class=\"(\w+)\">", dom)
     assert rows == ["succeeded"]
     links = re.findall(r'href="([^"]+)"', dom)
-    assert len(links) == 4
+    assert len(links) == 5  # the four reports, and the fg IoU linking 03's result
+    assert sum(link.endswith("/03_evaluate.html#headline") for link in links) == 1
     for link in links:
-        assert (reports / link).is_file(), link
+        assert (reports / link.split("#")[0]).is_file(), link
     shot = tmp_path / "index.png"
     subprocess.run([CHROMIUM, *CHROME_FLAGS, *profile, "--window-size=1400,700",
                     f"--screenshot={shot}", url], capture_output=True, timeout=120)
@@ -141,19 +130,23 @@ def test_index_renders_in_a_real_browser(smoke_reports, tmp_path):
     assert Path(shot).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
-def test_html_reports_hide_papermill_injected_cell(tmp_path):
+def test_html_reports_hide_both_parameters_cells(tmp_path):
     import nbformat
 
     from brainseg_lib.reporting.pipeline import render_html
 
     nb = nbformat.v4.new_notebook()
     nb.cells = [nbformat.v4.new_code_cell("VISIBLE_MARKER = 1"),
+                nbformat.v4.new_code_cell("DECLARED_MARKER = None",
+                                          metadata={"tags": ["parameters"]}),
                 nbformat.v4.new_code_cell("INJECTED_MARKER = 2",
                                           metadata={"tags": ["injected-parameters"]})]
     path = tmp_path / "n.ipynb"
     nbformat.write(nb, path)
     html = render_html(path).read_text()
-    assert "VISIBLE_MARKER" in html and "INJECTED_MARKER" not in html
+    assert "VISIBLE_MARKER" in html
+    assert "DECLARED_MARKER" not in html and "INJECTED_MARKER" not in html
+    assert "DECLARED_MARKER" in path.read_text()  # the notebook itself stays complete
 
 
 def test_run_with_compare_adds_05_beside_the_named_runs(smoke_reports, tmp_path):

@@ -1,5 +1,6 @@
-"""What the notebooks show: the header every report starts with, the metrics and reference
-tables of 03, and the test-image galleries and browser of 04.
+"""What the notebooks show: the header every report starts with, the headline box that puts
+the result of 02 and 03 first, the metrics and reference tables of 03, and the test-image
+galleries and browser of 04.
 """
 
 from __future__ import annotations
@@ -18,11 +19,12 @@ from matplotlib.figure import Figure
 
 from brainseg_lib.config import Params
 from brainseg_lib.data.arrays import SplitArrays, load_split_arrays, load_split_lesions
+from brainseg_lib.data.coco import dataset_hash
 from brainseg_lib.data.identity import check_data_identity, data_for_run
 from brainseg_lib.data.locate import SYNTHETIC_BANNER, DataSource
 from brainseg_lib.evaluation.predictions import predict_split
 from brainseg_lib.inference.predictor import LoadedModel, load_model
-from brainseg_lib.metrics.functional import METRIC_DEFINITIONS, ConfusionCounts, per_image_dice
+from brainseg_lib.metrics.functional import ConfusionCounts, per_image_dice
 from brainseg_lib.metrics.lesion import (
     FAILURE_KINDS,
     LESION_DEFINITIONS,
@@ -30,8 +32,9 @@ from brainseg_lib.metrics.lesion import (
     image_lesions,
     worst_cases,
 )
+from brainseg_lib.reporting import headline
 from brainseg_lib.reporting.figures import overlay_rows
-from brainseg_lib.rundir import PARAMS_FILE, git_commit
+from brainseg_lib.rundir import PARAMS_FILE, git_commit, training_record
 
 _BANNER = ('<div style="background:#fff3cd;border:2px solid #d39e00;padding:10px;'
            'margin:8px 0;font-weight:bold">&#9888; {}</div>')
@@ -46,17 +49,20 @@ def _param_table(values: dict[str, Any]) -> str:
 
 def header_html(title: str, params: Params, source: DataSource | None = None,
                 notebook: str | None = None, run_dir: Path | None = None) -> str:
-    """Title, synthetic-data banner, data source, environment and the parameters, each set
-    from where it came: this notebook's own (``notebook``'s parameters cell, as called) and,
-    with ``run_dir``, the training parameters saved with the run (they shaped the weights)."""
+    """How the report was made: synthetic-data banner, the data by name and annotation hash,
+    environment and the parameters, each set from where it came: this notebook's own
+    (``notebook``'s parameters cell, as called) and, with ``run_dir``, the training
+    parameters saved with the run (they shaped the weights). Paths of this machine are shown
+    only in the folded details."""
     from brainseg_lib.config import names
     from brainseg_lib.reporting.notebook_params import NOTEBOOK_PARAMETERS
 
-    parts = [f"<h2>{html.escape(title)}</h2>"]
+    parts = [f"<h3>{html.escape(title)}: how this report was made</h3>"]
     if source is not None and source.synthetic:
         parts.append(_BANNER.format(html.escape(SYNTHETIC_BANNER)))
     env = {"profile": params.profile, "run id": params.run_id or "(latest)",
-           "data": f"{source.kind}: {source.path} ({source.how})" if source else "-",
+           "data": (f"{source.path.name} ({source.kind}), annotations "
+                    f"{dataset_hash(source.path)}") if source else "-",
            "python": platform.python_version(), "torch": torch.__version__,
            "device": "cuda" if torch.cuda.is_available() else "cpu",
            "git commit": git_commit()}
@@ -64,6 +70,10 @@ def header_html(title: str, params: Params, source: DataSource | None = None,
                    f"<td style='text-align:left'>{html.escape(str(v))}</td></tr>"
                    for k, v in env.items())
     parts.append(f"<table>{rows}</table>")
+    if source is not None:
+        parts.append(f"<details><summary>where the data is</summary>"
+                     f"{html.escape(str(source.path))} (found by {html.escape(source.how)})"
+                     "</details>")
     values = params.to_dict()
     called = ("profile", *NOTEBOOK_PARAMETERS[notebook]) if notebook else tuple(values)
     parts.append(f"<details><summary>{len(called)} parameters of this notebook (as called)"
@@ -74,7 +84,8 @@ def header_html(title: str, params: Params, source: DataSource | None = None,
         trained = read_params_file(run_dir / PARAMS_FILE)
         shown = {k: trained[k] for k in names(groups=("data", "training")) if k in trained}
         parts.append(f"<details><summary>{len(shown)} training parameters of the model "
-                     f"(from {html.escape(str(run_dir / PARAMS_FILE))})</summary>"
+                     f"(from the run's {PARAMS_FILE})</summary>"
+                     f"<p>{html.escape(str(run_dir / PARAMS_FILE))}</p>"
                      f"{_param_table(shown)}</details>")
     return "\n".join(parts)
 
@@ -86,28 +97,47 @@ def show_header(title: str, params: Params, source: DataSource | None = None,
     display(HTML(header_html(title, params, source, notebook, run_dir)))
 
 
+def headline_slot() -> Any:
+    """The report's result, shown first: a box saying it is pending, to be replaced with
+    :func:`training_box` or :func:`evaluation_box` (an IPython display update) once the
+    result exists; the executed notebook, its HTML and JupyterLab all show it at the top."""
+    from IPython.display import HTML, display
+
+    return display(HTML(headline.pending_headline()), display_id=True)
+
+
+def training_box(run_dir: Path) -> Any:
+    """02's headline from the run's ``train.json``: epochs, minutes, best validation score,
+    why it stopped."""
+    from IPython.display import HTML
+
+    return HTML(headline.training_headline(training_record(run_dir)))
+
+
+def evaluation_box(metrics: dict[str, Any]) -> Any:
+    """03's headline from its ``metrics.json``: the plain setting, full and clean, with
+    intervals, beside the published reference."""
+    from IPython.display import HTML
+
+    return HTML(headline.evaluation_headline(metrics))
+
+
+def show_metrics(metrics: dict[str, Any]) -> None:
+    """03's metrics as two tables a reader can scan (the plain setting; the other settings)
+    and one footnote defining every short name."""
+    from IPython.display import HTML, display
+
+    display(HTML("<h4>Plain setting, model resolution</h4>"), headline.plain_table(metrics),
+            HTML("<h4>Source resolution, and the setting selected on validation</h4>"),
+            headline.settings_table(metrics), HTML(headline.table_notes(metrics)))
+
+
 def _fmt_ci(block: dict[str, Any], key: str) -> str:
     value = block["metrics"].get(key)
     if value is None:
         return "-"
     ci = block.get("ci95", {}).get(key)
     return f"{value:.4f}" + (f" [{ci[0]:.3f}, {ci[1]:.3f}]" if ci else "")
-
-
-def metrics_table(metrics: dict[str, Any]) -> pd.DataFrame:
-    """Every metric of an evaluation: rows are metrics, columns the settings (with 95 % CIs)."""
-    order = ("headline", "headline_clean", "headline_original_resolution",
-             "headline_original_resolution_clean", "selected", "selected_clean",
-             "selected_original_resolution", "selected_original_resolution_clean")
-    blocks = [(k, metrics[k]) for k in order if k in metrics]
-    keys = METRIC_DEFINITIONS
-    table = pd.DataFrame(
-        {block["setting"]: [_fmt_ci(block, k) for k in keys] for _, block in blocks},
-        index=pd.Index([f"{keys[k]} ({k})" for k in keys], name="metric"))
-    loss = metrics["loss"]
-    table.loc[f"test loss: {loss['name']}"] = [f"{loss['value']:.4f}"] + [""] * (len(blocks) - 1)
-    table.loc["test loss: BCE"] = [f"{loss['bce']:.4f}"] + [""] * (len(blocks) - 1)
-    return table
 
 
 def reference_table(metrics: dict[str, Any]) -> pd.DataFrame:

@@ -17,7 +17,9 @@ from typing import Any
 
 from brainseg_lib.config import Params, load_params, project_root
 from brainseg_lib.io import atomic_write_json, atomic_write_text
+from brainseg_lib.reporting.headline import HEADLINE_ID
 from brainseg_lib.reporting.notebook_params import NOTEBOOK_PARAMETERS
+from brainseg_lib.reporting.rendering import render_html
 from brainseg_lib.rundir import (
     ENV_FILE,
     METRICS_FILE,
@@ -41,20 +43,6 @@ def notebooks_dir() -> Path:
 
 def default_reports_dir() -> Path:
     return project_root() / "reports"
-
-
-def render_html(notebook: Path) -> Path:
-    """nbconvert's HTML (lab template) beside the notebook, written atomically."""
-    import nbformat
-    from nbconvert import HTMLExporter
-    from nbconvert.preprocessors import TagRemovePreprocessor
-
-    exporter = HTMLExporter(template_name="lab")
-    # the header lists every parameter already; papermill's injected cell is noise there
-    exporter.register_preprocessor(TagRemovePreprocessor(
-        remove_cell_tags={"injected-parameters"}, enabled=True), enabled=True)
-    body, _ = exporter.from_notebook_node(nbformat.read(notebook, as_version=4))
-    return atomic_write_text(notebook.with_suffix(".html"), body)
 
 
 def _unique_report_dir(reports_dir: Path, run_id: str) -> Path:
@@ -116,9 +104,11 @@ def _report_params(params_file: str | Path, name: str | None,
     return params, run_id
 
 
-def _execute_notebook(nb: str, out_dir: Path, injected: dict[str, Any]) -> dict[str, Any]:
-    """Run one notebook into ``out_dir`` and render its HTML; its summary entry says how it
-    went (a failure is recorded, not raised)."""
+def _execute_notebook(nb: str, out_dir: Path, injected: dict[str, Any],
+                      planned: list[str]) -> dict[str, Any]:
+    """Run one notebook into ``out_dir`` and render its HTML (linking the ``planned``
+    notebooks of the run); its summary entry says how it went (a failure is recorded, not
+    raised)."""
     import papermill
 
     out = out_dir / f"{nb}.ipynb"
@@ -138,7 +128,7 @@ def _execute_notebook(nb: str, out_dir: Path, injected: dict[str, Any]) -> dict[
         entry["error"] = f"{type(err).__name__}: {str(err).strip().splitlines()[-1][:500]}"
     entry["seconds"] = round(time.perf_counter() - t0, 1)
     if out.exists():
-        entry["html"] = render_html(out).name
+        entry["html"] = render_html(out, planned).name
     print(f"{entry['status']} ({entry['seconds']} s)", flush=True)
     return entry
 
@@ -148,8 +138,9 @@ def _execute_notebooks(params: Params, out_dir: Path,
     """The four notebooks (and 05_compare when asked) in order, stopping at the first
     failure, whose partial notebook is kept."""
     entries = []
-    for nb in NOTEBOOKS + ((COMPARE,) if params.compare else ()):
-        entry = _execute_notebook(nb, out_dir, injected)
+    planned = [*NOTEBOOKS, *((COMPARE,) if params.compare else ())]
+    for nb in planned:
+        entry = _execute_notebook(nb, out_dir, injected, planned)
         entries.append(entry)
         if entry["status"] == "failed":
             print(f"  failed: {entry['error']}\n  partial notebook: {out_dir / entry['notebook']}",
@@ -208,6 +199,16 @@ def _notebook_links(rel: str, notebooks: list[dict[str, Any]]) -> str:
         for nb in notebooks if nb.get("html"))
 
 
+def _headline_link(rel: str, notebooks: list[dict[str, Any]], text: str) -> str:
+    """``text`` linked to the headline box of the run's rendered 03 (as is without one)."""
+    evaluated = next((nb["html"] for nb in notebooks
+                      if nb["name"] == "03_evaluate" and nb.get("html")), None)
+    if evaluated is None or text == "-":
+        return text
+    return (f'<a href="{html.escape(rel)}/{html.escape(evaluated)}#{HEADLINE_ID}" '
+            f'title="the result in 03">{text}</a>')
+
+
 def _training_cell(trained: dict[str, Any]) -> str:
     if not trained:
         return "-"
@@ -227,7 +228,8 @@ def _index_row(s: dict[str, Any], rel: str) -> str:
         f'</td><td>{html.escape(s.get("name", ""))}</td>'
         f'<td>{html.escape(s.get("profile", ""))}</td>'
         f'<td class="{kind}">{html.escape(kind)}</td>'
-        f'<td>{_fmt(head.get("pooled_iou"))}</td><td>{_fmt(head.get("mean_image_dice"))}</td>'
+        f'<td>{_headline_link(rel, s.get("notebooks", []), _fmt(head.get("pooled_iou")))}</td>'
+        f'<td>{_fmt(head.get("mean_image_dice"))}</td>'
         f'<td>{_fmt(clean.get("pooled_iou"))}</td>'
         f'<td>{_fmt(clean.get("mean_image_dice"))}</td>'
         f'<td>{_fmt(head.get("fg_bg_miou"))}</td><td>{_fmt(head.get("test_bce"))}</td>'
@@ -257,7 +259,8 @@ mean per-image Dice (full test split, comparable with the published reference; t
 two on the <em>clean</em> test subset: test images with no near-duplicate in train or valid),
 mean of foreground and background IoU, and BCE; lesion sensitivity (detected annotated tumours
 / all) and false-positive components per image, by the BraTS 2023 lesion-wise rule (see
-docs/reference/metrics.md). "Selected IoU" uses the
+docs/reference/metrics.md); the fg IoU links the run's result in its 03 report. "Selected IoU"
+uses the
 threshold / TTA / post-processing chosen on the validation split. "Training" says where and how
 long the model trained (a report can be made later, elsewhere); "report time" is the notebooks'
 execution. The published reference
