@@ -103,17 +103,23 @@ FINISHED = f"""() => {{
     return kernel && kernel.status === 'idle' && cells.length > 0
         && cells.every(c => c.model.executionCount !== null);
 }}"""
+# every output's text from the notebook's model: JupyterLab renders only the cells in view
+OUTPUT_TEXT = f"""() => {CURRENT}.content.widgets
+    .filter(c => c.model.type === 'code')
+    .flatMap(c => Array.from({{length: c.model.outputs.length}},
+                             (_, i) => JSON.stringify(c.model.outputs.get(i).toJSON())))
+    .join('\\n')"""
 
 
 def _run_all(page, lab: str, notebook: str) -> str:
-    """Open ``notebook``, Run All, wait until every code cell has run; the notebook's text."""
+    """Open ``notebook``, Run All, wait until every code cell has run; its outputs' text."""
     page.goto(f"{lab}/lab/tree/{notebook}?token={TOKEN}")
     page.wait_for_function(f"() => {CURRENT} && {CURRENT}.context.path === '{notebook}' && "
                            f"{CURRENT}.sessionContext.session && "
                            f"{CURRENT}.sessionContext.session.kernel", timeout=60_000)
     page.evaluate("window.jupyterapp.commands.execute('notebook:run-all-cells')")
     page.wait_for_function(FINISHED, timeout=240_000)
-    return page.evaluate(f"{CURRENT}.node.innerText")
+    return page.evaluate(OUTPUT_TEXT)
 
 
 def _errors(page) -> list[str]:
