@@ -44,6 +44,13 @@ def _figure(value: float, ci: list[float] | None, digits: int = 3) -> str:
     return f"{value:.{digits}f}" + (f" [{ci[0]:.{low}f}, {ci[1]:.{low}f}]" if ci else "")
 
 
+def block_figure(block: dict[str, Any], key: str, digits: int = 3) -> str:
+    """One figure of a metrics block with its interval, or "-" where the block lacks it."""
+    if block["metrics"].get(key) is None:
+        return "-"
+    return _figure(block["metrics"][key], block.get("ci95", {}).get(key), digits)
+
+
 def _cell(text: str, key: str = "", subset: str = "", value: float | None = None) -> str:
     """One figure of a box; ``data-*`` carry the exact value so a check can compare it."""
     data = (f' data-metric="{key}" data-subset="{subset}" data-value="{float(value)!r}"'
@@ -125,9 +132,7 @@ def evaluation_headline(metrics: dict[str, Any]) -> str:
 
 
 def _column(block: dict[str, Any]) -> list[str]:
-    ci = block.get("ci95", {})
-    return [_figure(block["metrics"][k], ci.get(k), 1 if k == "hd95" else 3)
-            if k in block["metrics"] else "-" for k in METRIC_DEFINITIONS]
+    return [block_figure(block, k, 1 if k == "hd95" else 3) for k in METRIC_DEFINITIONS]
 
 
 def plain_table(metrics: dict[str, Any]) -> pd.DataFrame:

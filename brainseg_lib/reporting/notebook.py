@@ -133,11 +133,7 @@ def show_metrics(metrics: dict[str, Any]) -> None:
 
 
 def _fmt_ci(block: dict[str, Any], key: str) -> str:
-    value = block["metrics"].get(key)
-    if value is None:
-        return "-"
-    ci = block.get("ci95", {}).get(key)
-    return f"{value:.4f}" + (f" [{ci[0]:.3f}, {ci[1]:.3f}]" if ci else "")
+    return headline.block_figure(block, key, digits=4)
 
 
 def reference_table(metrics: dict[str, Any]) -> pd.DataFrame:
