@@ -18,7 +18,7 @@ from scipy import stats
 from brainseg_lib.metrics.calibration import calibration_metrics
 from brainseg_lib.metrics.functional import ConfusionCounts, count_metrics, dice, iou
 from brainseg_lib.metrics.lesion import FIELDS as LESION_FIELDS
-from brainseg_lib.metrics.lesion import lesion_metrics
+from brainseg_lib.metrics.lesion import LESION_DEFINITIONS, lesion_metrics
 
 Interval = tuple[float, float]
 
@@ -82,13 +82,14 @@ def lesion_bootstrap_ci(table: dict[str, np.ndarray], n_resamples: int = 1000,
     """95 % intervals of the lesion-wise figures (:func:`.lesion.lesion_metrics`) from
     per-image tallies (:func:`.lesion.lesion_table`), resampling images."""
     data = tuple(table[f] for f in LESION_FIELDS)
-    keys = list(lesion_metrics(*(d[:1] for d in data)))
 
     def statistic(*arrays, axis=-1):
-        return np.stack(list(lesion_metrics(*arrays, axis=axis).values()))
+        m = lesion_metrics(*arrays, axis=axis)
+        return np.stack([m[k] for k in LESION_DEFINITIONS])
 
     bounds = _bootstrap(data, statistic, n_resamples, seed)
-    return {k: (float(bounds[0, i]), float(bounds[1, i])) for i, k in enumerate(keys)}
+    return {k: (float(bounds[0, i]), float(bounds[1, i]))
+            for i, k in enumerate(LESION_DEFINITIONS)}
 
 
 def calibration_bootstrap_ci(tallies: dict[str, np.ndarray], n_resamples: int = 1000,
@@ -121,11 +122,10 @@ def paired_lesion_bootstrap(a: dict[str, np.ndarray], b: dict[str, np.ndarray],
 
     def statistic(*arrays, axis=-1):
         ma, mb = lesion_metrics(*arrays[:k], axis=axis), lesion_metrics(*arrays[k:], axis=axis)
-        return np.stack([mb[key] - ma[key] for key in ma])
+        return np.stack([mb[key] - ma[key] for key in LESION_DEFINITIONS])
 
     data = tuple(a[f] for f in LESION_FIELDS) + tuple(b[f] for f in LESION_FIELDS)
     point = statistic(*data)
     bounds = _bootstrap(data, statistic, n_resamples, seed)
-    keys = list(lesion_metrics(*(d[:1] for d in data[:k])))
     return {key: (float(point[i]), float(bounds[0, i]), float(bounds[1, i]))
-            for i, key in enumerate(keys)}
+            for i, key in enumerate(LESION_DEFINITIONS)}
