@@ -185,6 +185,19 @@ def test_index_links_each_runs_03_result(committed_copy):
     assert f'href="{link}"' in index
 
 
+def test_image_galleries_are_embedded_as_jpeg(smoke_reports):
+    """04's MRI figures are photographs: as PNG they made the committed report 7–9 MB."""
+    code, reports = smoke_reports
+    assert code == 0
+    (folder,) = (p.parent for p in reports.glob("*/*/summary.json"))
+    executed = nbformat.read(folder / "04_visualise.ipynb", as_version=4)
+    kinds = [kind for cell in executed.cells if cell.cell_type == "code"
+             for output in cell.outputs for kind in output.get("data", {})
+             if kind.startswith("image/")]
+    assert len(kinds) >= 3 and set(kinds) == {"image/jpeg"}
+    assert 'src="data:image/jpeg;base64,' in (folder / "04_visualise.html").read_text()
+
+
 # --- in a browser ---------------------------------------------------------------------------
 
 browser = pytest.mark.skipif(CHROMIUM is None,
