@@ -83,6 +83,9 @@ def test_a_failing_notebook_marks_the_run_failed_and_keeps_it(tmp_path):
     assert errors and "does not exist" in errors[0]["evalue"]
     assert not (summary_file.parent / "02_train.ipynb").exists()
     assert 'class="failed"' in (reports / "index.html").read_text()
+    page = (summary_file.parent / "01_data_exploration.html").read_text()
+    bar = re.findall(r'<nav[^>]*class="bs-nav".*?</nav>', page, re.S)[0]
+    assert "02_train.html" not in bar  # no link to a report that never came
 
 
 def test_runs_never_overwrite_each_other(smoke_reports, tmp_path):

@@ -145,8 +145,17 @@ def _execute_notebooks(params: Params, out_dir: Path,
         if entry["status"] == "failed":
             print(f"  failed: {entry['error']}\n  partial notebook: {out_dir / entry['notebook']}",
                   file=sys.stderr)
+            _relink(out_dir, entries)
             break
     return entries
+
+
+def _relink(out_dir: Path, entries: list[dict[str, Any]]) -> None:
+    """After a failure, re-render the reports that exist so that their bar links only each
+    other, not the planned reports that never came."""
+    rendered = [e["name"] for e in entries if "html" in e]
+    for name in rendered:
+        render_html(out_dir / f"{name}.ipynb", rendered)
 
 
 def _outcome(params: Params, notebooks: list[dict[str, Any]], started: float,
