@@ -4,6 +4,7 @@ notebook pipeline."""
 from __future__ import annotations
 
 import argparse
+import json
 import re
 import sys
 from pathlib import Path
@@ -112,7 +113,8 @@ def _evaluate(args: argparse.Namespace) -> int:
         raise ParamsError("--record needs --model DIR and the test split")
     if model_dir:  # a shipped model: laid out as a run under runs_dir (the project's runs/)
         target = materialise(target, runs_dir / f"model-{target.resolve().name}")
-    metrics = evaluate_run(target, args.split, args.device, settings=settings)
+    metrics = evaluate_run(target, args.split, args.device, settings=settings,
+                           backend=args.backend)
     print(f"wrote {eval_dir(target, args.split)}")
     if args.record:
         from brainseg_lib.model.package import record_metrics
@@ -130,18 +132,33 @@ def _predict(args: argparse.Namespace) -> int:
         raise ParamsError("predict: give --model (a model folder or run directory) or "
                           "--checkpoint FILE")
     written, skipped = predict_files(model, args.inputs, args.out, args.threshold,
-                                     args.tta, args.device)
+                                     args.tta, args.device, args.backend)
     print(f"{len(written)} masks written to {args.out}; {len(skipped)} inputs skipped")
     return 0 if written or not skipped else 1
 
 
 def _export(args: argparse.Namespace) -> int:
-    from brainseg_lib.model.package import export_model
+    from brainseg_lib.model.package import add_onnx, export_model, is_model_dir
 
-    out = export_model([Path(r) for r in args.run_dirs], Path(args.out),
-                       fp16=not args.fp32, dataset_name=args.dataset_name)
-    size = sum(f.stat().st_size for f in out.iterdir()) / 2**20
-    print(f"exported {len(args.run_dirs)} run(s) to {out} ({size:.1f} MiB)")
+    if len(args.run_dirs) == 1 and is_model_dir(args.run_dirs[0]) and not args.out:
+        if not args.onnx:
+            raise ParamsError(f"export {args.run_dirs[0]}: a model folder already; add --onnx "
+                              "to write its ONNX files")
+        record = add_onnx(Path(args.run_dirs[0]))
+    else:
+        if not args.out:
+            raise ParamsError("export: give --out MODEL_DIR")
+        out = export_model([Path(r) for r in args.run_dirs], Path(args.out),
+                           fp16=not args.fp32, dataset_name=args.dataset_name, onnx=args.onnx)
+        size = sum(f.stat().st_size for f in out.iterdir()) / 2**20
+        print(f"exported {len(args.run_dirs)} run(s) to {out} ({size:.1f} MiB)")
+        if not args.onnx:
+            return 0
+        record = json.loads((out / "brainseg.json").read_text())["onnx"]
+    print(f"ONNX {', '.join(record['files'])}: exported in {sum(record['export_seconds']):.1f} "
+          f"s; verified against torch on {record['verified_on']}: max |Δprobability| "
+          f"{record['max_abs_prob_diff']:.1e}, identical mask pixels "
+          f"{record['mask_agreement']:.4%}")
     return 0
 
 
@@ -206,6 +223,13 @@ def _add_set_option(parser: argparse.ArgumentParser, help_text: str | None) -> N
     parser.add_argument("--set", action="append", metavar="KEY=YAML", help=help_text)
 
 
+def _add_backend_option(parser: argparse.ArgumentParser) -> None:
+    """``--backend``: the engine that runs the network (same pre- and post-processing)."""
+    parser.add_argument("--backend", default="auto", choices=["auto", "torch", "onnxruntime"],
+                        help="auto (default): onnxruntime on the CPU when the model folder "
+                        "has a verified model.onnx, else torch")
+
+
 def _add_data_parsers(sub: argparse._SubParsersAction) -> None:
     data = sub.add_parser("data", help="dataset tools").add_subparsers(dest="data_command",
                                                                         required=True)
@@ -251,6 +275,7 @@ def _add_evaluate_parser(sub: argparse._SubParsersAction) -> None:
     _add_set_option(evaluate, "an evaluation setting, e.g. --set threshold=0.4 --set tta=false")
     evaluate.add_argument("--record", action="store_true",
                           help="write the test metrics into the model folder's card")
+    _add_backend_option(evaluate)
     evaluate.set_defaults(func=_evaluate)
 
 
@@ -263,14 +288,19 @@ def _add_predict_parser(sub: argparse._SubParsersAction) -> None:
     predict.add_argument("--threshold", type=float)
     predict.add_argument("--tta", action="store_true")
     predict.add_argument("--device", default="auto")
+    _add_backend_option(predict)
     predict.set_defaults(func=_predict)
 
 
 def _add_export_parser(sub: argparse._SubParsersAction) -> None:
     export = sub.add_parser("export", help="write a run (or fold runs) as an smp model folder")
     export.add_argument("run_dirs", nargs="+",
-                        help="run directory; several = a fold ensemble")
-    export.add_argument("--out", required=True, help="model folder, e.g. models/reference")
+                        help="run directory; several = a fold ensemble; or a model folder "
+                        "(without --out) to add its ONNX files")
+    export.add_argument("--out", help="model folder, e.g. models/reference")
+    export.add_argument("--onnx", action="store_true",
+                        help="also write model.onnx, verified against torch on validation "
+                        "images (an error when it disagrees)")
     export.add_argument("--fp32", action="store_true",
                         help="keep float32 weights (default fp16)")
     export.add_argument("--dataset-name", default="",

@@ -105,6 +105,12 @@ class Params:
                                          "first; [] = smp's default (256, 128, 64, 32, 16)")
     model_dir: str = _param("", "training", "run", "an exported model (brainseg export) to "
                             "report on instead of training")
+    init_from: str = _param("", "training", "weights", "fine-tune: start from this model folder "
+                            "(models/NAME) or run directory instead of encoder_weights; its "
+                            "network must be this run's")
+    freeze_encoder_epochs: int = _param(0, "training", "weights", "fine-tune: train the "
+                                        "decoder only for the first N epochs (encoder fixed)",
+                                        (0, 10000))
 
     # --- optimisation
     loss: Literal["bce", "dice", "bce_dice", "focal", "focal_dice"] = _param(

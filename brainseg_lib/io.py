@@ -1,7 +1,9 @@
-"""Atomic file writes: a crash or a full disk never leaves a half-written result behind."""
+"""Atomic file writes (a crash or a full disk never leaves a half-written result behind) and
+file hashes."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import tempfile
@@ -38,3 +40,12 @@ def atomic_write_text(path: str | Path, text: str) -> Path:
 
 def atomic_write_json(path: str | Path, data: Any) -> Path:
     return atomic_write_text(path, json.dumps(data, indent=2, default=str) + "\n")
+
+
+def file_sha256(path: str | Path) -> str:
+    """The sha256 of a file, read in blocks (weight files are tens of MiB)."""
+    digest = hashlib.sha256()
+    with Path(path).open("rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()

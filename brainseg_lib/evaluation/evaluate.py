@@ -47,7 +47,7 @@ from brainseg_lib.evaluation.selection import (
     plain_setting,
     threshold_table,
 )
-from brainseg_lib.inference.predictor import LoadedModel, load_model
+from brainseg_lib.inference.predictor import Backend, LoadedModel, load_model
 from brainseg_lib.io import atomic_write_json
 from brainseg_lib.metrics.calibration import (
     apply_temperature,
@@ -81,17 +81,19 @@ EvalSettings = make_dataclass(
 
 
 def evaluate_run(run_dir: str | Path, split: str = "test", device: str = "auto",
-                 verbose: bool = True, settings: Any = None) -> dict[str, Any]:
+                 verbose: bool = True, settings: Any = None, backend: Backend = "torch",
+                 ) -> dict[str, Any]:
     """Evaluate a run's ``best.pt`` (or an exported model laid out as a run) on ``split``.
 
     ``settings``: the caller's parameters (threshold, TTA, post-processing, bootstrap...,
     and ``data_dir``), or a mapping of just those to change; default: the run's. Writes
     ``run_dir/eval-<split>/`` and, for test, ``run_dir/metrics.json``.
     The data must be what the run trained on (same annotations hash) or what its training
-    copy was made from (recorded provenance); anything else is an error.
+    copy was made from (recorded provenance); anything else is an error. ``backend``: the
+    engine (:func:`inference.predictor.load_model`); the figures agree across engines.
     """
     run_dir = Path(run_dir)
-    loaded = load_model(run_dir, device)
+    loaded = load_model(run_dir, device, backend)
     if isinstance(settings, dict):
         settings = params_from_dict(loaded.params.to_dict() | settings, "evaluation settings")
     call = settings if settings is not None else loaded.params
@@ -123,7 +125,7 @@ def evaluate_on_split(loaded: LoadedModel, source: DataSource, split: str, out_d
     arrays = load_split_arrays(source.path, split, p.image_size, p.cache_path())
     if verbose:
         print(f"evaluating {loaded.source} on {split}: {len(arrays)} images, {source.kind} "
-              f"data, {loaded.device}")
+              f"data, {loaded.device}, {loaded.backend}")
     pred = predict_split(loaded, arrays, st.tta)
     chosen, variants = choose_setting(selection, st.min_component_px, st.tune_threshold,
                                       st.tta, st.threshold)
@@ -202,7 +204,8 @@ def _record_header(loaded: LoadedModel, source: DataSource, split: str,
                     "annotations_sha256": dataset_hash(source.path)},
         "data_identity": data_note,
         "evaluated_with": {"git_commit": git_commit(), "device": str(loaded.device),
-                           "torch": torch.__version__, "settings": asdict(st)},
+                           "torch": torch.__version__, "backend": loaded.backend,
+                           "settings": asdict(st)},
         "loss": {"name": p.loss, "value": pred.loss, "bce": pred.bce,
                  "definition": "mean over images of each image's own loss"},
         "definitions": METRIC_DEFINITIONS | LESION_DEFINITIONS, "lesion_rule": LESION_RULE,

@@ -11,7 +11,7 @@ import numpy as np
 from PIL import Image, UnidentifiedImageError
 
 from brainseg_lib.data.coco import IMAGE_SUFFIXES
-from brainseg_lib.inference.predictor import load_model, predict_images
+from brainseg_lib.inference.predictor import Backend, load_model, predict_images
 
 PREDICT_BATCH = 16  # images per forward pass in brainseg predict
 
@@ -36,12 +36,12 @@ def collect_inputs(inputs: list[str | Path]) -> list[Path]:
 
 def predict_files(model: str | Path, inputs: list[str | Path], out_dir: str | Path,
                   threshold: float | None = None, tta: bool = False, device: str = "auto",
-                  ) -> tuple[list[Path], list[tuple[Path, str]]]:
+                  backend: Backend = "torch") -> tuple[list[Path], list[tuple[Path, str]]]:
     """Write ``<name>_mask.png`` and ``<name>_overlay.png`` per readable input, at its size.
 
     Unreadable inputs are reported and skipped; returns (written masks, [(file, reason)]).
     """
-    loaded = load_model(model, device)
+    loaded = load_model(model, device, backend)
     threshold = loaded.params.threshold if threshold is None else threshold
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)

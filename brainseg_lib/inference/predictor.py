@@ -1,13 +1,20 @@
 """A trained model ready to predict: loaded safely from a checkpoint, a run directory or a
 model folder (one member or a fold ensemble), and turned into probabilities for uint8
 batches or for images of any size (padded to a square, not squashed).
+
+Two engines run the members: torch, or onnxruntime for a model folder with verified ONNX
+files. Either way a member is called on the same normalised batch, so padding, flip TTA,
+the ensemble mean and thresholds live here once for both.
 """
 
 from __future__ import annotations
 
+import json
+from collections.abc import Callable
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
+from typing import Literal
 
 import numpy as np
 import torch
@@ -19,19 +26,32 @@ from brainseg_lib.data.arrays import resize_image
 from brainseg_lib.model.checkpoint import ArtifactError, network_from_checkpoint
 from brainseg_lib.model.device import autocast_dtype, select_device
 from brainseg_lib.model.network import Normalizer
-from brainseg_lib.model.package import is_model_dir, networks_from_model_dir
-from brainseg_lib.rundir import BEST_CHECKPOINT
+from brainseg_lib.model.package import (
+    is_model_dir,
+    networks_from_model_dir,
+    onnx_members_from_model_dir,
+    verified_onnx,
+)
+from brainseg_lib.rundir import BEST_CHECKPOINT, SOURCE_MODEL_FILE
+
+Backend = Literal["auto", "torch", "onnxruntime"]
+BACKENDS = ("auto", "torch", "onnxruntime")
 
 
 @dataclass
 class LoadedModel:
-    """One network, or the members of a fold ensemble, with their training parameters."""
+    """One network, or the members of a fold ensemble, with their training parameters.
 
-    members: list[nn.Module]
+    A member maps a normalised float batch to logits: a torch network, or an
+    ``OnnxMember`` (``backend == "onnxruntime"``, on the CPU).
+    """
+
+    members: list[Callable[[torch.Tensor], torch.Tensor]]
     params: Params
     device: torch.device
     epoch: int
     source: str = ""  # where the weights came from, for reports
+    backend: str = "torch"
 
     @property
     def model(self) -> nn.Module:
@@ -53,12 +73,58 @@ def _to_device(models: list[nn.Module], params: Params, device: str) -> tuple[
     return out, dev
 
 
-def load_model(path: str | Path, device: str = "auto") -> LoadedModel:
+def _onnx_folder(path: Path) -> Path | None:
+    """The model folder whose ONNX files may stand in for ``path``: the folder itself, or
+    the one a run directory was laid out from (``source_model.json``)."""
+    if path.is_dir() and is_model_dir(path):
+        return path
+    source = path / SOURCE_MODEL_FILE
+    if path.is_dir() and source.is_file():
+        folder = Path(json.loads(source.read_text()).get("model_dir", ""))
+        return folder if is_model_dir(folder) else None
+    return None
+
+
+def resolve_backend(path: str | Path, device: str, backend: Backend) -> str:
+    """``auto``: onnxruntime on the CPU where the model folder has verified ONNX files (the
+    faster engine there), torch otherwise."""
+    if backend not in BACKENDS:
+        raise ValueError(f"backend {backend!r}: expected one of {', '.join(BACKENDS)}")
+    if backend != "auto":
+        return backend
+    folder = _onnx_folder(Path(path))
+    on_cpu = device == "cpu" or (device == "auto" and not torch.cuda.is_available())
+    return "onnxruntime" if on_cpu and folder and verified_onnx(folder) else "torch"
+
+
+def _load_onnx(path: Path, device: str) -> LoadedModel:
+    """The members as onnxruntime sessions of the folder's verified ONNX files."""
+    from brainseg_lib.model.onnx_export import OnnxMember
+
+    if device == "cuda":
+        raise ValueError("backend onnxruntime runs on the CPU; use --backend torch on cuda")
+    folder = _onnx_folder(path)
+    if folder is None:
+        raise ArtifactError(f"{path}: backend onnxruntime needs a model folder with a "
+                            "verified model.onnx (brainseg export DIR --onnx)")
+    files, params, info = onnx_members_from_model_dir(folder)
+    members = [OnnxMember(f, params.num_threads) for f in files]
+    epoch = int((info.get("checkpoint_epochs") or [0])[0])
+    return LoadedModel(members, params, torch.device("cpu"), epoch, str(folder), "onnxruntime")
+
+
+def load_model(path: str | Path, device: str = "auto", backend: Backend = "torch",
+               ) -> LoadedModel:
     """The one way to get a model for inference: a checkpoint file, a run directory (its
-    best.pt) or an exported model folder (one member, or a fold ensemble), loaded safely."""
+    best.pt) or an exported model folder (one member, or a fold ensemble), loaded safely.
+
+    ``backend``: ``torch``; ``onnxruntime`` (a model folder's verified ONNX files, or those
+    of the folder a run was laid out from); ``auto`` (:func:`resolve_backend`)."""
     path = Path(path)
     if not path.exists():
         raise ArtifactError(f"{path}: no such run directory, model folder or checkpoint")
+    if resolve_backend(path, device, backend) == "onnxruntime":
+        return _load_onnx(path, device)
     if path.is_dir() and is_model_dir(path):
         models, params, info = networks_from_model_dir(path)
         epoch = int((info.get("checkpoint_epochs") or [0])[0])
@@ -80,7 +146,7 @@ def _model_input(loaded: LoadedModel, images_u8: torch.Tensor,
     and the autocast dtype to run it in."""
     p = loaded.params
     x = loaded.normalizer(images_u8.to(loaded.device))
-    if p.channels_last:
+    if p.channels_last and loaded.backend == "torch":
         x = x.contiguous(memory_format=torch.channels_last)
     return x, autocast_dtype(p, loaded.device)
 

@@ -82,8 +82,19 @@ def load_weights(model: nn.Module, state: dict[str, torch.Tensor], path: Path,
             f"{path}: weights do not fit {expected} ({len(missing)} missing, "
             f"{len(unexpected)} unexpected, {len(shapes)} wrong-shaped tensors; found "
             f"{found})")
+    refuse_non_finite(state, path)
     model.load_state_dict({k: v.float() if v.is_floating_point() else v
                            for k, v in state.items()})
+
+
+def refuse_non_finite(state: dict[str, torch.Tensor], path: Path) -> None:
+    """ArtifactError when a weight holds NaN or inf: such a network writes empty or random
+    masks without any error, so damaged weights must stop at loading, not at the result."""
+    bad = [k for k, v in state.items()
+           if v.is_floating_point() and not bool(torch.isfinite(v).all())]
+    if bad:
+        raise ArtifactError(f"{path}: {len(bad)} weight tensor(s) hold NaN or inf (first "
+                            f"'{bad[0]}'); refused")
 
 
 def _describe_keys(state: dict[str, torch.Tensor]) -> str:

@@ -11,12 +11,15 @@ import hashlib
 import json
 import shutil
 import tempfile
+import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 import segmentation_models_pytorch as smp
+import torch
+import torch.nn.functional as F
 from torch import nn
 
 from brainseg_lib.config import (
@@ -26,7 +29,7 @@ from brainseg_lib.config import (
     params_from_record,
     save_params,
 )
-from brainseg_lib.io import atomic_write_json, atomic_write_text
+from brainseg_lib.io import atomic_write_json, atomic_write_text, file_sha256
 from brainseg_lib.model.checkpoint import (
     ArtifactError,
     load_weights,
@@ -48,6 +51,8 @@ from brainseg_lib.rundir import (
 WEIGHTS_FILE = "model.safetensors"
 CONFIG_FILE = "config.json"
 INFO_FILE = "brainseg.json"
+ONNX_FILE = "model.onnx"  # one per member: model-fold0.onnx ... beside model-fold0.safetensors
+LICENSE_FILE = "LICENSE"
 
 
 def is_model_dir(path: str | Path) -> bool:
@@ -80,7 +85,28 @@ def read_model_info(model_dir: str | Path) -> dict[str, Any]:
             raise ArtifactError(f"{model_dir / name}: weights missing (the folder has a model "
                                 "card but no weights)")
     info["config"], info["members"] = config, members
+    verify_hashes(model_dir, info, members)
     return info
+
+
+def verify_hashes(model_dir: Path, info: dict[str, Any], names: list[str]) -> None:
+    """Each file's sha256 against the one ``brainseg.json`` recorded at export: weights
+    changed afterwards (damaged, or swapped) are refused with one line.
+
+    A folder exported before hashes were recorded is read with a warning, not refused: its
+    owner can add them by exporting again, and refusing would strand every older export.
+    """
+    recorded = info.get("sha256")
+    if recorded is None:
+        warnings.warn(f"{model_dir / INFO_FILE}: records no sha256 of the weights (an older "
+                      "export); their integrity is not checked", stacklevel=3)
+        return
+    for name in names:
+        found = file_sha256(model_dir / name)
+        if recorded.get(name) != found:
+            raise ArtifactError(f"{model_dir / name}: sha256 {found} differs from "
+                                f"{recorded.get(name)} recorded in {INFO_FILE} (changed after "
+                                "export); refused")
 
 
 def _training_params(model_dir: Path, info: dict[str, Any]) -> Params:
@@ -190,14 +216,16 @@ def _model_info(run_dirs: list[Path], members: list[str], params: Params,
         "dataset": env.get("dataset", {}) | ({"name": dataset_name} if dataset_name else {}),
         "weights_init": env.get("weights", states[0].get("weights", "")),
         "checkpoint_epochs": [int(s.get("epoch", 0)) for s in states],
+        "parent": env.get("parent"),  # the model it was fine-tuned from (init_from), or None
         "test_metrics": json.loads(metrics_file.read_text()) if metrics_file.exists()
         else None,
     }
 
 
 def export_model(run_dirs: list[Path], out_dir: Path, fp16: bool = True,
-                 dataset_name: str = "") -> Path:
-    """Write smp's ``save_pretrained`` folder for one run (or several: a fold ensemble).
+                 dataset_name: str = "", onnx: bool = False) -> Path:
+    """Write smp's ``save_pretrained`` folder for one run (or several: a fold ensemble),
+    with the sha256 of each weight file, a licence and, with ``onnx``, verified ONNX files.
 
     Files are written to a temporary folder and renamed, so a failed export leaves nothing.
     """
@@ -206,11 +234,122 @@ def export_model(run_dirs: list[Path], out_dir: Path, fp16: bool = True,
     with _atomic_folder(out_dir) as folder:
         members = _save_weights(folder, models, fp16)
         info = _model_info(run_dirs, members, params, states, fp16, dataset_name)
+        info["sha256"] = {name: file_sha256(folder / name) for name in members}
         atomic_write_json(folder / INFO_FILE, info)
         if (run_dirs[0] / HISTORY_FILE).exists() and len(run_dirs) == 1:
             shutil.copy(run_dirs[0] / HISTORY_FILE, folder / HISTORY_FILE)
+        atomic_write_text(folder / LICENSE_FILE, MODEL_LICENSE_TEXT)
         atomic_write_text(folder / "README.md", model_card(info, out_dir.name))
+        if onnx:
+            add_onnx(folder, out_dir.name)
     return out_dir
+
+
+def onnx_names(members: list[str]) -> list[str]:
+    """The ONNX file of each member weight file (``model.onnx`` for a single model)."""
+    return [ONNX_FILE if m == WEIGHTS_FILE else m.removesuffix(".safetensors") + ".onnx"
+            for m in members]
+
+
+def _verification_batches(params: Params) -> tuple[list[Any], str]:
+    """Normalised batches to compare the engines on: up to 32 validation images of the
+    model's data (the synthetic demo where it has none) at its resolution, and two at half
+    of it (the ONNX graph's height and width are dynamic)."""
+    from brainseg_lib.data.arrays import load_split_arrays
+    from brainseg_lib.data.locate import data_source
+    from brainseg_lib.model.network import Normalizer
+
+    source = data_source(params)
+    arrays = load_split_arrays(source.path, "valid", params.image_size, params.cache_path())
+    images = torch.from_numpy(arrays.images[:32])
+    x = Normalizer(params.normalize_mean, params.normalize_std, torch.device("cpu"))(images)
+    half = max(32, params.image_size // 64 * 32)
+    small = F.interpolate(x[:2], size=(half, half), mode="bilinear", align_corners=False)
+    return ([x[i:i + 16] for i in range(0, len(x), 16)] + [small],
+            f"{len(x)} {source.kind} validation images at {params.image_size} px and 2 at "
+            f"{half} px ({source.path})")
+
+
+def add_onnx(model_dir: str | Path, name: str = "") -> dict[str, Any]:
+    """Export each member of a model folder to ONNX, verify it against torch on real images
+    and record files, hashes and figures in ``brainseg.json`` and the card.
+
+    A verification that misses its bounds (``onnx_export.MIN_MASK_AGREEMENT``,
+    ``MAX_PROB_DIFF``) is an ArtifactError and leaves no ONNX file behind.
+    """
+    import onnxruntime
+
+    from brainseg_lib.model.onnx_export import (
+        MAX_PROB_DIFF,
+        MIN_MASK_AGREEMENT,
+        OnnxMember,
+        compare_engines,
+        export_onnx,
+        verification_failures,
+    )
+
+    model_dir = Path(model_dir)
+    models, params, info = networks_from_model_dir(model_dir)
+    batches, images = _verification_batches(params)
+    files, seconds, results = onnx_names(info["members"]), [], []
+    try:
+        for model, file in zip(models, files, strict=True):
+            seconds.append(export_onnx(model, model_dir / file, params.in_channels,
+                                       params.image_size))
+            result = compare_engines(model, OnnxMember(model_dir / file), batches,
+                                     params.threshold)
+            failures = verification_failures(result)
+            if failures:
+                raise ArtifactError(f"{model_dir / file}: ONNX verification failed against "
+                                    f"torch: {'; '.join(failures)}")
+            results.append(result)
+    except BaseException:
+        for file in files:
+            (model_dir / file).unlink(missing_ok=True)
+        raise
+    record = json.loads((model_dir / INFO_FILE).read_text())
+    # an older folder gets its weights' hashes too: they just loaded, finite and whole
+    record["sha256"] = {m: file_sha256(model_dir / m) for m in info["members"]} | (
+        record.get("sha256") or {}) | {f: file_sha256(model_dir / f) for f in files}
+    record["onnx"] = {
+        "files": files, "torch": torch.__version__, "onnxruntime": onnxruntime.__version__,
+        "export_seconds": [round(s, 1) for s in seconds], "verified_on": images,
+        "bounds": {"min_mask_agreement": MIN_MASK_AGREEMENT, "max_abs_prob_diff": MAX_PROB_DIFF},
+        "max_abs_prob_diff": max(r["max_abs_prob_diff"] for r in results),
+        "mask_agreement": min(r["mask_agreement"] for r in results),
+        "threshold": params.threshold}
+    atomic_write_json(model_dir / INFO_FILE, record)
+    atomic_write_text(model_dir / "README.md", model_card(record, name or model_dir.name))
+    return record["onnx"]
+
+
+def verified_onnx(model_dir: str | Path) -> list[Path] | None:
+    """The ONNX files of a model folder when they were verified at export and are present,
+    else None (the hashes are checked when they are loaded)."""
+    model_dir = Path(model_dir)
+    if not (model_dir / INFO_FILE).is_file():
+        return None
+    try:
+        record = json.loads((model_dir / INFO_FILE).read_text()).get("onnx")
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        return None
+    if not record or not all((model_dir / f).is_file() for f in record["files"]):
+        return None
+    return [model_dir / f for f in record["files"]]
+
+
+def onnx_members_from_model_dir(model_dir: str | Path) -> tuple[list[Path], Params,
+                                                                dict[str, Any]]:
+    """The verified ONNX files of a model folder (their hashes checked), its training
+    parameters and record; an ArtifactError when it has none."""
+    model_dir = Path(model_dir)
+    info = read_model_info(model_dir)
+    files = verified_onnx(model_dir)
+    if files is None:
+        raise ArtifactError(f"{model_dir}: no verified {ONNX_FILE}; write one with brainseg "
+                            f"export {model_dir} --onnx")
+    verify_hashes(model_dir, info, [f.name for f in files])
+    return files, _training_params(model_dir, info), info
 
 
 def _card_title(name: str) -> list[str]:
@@ -345,10 +484,121 @@ _CARD_INTENDED_USE = [
 ]
 
 
+MODEL_LICENSE = "cc-by-4.0"
+MODEL_LICENSE_TEXT = """\
+The weights, model card and records in this folder are licensed under the Creative Commons
+Attribution 4.0 International licence (CC BY 4.0): https://creativecommons.org/licenses/by/4.0/
+(full legal code: https://creativecommons.org/licenses/by/4.0/legalcode).
+
+They were trained on the "Brain Tumor Image DataSet: Semantic Segmentation" (Kaggle
+pkdarabi / Roboflow, https://www.kaggle.com/datasets/pkdarabi/brain-tumor-image-dataset-semantic-segmentation),
+itself licensed CC BY 4.0; reuse must credit that dataset and brainseg.
+
+A research model, not a medical device: it has not been validated for, and must not be
+used in, diagnosis or treatment. The brainseg code that made it is MIT-licensed (see the
+repository's LICENSE).
+"""
+# the test figures a hub shows in its results widget (model-index), plain setting
+_HUB_METRICS = {"pooled_iou": "pooled foreground IoU", "mean_image_dice": "mean image Dice",
+                "fg_bg_miou": "foreground+background mIoU",
+                "lesion_sensitivity": "lesion sensitivity",
+                "fp_components_per_image": "FP components per image"}
+
+
+def card_metadata(info: dict[str, Any], name: str) -> str:
+    """The model card's YAML header in Hugging Face's form (licence, library, tags, the
+    test figures as ``model-index``), written by ``huggingface_hub.ModelCardData`` so a hub
+    labels the model rather than showing it as unlabelled."""
+    from huggingface_hub import EvalResult, ModelCardData
+
+    p, m = info["params"], info.get("test_metrics")
+    dataset = (info.get("dataset") or {}).get("name") or \
+        "Brain Tumor Image DataSet: Semantic Segmentation"
+    results = [EvalResult(task_type="image-segmentation", task_name="Brain tumour segmentation",
+                          dataset_type="pkdarabi/brain-tumor-image-dataset-semantic-"
+                                       "segmentation",
+                          dataset_name=dataset, dataset_split=m["split"], metric_type=key,
+                          metric_name=label,
+                          metric_value=round(float(m["headline"]["metrics"][key]), 4))
+               for key, label in _HUB_METRICS.items()
+               if m and key in m["headline"]["metrics"]]
+    data = ModelCardData(
+        license=MODEL_LICENSE, library_name="segmentation-models-pytorch",
+        pipeline_tag="image-segmentation", model_name=f"brainseg-{name}",
+        tags=["segmentation-models-pytorch", "semantic-segmentation", "medical-imaging",
+              "mri", "brain-tumor", p["arch"].lower(), p["encoder"], "brainseg"]
+        + (["onnx"] if info.get("onnx") else []),
+        eval_results=results or None)
+    return f"---\n{data.to_yaml()}\n---\n"
+
+
+def _card_onnx(info: dict[str, Any]) -> list[str]:
+    """The ONNX files and their verification against torch, when exported."""
+    o = info.get("onnx")
+    if not o:
+        return []
+    return ["## ONNX", "",
+            f"- files: {', '.join(o['files'])} (dynamic batch, height and width; exported "
+            f"with torch {o['torch']} in {sum(o['export_seconds']):.0f} s; not stored in git: "
+            "`brainseg export <folder> --onnx` writes them)",
+            f"- verified against torch with onnxruntime {o['onnxruntime']} on "
+            f"{o['verified_on']}: max |Δprobability| {o['max_abs_prob_diff']:.1e}, identical "
+            f"mask pixels {o['mask_agreement']:.4%} at threshold {o['threshold']}",
+            "- use: `brainseg predict --model <folder> --backend onnxruntime IMAGE` "
+            "(the default on a CPU), or any ONNX runtime: input `images` (B,3,H,W) float32 "
+            "normalised as above, H and W multiples of 32; output `logits` (B,1,H,W)", ""]
+
+
+def _card_parent(info: dict[str, Any]) -> list[str]:
+    """The model this one was fine-tuned from, when it was."""
+    parent = info.get("parent")
+    if not parent:
+        return []
+    return ["## Fine-tuned from", "",
+            f"- {parent['path']} (sha256 {parent['sha256']}); its training is in its own "
+            "card", ""]
+
+
 def model_card(info: dict[str, Any], name: str) -> str:
     """The model card: what the model is, how it was made, what it scored, what it is not."""
-    return "\n".join([*_card_title(name), *_card_model(info), *_card_training(info),
-                      *_card_test_metrics(info.get("test_metrics")), *_CARD_INTENDED_USE])
+    return card_metadata(info, name) + "\n".join([
+        *_card_title(name), *_card_model(info), *_card_onnx(info), *_card_training(info),
+        *_card_parent(info), *_card_test_metrics(info.get("test_metrics")),
+        *_CARD_INTENDED_USE])
+
+
+def _network_shape(p: Params) -> str:
+    """What must agree for weights to carry over: architecture, encoder, input channels,
+    classes (always 1 here) and decoder widths."""
+    return (f"{p.arch}/{p.encoder} with {p.in_channels} input channel(s), 1 class, decoder "
+            f"{list(p.decoder_channels) or 'default'}")
+
+
+def parent_weights(path: Path, params: Params) -> tuple[dict[str, torch.Tensor],
+                                                         dict[str, Any]]:
+    """The weights a fine-tuning run starts from (``init_from``): a single-member model
+    folder or a run directory's ``best.pt``, loaded as safely as any model (hashes, finite
+    values, no code), after checking that its network is this run's; and the parent's
+    record (path, weight file, sha256) for ``env.json`` and the model card."""
+    path = Path(path)
+    if path.is_dir() and is_model_dir(path):
+        models, theirs, info = networks_from_model_dir(path)
+        if len(models) != 1:
+            raise ArtifactError(f"init_from {path}: a {len(models)}-member ensemble; "
+                                "fine-tune from one member's run directory")
+        weights = path / info["members"][0]
+    elif (path / BEST_CHECKPOINT).is_file():
+        weights = path / BEST_CHECKPOINT
+        model, theirs, _ = network_from_checkpoint(weights)
+        models = [model]
+    else:
+        raise ArtifactError(f"init_from {path}: neither a model folder (config.json) nor a "
+                            "run directory (best.pt)")
+    if _network_shape(theirs) != _network_shape(params):
+        raise ArtifactError(f"init_from {path}: the parent is {_network_shape(theirs)}; this "
+                            f"run is {_network_shape(params)}")
+    record = {"path": str(path), "file": weights.name, "sha256": file_sha256(weights)}
+    return models[0].state_dict(), record
 
 
 def _refuse_other_params(model_dir: Path, expected: Params, params: Params) -> None:
@@ -415,7 +665,7 @@ def materialise(model_dir: str | Path, run_dir: Path, expected: Params | None = 
         return run_dir
     _write_run_files(model_dir, run_dir, info, params)
     atomic_write_json(run_dir / SOURCE_MODEL_FILE, {
-        "model_dir": str(model_dir), "weights_sha256": weights_sha256})
+        "model_dir": str(model_dir.resolve()), "weights_sha256": weights_sha256})
     return run_dir
 
 

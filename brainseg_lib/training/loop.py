@@ -179,6 +179,7 @@ class _Session:
     provenance: str
     history: list[dict[str, float]]
     first_epoch: int
+    parent: dict[str, Any] | None = None  # the model fine-tuned from (init_from)
 
     @classmethod
     def open(cls, params: Params, ctx: DistContext, overrides: dict[str, Any]) -> _Session:
@@ -188,10 +189,16 @@ class _Session:
             torch.set_num_threads(params.num_threads)
         seed_everything(params.seed, params.deterministic)
         device = device_for(ctx, select_device(params.device))
+        parent = None if start_state else _parent(params, ctx)  # before minutes of loading
         source, data = load_training_data(params)
-        model, provenance = create_model(params.arch, params.encoder, params.encoder_weights,
+        model, provenance = create_model(params.arch, params.encoder,
+                                         "none" if parent else params.encoder_weights,
                                          params.in_channels, params.require_pretrained,
                                          params.decoder_channels)
+        if parent:
+            model.load_state_dict(parent[0])
+            provenance = (f"fine-tuned from {parent[1]['path']} ({parent[1]['file']}, sha256 "
+                          f"{parent[1]['sha256'][:16]})")
         if ctx.enabled and device.type == "cuda":
             model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
         train_batches = ResidentBatches(data["train"], device, params.batch_size, shuffle=True,
@@ -201,7 +208,7 @@ class _Session:
                       EarlyStopping("min" if params.monitor == "val_loss" else "max",
                                     params.patience, params.min_delta),
                       train_batches, ResidentBatches(data["valid"], device, params.batch_size),
-                      provenance, [], 1)
+                      provenance, [], 1, parent[1] if parent else None)
         if start_state:
             session.restore(start_state)
         elif ctx.is_main:
@@ -226,7 +233,7 @@ class _Session:
         save_params(self.params, self.run_dir / PARAMS_FILE)
         atomic_write_json(self.run_dir / ENV_FILE, environment_info(self.device) | {
             "dataset": dataset_record(source, images), "weights": self.provenance,
-            "autocast": str(dtype) if dtype else "fp32"})
+            "autocast": str(dtype) if dtype else "fp32", "parent": self.parent})
 
     def announce(self, source: DataSource, data: dict[str, SplitArrays]) -> None:
         p, trainer = self.params, self.trainer
@@ -275,6 +282,9 @@ class _Session:
         and whether the time budget leaves no room for another."""
         p, trainer, ctx = self.params, self.trainer, self.ctx
         epoch_start = time.perf_counter()
+        frozen = epoch <= p.freeze_encoder_epochs
+        for weight in trainer.model.encoder.parameters():  # no gradient: the optimiser skips it
+            weight.requires_grad_(not frozen)
         self.train_batches.generator.manual_seed(p.seed * 1000 + epoch)
         train_loss, seen, train_seconds = trainer.train_epoch(
             self.train_batches, epoch, progress, f" of run {self.run_dir}", step_callback)
@@ -336,6 +346,19 @@ class _Session:
                  + (f"; compile {trainer.compile_seconds:.0f} s" if trainer.compiled else ""))
         return TrainResult(self.run_dir, self.history, stopper.best_epoch,
                            float(stopper.best or 0.0), stop_reason, seconds)
+
+
+def _parent(params: Params, ctx: DistContext) -> tuple[dict[str, Any], dict[str, Any]] | None:
+    """The weights and record of the model ``init_from`` names, its network checked against
+    this run's; None without ``init_from``."""
+    from brainseg_lib.model.package import parent_weights
+
+    if params.freeze_encoder_epochs and ctx.enabled:
+        raise ValueError("freeze_encoder_epochs: not under torchrun (DistributedDataParallel "
+                         "cannot change which weights train); train in one process")
+    if not params.init_from:
+        return None
+    return parent_weights(params.resolve_path(params.init_from), params)
 
 
 def _patches(p: Params) -> str:

@@ -1,0 +1,150 @@
+"""ONNX export verified at export time, inference through onnxruntime with the same pre- and
+post-processing as torch, and the integrity checks of what a model folder loads."""
+
+import json
+import shutil
+
+import numpy as np
+import pytest
+from PIL import Image
+from safetensors.torch import load_file, save_file
+
+from brainseg_lib.cli import main
+from brainseg_lib.inference.predictor import load_model, predict_images
+from brainseg_lib.model import onnx_export
+from brainseg_lib.model.checkpoint import ArtifactError
+from brainseg_lib.model.package import add_onnx, export_model, networks_from_model_dir
+from conftest import tiny_params
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory, synthetic_root):
+    from brainseg_lib.training.loop import train
+
+    tmp = tmp_path_factory.mktemp("onnx")
+    params = tiny_params(tmp, synthetic_root, epochs=3, lr=0.003, run_id="a", bootstrap=20,
+                         monitor="val_iou", patience=0)
+    return train(params, progress=False).run_dir
+
+
+@pytest.fixture(scope="module")
+def onnx_model(trained, tmp_path_factory):
+    return export_model([trained], tmp_path_factory.mktemp("models") / "m", onnx=True)
+
+
+def _test_images(synthetic_root):
+    files = sorted((synthetic_root / "test").glob("*.jpg"))
+    images = [np.asarray(Image.open(f).convert("RGB")) for f in files]
+    return images + [images[0][:, :40]]  # a non-square one: padded the same way
+
+
+def test_export_writes_a_verified_onnx_file(onnx_model):
+    info = json.loads((onnx_model / "brainseg.json").read_text())
+    record = info["onnx"]
+    assert record["files"] == ["model.onnx"] and (onnx_model / "model.onnx").is_file()
+    assert record["mask_agreement"] >= 0.999 and record["max_abs_prob_diff"] <= 1e-3
+    assert "real validation images at 64 px and 2 at 32 px" in record["verified_on"]
+    assert set(info["sha256"]) == {"model.safetensors", "model.onnx"}
+    assert "## ONNX" in (onnx_model / "README.md").read_text()
+
+
+@pytest.mark.parametrize("tta", [False, True])
+def test_onnxruntime_gives_the_masks_of_torch(onnx_model, synthetic_root, tta):
+    images = _test_images(synthetic_root)
+    by_torch = load_model(onnx_model, "cpu", "torch")
+    by_ort = load_model(onnx_model, "cpu", "onnxruntime")
+    assert by_ort.backend == "onnxruntime" and by_torch.backend == "torch"
+    assert load_model(onnx_model, "cpu", "auto").backend == "onnxruntime"
+    p_torch = predict_images(by_torch, images, tta)
+    p_ort = predict_images(by_ort, images, tta)
+    for a, b in zip(p_torch, p_ort, strict=True):
+        assert a.shape == b.shape
+        assert np.abs(a - b).max() < 1e-4
+        assert ((a >= 0.5) == (b >= 0.5)).mean() >= 0.999
+    assert any((p >= 0.5).any() for p in p_torch)  # masks that are not all empty
+
+
+def test_evaluate_gives_the_same_figures_with_both_engines(onnx_model, tmp_path, capsys):
+    figures = {}
+    for backend in ("torch", "onnxruntime"):
+        runs = tmp_path / backend
+        assert main(["evaluate", "--model", str(onnx_model), "--backend", backend,
+                     "--set", f"runs_dir={runs}"]) == 0
+        metrics = json.loads((runs / "model-m" / "metrics.json").read_text())
+        assert metrics["evaluated_with"]["backend"] == backend
+        figures[backend] = metrics
+    for block in ("headline", "selected"):
+        a, b = (figures[k][block]["metrics"] for k in ("torch", "onnxruntime"))
+        assert a.keys() == b.keys()
+        assert all(abs(a[k] - b[k]) < 5e-4 for k in a), (a, b)  # equal to 3 decimals
+    assert figures["torch"]["headline"]["metrics"]["pooled_iou"] > 0
+
+
+def test_a_failed_verification_is_an_error_and_leaves_no_onnx(trained, tmp_path, monkeypatch,
+                                                              capsys, synthetic_root):
+    model_dir = export_model([trained], tmp_path / "m")
+    monkeypatch.setattr(onnx_export, "MAX_PROB_DIFF", -1.0)  # no engine pair can meet it
+    assert main(["export", str(model_dir), "--onnx"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "ONNX verification failed" in err
+    assert not (model_dir / "model.onnx").exists()
+    assert "onnx" not in json.loads((model_dir / "brainseg.json").read_text())
+    assert main(["predict", str(next((synthetic_root / "test").glob("*.jpg"))), "--model",
+                 str(model_dir), "--backend", "onnxruntime", "--out", str(tmp_path / "o")]) == 2
+    assert "no verified model.onnx" in capsys.readouterr().err
+
+
+def _nan_in_one_convolution(weights):
+    state = load_file(weights)
+    name = next(k for k in state if k.endswith(".weight") and state[k].ndim == 4)
+    state[name][:] = float("nan")
+    save_file(state, weights)
+
+
+@pytest.mark.parametrize("damage, message", [
+    ("nan weights, hash unchanged", "differs from"),
+    ("nan weights, hash re-recorded", "NaN or inf"),
+    ("onnx swapped", "differs from"),
+])
+def test_altered_or_non_finite_weights_are_refused(onnx_model, tmp_path, synthetic_root,
+                                                   capsys, damage, message):
+    model_dir = tmp_path / "copy"
+    shutil.copytree(onnx_model, model_dir)
+    info = json.loads((model_dir / "brainseg.json").read_text())
+    if damage.startswith("nan"):
+        _nan_in_one_convolution(model_dir / "model.safetensors")
+        if damage.endswith("re-recorded"):  # as if exported from a diverged run
+            from brainseg_lib.io import file_sha256
+
+            info["sha256"]["model.safetensors"] = file_sha256(model_dir / "model.safetensors")
+            (model_dir / "brainseg.json").write_text(json.dumps(info))
+    else:
+        (model_dir / "model.onnx").write_bytes((model_dir / "model.onnx").read_bytes()[:-8])
+    image = next((synthetic_root / "test").glob("*.jpg"))
+    backend = "onnxruntime" if damage == "onnx swapped" else "torch"
+    code = main(["predict", str(image), "--model", str(model_dir), "--backend", backend,
+                 "--out", str(tmp_path / "out")])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and len(err.splitlines()) == 1 and message in err, err
+    assert str(model_dir) in err
+    if message == "differs from":  # both hashes named
+        name = "model.onnx" if damage == "onnx swapped" else "model.safetensors"
+        assert info["sha256"][name] in err
+    assert not (tmp_path / "out").exists()
+
+
+def test_an_older_folder_without_hashes_loads_with_a_warning(trained, tmp_path):
+    model_dir = export_model([trained], tmp_path / "m")
+    info = json.loads((model_dir / "brainseg.json").read_text())
+    del info["sha256"]
+    (model_dir / "brainseg.json").write_text(json.dumps(info))
+    with pytest.warns(UserWarning, match="records no sha256"):
+        members, _, _ = networks_from_model_dir(model_dir)
+    assert len(members) == 1
+    with pytest.warns(UserWarning):
+        add_onnx(model_dir)  # records the hashes it lacked
+    assert set(json.loads((model_dir / "brainseg.json").read_text())["sha256"]) == {
+        "model.safetensors", "model.onnx"}
+    with pytest.raises(ArtifactError, match="differs from"):
+        _nan_in_one_convolution(model_dir / "model.safetensors")
+        networks_from_model_dir(model_dir)
