@@ -160,7 +160,7 @@ def _sweep(args: argparse.Namespace) -> int:
                         "selected") if c in table]
     print(table[cols].to_string(index=False))
     print(f"wrote {out / SWEEP_FILE}")
-    return 0 if (table.status == "finished").all() else 1
+    return 0 if table.status.isin(["finished", "pruned"]).all() else 1
 
 
 def _cv(args: argparse.Namespace) -> int:

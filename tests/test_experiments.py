@@ -296,5 +296,6 @@ def test_a_bad_search_space_names_the_file_and_the_key(tmp_path, synthetic_root)
     del values["variants"]
     values |= {"space": {"lr": {"low": 0.0, "high": 2.0}}, "trials": 2}
     grid.write_text(yaml.safe_dump(values))
-    with pytest.raises(ParamsError, match=r"grid.yaml: space: lr: .*parameter 'lr' = 0.0 is outside"):
+    with pytest.raises(ParamsError,
+                       match=r"grid.yaml: space: lr: .*parameter 'lr' = 0.0 is outside"):
         run_sweep(grid, tmp_path / "sweep")
