@@ -44,7 +44,7 @@ def test_streamed_and_resident_batches_are_identical_under_one_seed(synthetic_ro
                 assert torch.equal(ri, si) and torch.equal(rm, sm)
     # the whole split is served once per epoch when nothing is dropped
     seen = torch.cat([i for i, _ in StreamedBatches(arrays, cpu, 5)])
-    assert torch.equal(seen, torch.from_numpy(np.asarray(arrays.images)))
+    assert torch.equal(seen, torch.from_numpy(np.array(arrays.images)))
 
 
 def test_the_cpu_streams_from_the_memory_map(synthetic_root, cache_dir):
