@@ -163,15 +163,21 @@ def _export(args: argparse.Namespace) -> int:
 
 
 def _sweep(args: argparse.Namespace) -> int:
-    from brainseg_lib.experiments.sweep import run_sweep
+    from brainseg_lib.experiments.sweep import read_grid, run_sweep, run_workers
 
     out = Path(args.out) if args.out else _runs_dir() / f"sweep-{Path(args.grid).stem}"
-    table = run_sweep(args.grid, out, args.parallel, evaluate=not args.no_test)
+    if args.worker:  # trials only: the table and the test are the main command's
+        out.mkdir(parents=True, exist_ok=True)
+        run_workers(Path(args.grid), read_grid(Path(args.grid)), out, args.parallel or 1,
+                    args.storage)
+        return 0
+    table = run_sweep(args.grid, out, args.parallel, evaluate=not args.no_test,
+                      storage=args.storage)
     cols = [c for c in ("variant", "status", "val_iou", "val_dice", "epochs", "minutes",
                         "selected") if c in table]
     print(table[cols].to_string(index=False))
     print(f"wrote {out / SWEEP_FILE}")
-    return 0 if (table.status == "finished").all() else 1
+    return 0 if table.status.isin(["finished", "pruned"]).all() else 1
 
 
 def _cv(args: argparse.Namespace) -> int:
@@ -310,12 +316,18 @@ def _add_export_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def _add_sweep_parser(sub: argparse._SubParsersAction) -> None:
-    sweep = sub.add_parser("sweep", help="train parameter variants, select one on validation")
+    sweep = sub.add_parser("sweep", help="an Optuna study of training runs, one selected on "
+                           "validation")
     sweep.add_argument("--grid", required=True,
-                       help="grid file (see docs/how-to/sweep.md)")
+                       help="grid or search-space file (see docs/how-to/sweep.md)")
     sweep.add_argument("--out", help="sweep folder (default runs/sweep-<grid name>)")
     sweep.add_argument("--parallel", type=int, default=0,
-                       help="runs at once (default: per GPU)")
+                       help="worker processes on this machine (default: one per GPU)")
+    sweep.add_argument("--storage", help="the study's database, any SQLAlchemy URL, e.g. "
+                       "postgresql://user:pw@host/db (default: SQLite in the sweep folder)")
+    sweep.add_argument("--worker", action="store_true",
+                       help="run trials of the shared study only (on other machines; "
+                       "--parallel processes, default 1): no table, no test")
     sweep.add_argument("--no-test", action="store_true", help="skip the selected run's test")
     sweep.set_defaults(func=_sweep)
 

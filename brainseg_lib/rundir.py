@@ -32,6 +32,7 @@ FOLDS_FILE = "folds.json"  # in a CV folder
 CV_FILE = "cv.json"  # in a CV folder
 SWEEP_FILE = "sweep.csv"  # in a sweep folder: one row per variant
 SWEEP_RECORD_FILE = "sweep.json"  # in a sweep folder: the table, the selection, its test
+STUDY_FILE = "study.db"  # in a sweep folder: the Optuna study (SQLite) unless --storage
 LOGS_DIR = "logs"  # in a CV or sweep folder: one log per training process
 PROVENANCE_FILE = "provenance.json"  # in a resized dataset copy: what it was made from
 REPORT_SUMMARY_FILE = "summary.json"  # in a report folder

@@ -15,7 +15,7 @@ from brainseg_lib.data.splits import dev_keys, fold_indices, fold_split, make_fo
 from brainseg_lib.data.synthetic import write_synthetic_coco
 from brainseg_lib.evaluation.predictions import predict_split
 from brainseg_lib.experiments import cv as cv_module
-from brainseg_lib.experiments.sweep import run_sweep, sweep_table
+from brainseg_lib.experiments.sweep import run_sweep
 from brainseg_lib.inference.predictor import LoadedModel, load_model, predict_logits
 from brainseg_lib.metrics.functional import ConfusionCounts, per_image_dice, pooled_iou
 from conftest import ROOT
@@ -176,39 +176,126 @@ def test_ensemble_probability_is_the_members_mean():
     assert torch.allclose(torch.sigmoid(predict_logits(ens, x, tta=True)), mean, atol=1e-5)
 
 
-def test_a_two_variant_sweep_runs_resumes_and_selects_on_validation(tmp_path, synthetic_root):
+def _grid_file(tmp_path, synthetic_root, variants, **extra):
     grid = tmp_path / "grid.yaml"
     grid.write_text(yaml.safe_dump({
         "base": str(ROOT / "params" / "smoke.yaml"), "parallel": 1, "select_on": "val_iou",
         "common": {"synthetic": False, "data_dir": str(synthetic_root), "epochs": 2,
                    "batch_size": 8, "bootstrap": 20, "eval_original_size": False,
                    "cache_dir": str(tmp_path / "cache")},
-        "variants": {"slow": {"lr": 1e-6}, "fast": {"lr": 0.003}}}))
+        "variants": variants} | extra))
+    return grid
+
+
+def test_a_two_variant_sweep_runs_resumes_and_selects_on_validation(tmp_path, synthetic_root,
+                                                                     capsys):
+    grid = _grid_file(tmp_path, synthetic_root, {"slow": {"lr": 1e-6}, "fast": {"lr": 0.003}})
     out = tmp_path / "sweep"
-    # "interrupted": one variant has only its first epoch (last.pt), the other nothing
-    from brainseg_lib.config import load_params
-    from brainseg_lib.training.loop import train
+    # interrupted: the study's first trial (slow) is stopped in its second epoch
+    from brainseg_lib.training import loop
 
-    def stop_after_first_epoch(epoch, step):
-        if epoch == 2:
-            raise KeyboardInterrupt
+    real_train = loop.train
 
-    first = load_params(ROOT / "params" / "smoke.yaml", synthetic=False,
-                        data_dir=str(synthetic_root), epochs=2, batch_size=8, lr=1e-6,
-                        bootstrap=20, cache_dir=str(tmp_path / "cache"),
-                        runs_dir=str(out), run_id="slow")
-    with pytest.raises(KeyboardInterrupt):
-        train(first, progress=False, step_callback=stop_after_first_epoch)
-    table = run_sweep(grid, out)
+    def interrupted(params, **kwargs):
+        def stop(epoch, step):
+            if epoch == 2:
+                raise KeyboardInterrupt
+        return real_train(params, step_callback=stop, **kwargs)
+
+    loop.train = interrupted
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            run_sweep(grid, out)
+    finally:
+        loop.train = real_train
+    assert not (out / "slow" / "train.json").exists() and (out / "slow" / "last.pt").exists()
+    table = run_sweep(grid, out)  # the same command again resumes
     assert (table.status == "finished").all()
+    assert "queued again (their runs resume): slow" in capsys.readouterr().out
     slow_history = pd.read_csv(out / "slow" / "history.csv")
     assert list(slow_history.epoch) == [1, 2]  # resumed, not restarted
-    assert "resuming slow after epoch 1" in (out / "logs" / "slow.log").read_text()
     picked = table.loc[table.selected, "variant"].item()
     assert picked == table.loc[table.val_iou.idxmax(), "variant"]
     summary = json.loads((out / "sweep.json").read_text())
     assert summary["selected"] == picked and "headline" in summary["selected_test"]
+    assert summary["storage"].startswith("sqlite:///") and (out / "study.db").exists()
     # the table itself is built from validation numbers only
-    assert not any("test" in c for c in sweep_table(
-        {"select_on": "val_iou", "variants": {"slow": {}, "fast": {}},
-         "base": grid, "common": {}}, out).columns)
+    assert not any("test" in c for c in table.columns)
+    # a third run finds everything done: nothing is trained again
+    mtime = (out / "fast" / "best.pt").stat().st_mtime
+    run_sweep(grid, out, evaluate=False)
+    assert (out / "fast" / "best.pt").stat().st_mtime == mtime
+
+
+def test_two_worker_processes_share_one_study_and_run_each_variant_once(tmp_path,
+                                                                         synthetic_root):
+    import optuna
+
+    from brainseg_lib.experiments.sweep import open_study, read_grid
+
+    variants = {f"lr{i}": {"lr": lr} for i, lr in enumerate((1e-3, 2e-3, 3e-3, 4e-3))}
+    grid = _grid_file(tmp_path, synthetic_root, variants, parallel=2)
+    out = tmp_path / "sweep"
+    table = run_sweep(grid, out, evaluate=False)
+    assert list(table.variant) == list(variants) and (table.status == "finished").all()
+    logs = "".join(p.read_text() for p in (out / "logs").glob("worker*.log"))
+    assert len(list((out / "logs").glob("worker*.log"))) == 2
+    for name in variants:  # each trained once, by one worker, two epochs
+        assert logs.count(f"run {out / name} |") == 1, logs
+        assert list(pd.read_csv(out / name / "history.csv").epoch) == [1, 2]
+    study = open_study(read_grid(grid), out)
+    complete = study.get_trials(states=(optuna.trial.TrialState.COMPLETE,))
+    assert sorted(t.params["variant"] for t in complete) == sorted(variants)
+    others = [t for t in study.get_trials() if t.state != optuna.trial.TrialState.COMPLETE]
+    assert all(t.user_attrs.get("duplicate_of") is not None for t in others)
+
+
+def test_a_lagging_trial_is_pruned_and_marked_so_in_the_table(tmp_path, synthetic_root):
+    # GridSampler runs the grid in a seeded shuffled order: with seed 0 "b-good" runs first
+    # (asserted below), so the median pruner has a finished trial to compare the laggard with
+    grid = _grid_file(tmp_path, synthetic_root,
+                      {"a-lagging": {"lr": 1e-7}, "b-good": {"lr": 0.003}},
+                      pruner="median", prune_startup=1, prune_warmup=0)
+    grid_values = yaml.safe_load(grid.read_text())
+    grid_values["common"] |= {"epochs": 4, "patience": 0, "monitor": "val_iou"}
+    grid.write_text(yaml.safe_dump(grid_values))
+    out = tmp_path / "sweep"
+    table = run_sweep(grid, out, evaluate=False).set_index("variant")
+    assert table.loc["b-good", "trial"] < table.loc["a-lagging", "trial"]
+    assert table.loc["b-good", "status"] == "finished" and table.loc["b-good", "selected"]
+    assert table.loc["a-lagging", "status"] == "pruned"
+    assert not table.loc["a-lagging", "selected"]
+    history = pd.read_csv(out / "a-lagging" / "history.csv")
+    assert len(history) < 4 and not (out / "a-lagging" / "train.json").exists()
+    good = pd.read_csv(out / "b-good" / "history.csv")
+    assert history.val_iou.iloc[-1] < good.val_iou.iloc[len(history) - 1]
+    assert "pruned" in (out / "sweep.csv").read_text()
+
+
+def test_a_search_space_file_runs_tpe_trials(tmp_path, synthetic_root):
+    grid = _grid_file(tmp_path, synthetic_root, {})
+    values = yaml.safe_load(grid.read_text())
+    del values["variants"]
+    values |= {"space": {"lr": {"low": 1e-4, "high": 1e-2, "log": True},
+                         "loss": ["bce", "focal_dice"]}, "trials": 2}
+    values["common"]["epochs"] = 1
+    grid.write_text(yaml.safe_dump(values))
+    table = run_sweep(grid, tmp_path / "sweep", evaluate=False)
+    assert list(table.variant) == ["trial-000", "trial-001"]
+    assert (table.status == "finished").all()
+    for differs in table.differs:
+        chosen = json.loads(differs)
+        assert 1e-4 <= chosen["lr"] <= 1e-2 and chosen["loss"] in ("bce", "focal_dice")
+
+
+def test_a_bad_search_space_names_the_file_and_the_key(tmp_path, synthetic_root):
+    from brainseg_lib.config import ParamsError
+
+    grid = _grid_file(tmp_path, synthetic_root, {})
+    values = yaml.safe_load(grid.read_text())
+    del values["variants"]
+    values |= {"space": {"lr": {"low": 0.0, "high": 2.0}}, "trials": 2}
+    grid.write_text(yaml.safe_dump(values))
+    with pytest.raises(ParamsError,
+                       match=r"grid.yaml: space: lr: .*parameter 'lr' = 0.0 is outside"):
+        run_sweep(grid, tmp_path / "sweep")

@@ -35,8 +35,8 @@ def predict_split(loaded: LoadedModel, arrays: SplitArrays, tta: bool,
     loss = torch.zeros((), device=loaded.device)
     bce = torch.zeros((), device=loaded.device)
     for i in range(0, len(arrays), batch_size):
-        x = torch.from_numpy(arrays.images[i:i + batch_size])
-        y = torch.from_numpy(arrays.masks[i:i + batch_size]).to(loaded.device)
+        x = torch.tensor(arrays.images[i:i + batch_size])  # a copy: the cache is read-only
+        y = torch.tensor(arrays.masks[i:i + batch_size], device=loaded.device)
         y = y.unsqueeze(1).float()
         if tta:
             logits, logits_tta = predict_both(loaded, x)

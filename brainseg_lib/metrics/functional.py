@@ -50,9 +50,9 @@ class ConfusionCounts:
         import segmentation_models_pytorch as smp
         import torch
 
-        pred_t = torch.as_tensor(np.asarray(pred) if isinstance(pred, np.ndarray) else pred)
-        target_t = torch.as_tensor(
-            np.asarray(target) if isinstance(target, np.ndarray) else target)
+        pred_t, target_t = (torch.as_tensor(np.array(a) if isinstance(a, np.ndarray)
+                                            and not a.flags.writeable else a)
+                            for a in (pred, target))  # a read-only memory map is copied
         if pred_t.ndim == 3:
             pred_t, target_t = pred_t.unsqueeze(1), target_t.unsqueeze(1)
         tp, fp, fn, tn = smp.metrics.get_stats(pred_t.long(), target_t.long(), mode="binary")

@@ -45,7 +45,7 @@ from brainseg_lib.rundir import (
     target_run_dir,
     training_record,
 )
-from brainseg_lib.training.batches import ResidentBatches
+from brainseg_lib.training.batches import ResidentBatches, StreamedBatches, make_batches
 from brainseg_lib.training.distributed import (
     DistContext,
     barrier,
@@ -148,18 +148,22 @@ def _resume_params(run_dir: Path, overrides: dict[str, Any]) -> Params:
 
 def train(params: Params, progress: bool = True,
           step_callback: Callable[[int, int], None] | None = None,
-          resume_overrides: dict[str, Any] | None = None) -> TrainResult:
+          resume_overrides: dict[str, Any] | None = None,
+          epoch_callback: Callable[[int, dict[str, float]], None] | None = None,
+          ) -> TrainResult:
     """Train with ``params`` into ``runs_dir/run_id`` (or continue ``params.resume``).
 
     A resumed run keeps its saved parameters; ``resume_overrides`` (what the caller set
     explicitly) may change the resumable ones only. ``step_callback(epoch, step)`` runs after
-    every optimiser step (tests use it to interrupt a run). Raises TrainingDivergedError on
-    a non-finite loss.
+    every optimiser step (tests use it to interrupt a run). ``epoch_callback(epoch, row)``
+    runs after each epoch is saved, with its history row (validation metrics included): a
+    sweep reports it to its pruner, and an exception it raises ends the run there, with
+    ``last.pt`` and the history kept. Raises TrainingDivergedError on a non-finite loss.
     """
     ctx = init_from_env(params.device)  # several processes under torchrun
     try:
         session = _Session.open(params, ctx, resume_overrides or {})
-        return session.run(progress, step_callback)
+        return session.run(progress, step_callback, epoch_callback)
     finally:
         finish(ctx)
 
@@ -174,8 +178,8 @@ class _Session:
     device: torch.device
     trainer: Trainer
     stopper: EarlyStopping
-    train_batches: ResidentBatches
-    valid_batches: ResidentBatches
+    train_batches: ResidentBatches | StreamedBatches
+    valid_batches: ResidentBatches | StreamedBatches
     provenance: str
     history: list[dict[str, float]]
     first_epoch: int
@@ -201,13 +205,13 @@ class _Session:
                           f"{parent[1]['sha256'][:16]})")
         if ctx.enabled and device.type == "cuda":
             model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
-        train_batches = ResidentBatches(data["train"], device, params.batch_size, shuffle=True,
-                                        seed=params.seed, rank=ctx.rank, world=ctx.world)
+        train_batches = make_batches(data["train"], device, params.batch_size, shuffle=True,
+                                     seed=params.seed, rank=ctx.rank, world=ctx.world)
         session = cls(params, ctx, run_dir, device,
                       Trainer(params, model, device, len(train_batches), ctx),
                       EarlyStopping("min" if params.monitor == "val_loss" else "max",
                                     params.patience, params.min_delta),
-                      train_batches, ResidentBatches(data["valid"], device, params.batch_size),
+                      train_batches, make_batches(data["valid"], device, params.batch_size),
                       provenance, [], 1, parent[1] if parent else None)
         if start_state:
             session.restore(start_state)
@@ -249,6 +253,7 @@ class _Session:
                  f"| {budget}{parallel}", flush=True)
 
     def run(self, progress: bool, step_callback: Callable[[int, int], None] | None,
+            epoch_callback: Callable[[int, dict[str, float]], None] | None = None,
             ) -> TrainResult:
         """Epochs until early stopping, the time budget or the last epoch."""
         started = last_saved = time.perf_counter()
@@ -265,6 +270,8 @@ class _Session:
             if save_last:
                 last_saved = time.perf_counter()
             self.report_epoch(epoch, row, improved)
+            if epoch_callback:
+                epoch_callback(epoch, row)
             if self.stopper.should_stop:
                 stop_reason = "early stopping"
                 break

@@ -1,10 +1,11 @@
 """One training step and everything it needs: optimiser, schedule, early stopping, weight
 EMA, compile, validation.
 
-The split lives on the training device as uint8 and batches are index-gathered and augmented
-there: no DataLoader, no host copy and no host sync inside an epoch (the loss is checked
-once per epoch). On CUDA the step is compiled (``compile``) and runs in bf16; under
-torchrun it is wrapped in DistributedDataParallel (:mod:`.distributed`).
+The split lives on the training device as uint8 when it fits (else it is streamed from the
+memory-mapped cache, :mod:`.batches`) and batches are augmented there: no DataLoader and no
+host sync inside an epoch (the loss is checked once per epoch). On CUDA the step is
+compiled (``compile``) and runs in bf16; under torchrun it is wrapped in
+DistributedDataParallel (:mod:`.distributed`).
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ from brainseg_lib.metrics.functional import ConfusionCounts, pooled_dice, pooled
 from brainseg_lib.model.device import autocast_dtype
 from brainseg_lib.model.network import Normalizer
 from brainseg_lib.training.augment import BatchAugment, PatchSampler
-from brainseg_lib.training.batches import ResidentBatches
+from brainseg_lib.training.batches import ResidentBatches, StreamedBatches
 from brainseg_lib.training.distributed import DistContext, wrap
 from brainseg_lib.training.losses import build_loss, per_image_loss
 
@@ -134,7 +135,7 @@ def build_optimizer(params: Params, model: nn.Module, device: torch.device,
 
 
 @torch.no_grad()
-def validate(model: nn.Module, batches: ResidentBatches, loss_fn: nn.Module,
+def validate(model: nn.Module, batches: ResidentBatches | StreamedBatches, loss_fn: nn.Module,
              params: Params, device: torch.device) -> dict[str, float]:
     """Mean loss per image (the loss of each image on its own, as at test time) and pooled
     IoU/Dice at threshold ``params.threshold``."""
@@ -281,7 +282,7 @@ class Trainer:
         self.compile_seconds = time.perf_counter() - t0 if self.compiled else 0.0
         return loss
 
-    def train_epoch(self, batches: ResidentBatches, epoch: int,
+    def train_epoch(self, batches: ResidentBatches | StreamedBatches, epoch: int,
                     progress: bool = False, where: str = "",
                     step_callback: Callable[[int, int], None] | None = None,
                     ) -> tuple[float, int, float]:
