@@ -17,6 +17,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import segmentation_models_pytorch as smp
 import torch
 import torch.nn.functional as F
@@ -261,7 +262,7 @@ def _verification_batches(params: Params) -> tuple[list[Any], str]:
 
     source = data_source(params)
     arrays = load_split_arrays(source.path, "valid", params.image_size, params.cache_path())
-    images = torch.from_numpy(arrays.images[:32])
+    images = torch.from_numpy(np.array(arrays.images[:32]))  # a copy: the cache is read-only
     x = Normalizer(params.normalize_mean, params.normalize_std, torch.device("cpu"))(images)
     half = max(32, params.image_size // 64 * 32)
     small = F.interpolate(x[:2], size=(half, half), mode="bilinear", align_corners=False)
