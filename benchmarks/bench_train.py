@@ -3,11 +3,15 @@
 *Bare*: random normalised tensors already on the device, forward + loss + backward +
 optimiser step (same batch, dtype, channels_last and compile as the trainer). *Trainer*:
 ``Trainer.train_epoch`` over the device-resident split (index gather, augmentation,
-normalisation, schedule, EMA if asked). Inference: bare forward vs ``predict_split``
-(host arrays in, probabilities out). Prints one table; ``--json`` writes it too.
+normalisation, schedule, EMA if asked). With ``--streamed``, the trainer step again over
+batches streamed from host memory (pinned, one batch ahead: what a split too large for
+the device gets) instead of the device-resident split. Inference: bare forward vs
+``predict_split`` (host arrays in, probabilities out). Prints one table; ``--json`` writes
+it too.
 
     python benchmarks/bench_train.py --steps 10                         # CPU, 2 threads
     python benchmarks/bench_train.py --device cuda --batches 16 32 64 --compile-batch 32
+    python benchmarks/bench_train.py --device cuda --batches 64 --streamed
 """
 
 from __future__ import annotations
@@ -26,7 +30,7 @@ from brainseg_lib.evaluation.predictions import predict_split
 from brainseg_lib.inference.predictor import LoadedModel
 from brainseg_lib.model.device import autocast_dtype, select_device
 from brainseg_lib.model.network import build_network
-from brainseg_lib.training.batches import ResidentBatches
+from brainseg_lib.training.batches import ResidentBatches, StreamedBatches
 from brainseg_lib.training.trainer import Trainer
 
 
@@ -42,7 +46,8 @@ def repeat_to(arrays: SplitArrays, n: int) -> SplitArrays:
 
 
 def bench_one(arrays: SplitArrays, device: torch.device, batch: int, steps: int, size: int,
-              encoder: str, compiled: bool, augment: bool, ema: bool) -> dict[str, float]:
+              encoder: str, compiled: bool, augment: bool, ema: bool,
+              streamed: bool = False) -> dict[str, float]:
     params = Params(profile="bench", image_size=size, batch_size=batch, encoder=encoder,
                     device=device.type, augment=augment, compile=compiled, ema=ema,
                     loss="bce_dice", optimizer="adamw", scheduler="cosine", epochs=100)
@@ -80,6 +85,12 @@ def bench_one(arrays: SplitArrays, device: torch.device, batch: int, steps: int,
     trainer.train_epoch(batches, 0)  # warm-up (augmentation kernels, allocator)
     _, seen, seconds = trainer.train_epoch(batches, 1)
     trainer_train = seen / seconds
+    trainer_streamed = float("nan")
+    if streamed:
+        stream = StreamedBatches(data, device, batch, shuffle=True)
+        trainer.train_epoch(stream, 2)  # warm-up: pinned buffers, the gather thread
+        _, seen, seconds = trainer.train_epoch(stream, 3)
+        trainer_streamed = seen / seconds
 
     model = trainer.model.eval()
     with torch.no_grad():
@@ -100,7 +111,8 @@ def bench_one(arrays: SplitArrays, device: torch.device, batch: int, steps: int,
     pipe_infer = len(data) / (time.perf_counter() - t0)
     return {"batch": batch, "compiled": compiled, "compile_s": compile_s if compiled else 0.0,
             "bare_train": bare_train, "trainer_train": trainer_train,
-            "train_ratio": trainer_train / bare_train, "bare_infer": bare_infer,
+            "train_ratio": trainer_train / bare_train, "trainer_streamed": trainer_streamed,
+            "bare_infer": bare_infer,
             "pipeline_infer": pipe_infer}
 
 
@@ -116,6 +128,8 @@ def main() -> None:
     ap.add_argument("--encoder", default="resnet34")
     ap.add_argument("--no-augment", action="store_true", help="trainer without augmentation")
     ap.add_argument("--ema", action="store_true", help="trainer with weight EMA")
+    ap.add_argument("--streamed", action="store_true",
+                    help="also time the trainer on batches streamed from host memory")
     ap.add_argument("--data-dir", default="")
     ap.add_argument("--json", help="also write the rows to this file")
     args = ap.parse_args()
@@ -135,16 +149,17 @@ def main() -> None:
     plan = [(b, False) for b in args.batches] + [(b, True) for b in args.compile_batch]
     for batch, compiled in plan:
         rows.append(bench_one(arrays, device, batch, args.steps, args.size, args.encoder,
-                              compiled, not args.no_augment, args.ema))
+                              compiled, not args.no_augment, args.ema, args.streamed))
         r = rows[-1]
         print(f"  batch {batch} {'compiled' if compiled else 'eager'}: train bare "
               f"{r['bare_train']:.0f}, trainer {r['trainer_train']:.0f} img/s", flush=True)
     print(f"{'batch':>5} {'mode':>8} {'compile s':>9} {'train bare':>10} {'trainer':>8} "
-          f"{'ratio':>6} {'infer bare':>10} {'pipeline':>8}")
+          f"{'ratio':>6} {'streamed':>8} {'infer bare':>10} {'pipeline':>8}")
     for r in rows:
         print(f"{r['batch']:5d} {'compiled' if r['compiled'] else 'eager':>8} "
               f"{r['compile_s']:9.1f} {r['bare_train']:10.1f} {r['trainer_train']:8.1f} "
-              f"{r['train_ratio']:6.2f} {r['bare_infer']:10.1f} {r['pipeline_infer']:8.1f}")
+              f"{r['train_ratio']:6.2f} {r['trainer_streamed']:8.1f} {r['bare_infer']:10.1f} "
+              f"{r['pipeline_infer']:8.1f}")
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"device": str(device), "gpu": gpu.strip(", "), "rows": rows}, f,

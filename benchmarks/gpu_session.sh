@@ -2,26 +2,29 @@
 # One GPU session, unattended, in under 10 minutes (docs/how-to/gpu-machine.md). Phases (PHASES="bench ddp sweep cv" by default; "ref" is
 # the 150-epoch reference alone on the card, ~4 min, for a session with time to spare):
 #   1. bench: bare vs trainer step, eager at batch 32/64 and compiled at 32
-#      (which also fills the compile cache the runs below reuse);
+#      (which also fills the compile cache the runs below reuse), and the trainer on
+#      batches streamed from host memory beside the device-resident split;
 #   ddp: torchrun with NCCL (one process per visible GPU) on the smoke profile: the
 #      data-parallel path on CUDA, SyncBatchNorm included;
 #   ref: params/reference.yaml for 150 epochs, no budget, alone: its wall time;
-#   2. the accuracy sweep of params/grids/gpu_session.yaml, its variants side by side under
-#      one time budget, selected on validation IoU, the selected one scored on test;
+#   2. the accuracy sweep of params/grids/gpu_session.yaml (an Optuna study in the sweep
+#      folder), its variants side by side under one time budget, selected on validation IoU
+#      by the sweep itself, the selected one scored on test;
 #   3. 5-fold grouped cross-validation of the selected recipe, folds side by side, then the
 #      out-of-fold scores and the fold ensemble on test (full and clean);
 #   4. pack: logs, tables and metrics in results.tgz, the selected model exported in smp's
 #      format with its weights split into <16 MiB parts.
 # Inputs (git-ignored): the data, $BRAINSEG_DATA or .gpu/data (brainseg data resize ...
 # --size 384 --grey: at least the grid's largest image_size); .gpu/cache (its near-duplicate groups, so the GPU machine needs no
-# imagehash); optionally .whl (smp + pycocotools wheels for a machine without PyPI).
+# imagehash); optionally .whl (smp, pycocotools and optuna wheels, with optuna's
+# dependencies, for a machine without PyPI).
 # Output: everything in $OUT (default /tmp/gpu-out).
 # DRY=1 runs every step tiny on the CPU, to check the script before spending GPU time.
 set -u
 export PYTHONUNBUFFERED=1
 OUT=${OUT:-/tmp/gpu-out}; mkdir -p "$OUT"
 ROOT=$PWD
-if [ -d .whl ] && ! python3 -c "import segmentation_models_pytorch, pycocotools" 2>/dev/null
+if [ -d .whl ] && ! python3 -c "import segmentation_models_pytorch, pycocotools, optuna" 2>/dev/null
 then
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
     --target /tmp/site .whl/*.whl && export PYTHONPATH=/tmp/site
@@ -40,10 +43,10 @@ PHASES=${PHASES:-bench ddp sweep cv}
 T_BENCH=150; T_DDP=60; T_REF=260; T_SWEEP=230; T_CV=170
 NGPU=$(python3 -c "import torch; print(max(torch.cuda.device_count(), 1))" 2>/dev/null || echo 1)
 DDPSET=()
-BENCH=(--device cuda --batches 32 64 --compile-batch 32 --steps 20 --threads 4)
+BENCH=(--device cuda --batches 32 64 --compile-batch 32 --steps 20 --threads 4 --streamed)
 CVSET=()
 if [ "${DRY:-0}" = 1 ]; then  # tiny, on the CPU
-  BENCH=(--device cpu --batches 4 --steps 2 --size 64 --encoder resnet18)
+  BENCH=(--device cpu --batches 4 --steps 2 --size 64 --encoder resnet18 --streamed)
   sed -e 's/train_minutes: 3.0/train_minutes: 0.05/' -e 's/epochs: 1000/epochs: 2/' \
       -e 's#base: ../reference.yaml#base: ../smoke.yaml#' -e 's/image_size: 384/image_size: 64/' \
       -e 's/crop_size: 1[29][28]/crop_size: 32/' $GRID > params/grids/_dry.yaml
@@ -96,19 +99,17 @@ fi
 timeout $T_SWEEP python3 -m brainseg_lib.cli sweep --grid $GRID --out "$RUNS/sweep" \
   > "$RUNS/sweep.log" 2>&1; tail -9 "$RUNS/sweep.log" | tee -a "$OUT/session.log"
 
-# the selected variant (on validation IoU), also when the sweep was cut short
+# the selected variant: the sweep's own table (validation IoU), also when it was cut short
 WINNER_SETS=$(python3 - "$RUNS/sweep" "$GRID" <<'PY'
 import json, sys
 from pathlib import Path
-import pandas as pd
-from brainseg_lib.experiments.sweep import read_grid
+from brainseg_lib.experiments.sweep import read_grid, sweep_table
 sweep, grid = Path(sys.argv[1]), read_grid(Path(sys.argv[2]))
-scores = {}
-for name in grid["variants"]:
-    h = sweep / name / "history.csv"
-    if h.exists() and (sweep / name / "best.pt").exists():
-        scores[name] = pd.read_csv(h).val_iou.max()
-best = max(scores, key=scores.get)
+table = sweep_table(grid, sweep)
+if not table.selected.any():  # cut short: the best validation score so far
+    table = table.dropna(subset=[grid["select_on"]]).sort_values(grid["select_on"])
+    table["selected"] = table.index == table.index[-1 if grid["select_on"] != "val_loss" else 0]
+best = table[table.selected].variant.iloc[0]
 (sweep / "winner.txt").write_text(best + "\n")
 sets = {k: v for k, v in grid["variants"][best].items() if k != "compile"}
 print(" ".join(f"--set {k}={json.dumps(v)}" for k, v in sets.items()))
