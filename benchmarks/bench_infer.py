@@ -82,7 +82,7 @@ def images(size: int, n: int) -> tuple[torch.Tensor, str]:
     found = find_real_dataset("")
     if found:
         arrays = load_split_arrays(found.path, "valid", size, os.environ.get("BRAINSEG_CACHE"))
-        return (torch.from_numpy(arrays.images[96:96 + n]),
+        return (torch.from_numpy(np.array(arrays.images[96:96 + n])),  # a copy: may be read-only
                 f"real validation images 96–{96 + n - 1} ({found.path})")
     rng = np.random.default_rng(0)
     return (torch.from_numpy(rng.integers(0, 256, (n, 3, size, size), dtype=np.uint8)),

@@ -17,6 +17,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import segmentation_models_pytorch as smp
 import torch
 import torch.nn.functional as F
@@ -270,12 +271,12 @@ def _verification_batches(params: Params) -> tuple[list[Any], str, list[Any], st
     source = data_source(params)
     arrays = load_split_arrays(source.path, "valid", params.image_size, params.cache_path())
     normalize = Normalizer(params.normalize_mean, params.normalize_std, torch.device("cpu"))
-    x = normalize(torch.from_numpy(arrays.images[:32]))
+    images = torch.from_numpy(np.array(arrays.images[:96]))  # a copy: a cache may be read-only
+    x = normalize(images[:32])
     half = max(32, params.image_size // 64 * 32)
     small = F.interpolate(x[:2], size=(half, half), mode="bilinear", align_corners=False)
-    rest = arrays.images[32:96] if len(arrays.images) > 32 else arrays.images
-    calibration = normalize(torch.from_numpy(rest))
-    first = 32 if len(arrays.images) > 32 else 0
+    calibration = normalize(images[32:] if len(images) > 32 else images)
+    first = 32 if len(images) > 32 else 0
     return ([x[i:i + 16] for i in range(0, len(x), 16)] + [small],
             f"{len(x)} {source.kind} validation images at {params.image_size} px and 2 at "
             f"{half} px ({source.path})",
