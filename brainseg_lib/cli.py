@@ -140,16 +140,19 @@ def _predict(args: argparse.Namespace) -> int:
 def _export(args: argparse.Namespace) -> int:
     from brainseg_lib.model.package import add_onnx, export_model, is_model_dir
 
+    if args.int8 and not args.onnx:
+        raise ParamsError("export: --int8 needs --onnx (it quantises the verified model.onnx)")
     if len(args.run_dirs) == 1 and is_model_dir(args.run_dirs[0]) and not args.out:
         if not args.onnx:
             raise ParamsError(f"export {args.run_dirs[0]}: a model folder already; add --onnx "
                               "to write its ONNX files")
-        record = add_onnx(Path(args.run_dirs[0]))
+        record = add_onnx(Path(args.run_dirs[0]), int8=args.int8)
     else:
         if not args.out:
             raise ParamsError("export: give --out MODEL_DIR")
         out = export_model([Path(r) for r in args.run_dirs], Path(args.out),
-                           fp16=not args.fp32, dataset_name=args.dataset_name, onnx=args.onnx)
+                           fp16=not args.fp32, dataset_name=args.dataset_name, onnx=args.onnx,
+                           int8=args.int8)
         size = sum(f.stat().st_size for f in out.iterdir()) / 2**20
         print(f"exported {len(args.run_dirs)} run(s) to {out} ({size:.1f} MiB)")
         if not args.onnx:
@@ -159,6 +162,12 @@ def _export(args: argparse.Namespace) -> int:
           f"s; verified against torch on {record['verified_on']}: max |Δprobability| "
           f"{record['max_abs_prob_diff']:.1e}, identical mask pixels "
           f"{record['mask_agreement']:.4%}")
+    if "int8" in record:
+        q = record["int8"]
+        print(f"int8 {', '.join(q['files'])}: quantised in {sum(q['quantise_seconds']):.1f} s "
+              f"(calibrated on {q['calibrated_on']}); verified the same way: max "
+              f"|Δprobability| {q['max_abs_prob_diff']:.1e}, identical mask pixels "
+              f"{q['mask_agreement']:.4%}")
     return 0
 
 
@@ -231,9 +240,11 @@ def _add_set_option(parser: argparse.ArgumentParser, help_text: str | None) -> N
 
 def _add_backend_option(parser: argparse.ArgumentParser) -> None:
     """``--backend``: the engine that runs the network (same pre- and post-processing)."""
-    parser.add_argument("--backend", default="auto", choices=["auto", "torch", "onnxruntime"],
+    parser.add_argument("--backend", default="auto",  # predictor.BACKENDS, without torch
+                        choices=["auto", "torch", "onnxruntime", "onnxruntime-int8"],
                         help="auto (default): onnxruntime on the CPU when the model folder "
-                        "has a verified model.onnx, else torch")
+                        "has a verified model.onnx, else torch; onnxruntime-int8: its "
+                        "verified int8 variant (brainseg export --onnx --int8)")
 
 
 def _add_data_parsers(sub: argparse._SubParsersAction) -> None:
@@ -307,6 +318,9 @@ def _add_export_parser(sub: argparse._SubParsersAction) -> None:
     export.add_argument("--onnx", action="store_true",
                         help="also write model.onnx, verified against torch on validation "
                         "images (an error when it disagrees)")
+    export.add_argument("--int8", action="store_true",
+                        help="with --onnx: also model.int8.onnx (int8 static quantisation "
+                        "calibrated on validation images), kept only if verified the same way")
     export.add_argument("--fp32", action="store_true",
                         help="keep float32 weights (default fp16)")
     export.add_argument("--dataset-name", default="",

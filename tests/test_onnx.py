@@ -148,3 +148,73 @@ def test_an_older_folder_without_hashes_loads_with_a_warning(trained, tmp_path):
     with pytest.raises(ArtifactError, match="differs from"):
         _nan_in_one_convolution(model_dir / "model.safetensors")
         networks_from_model_dir(model_dir)
+
+
+def test_onnxruntime_calls_leave_torch_threads_as_found(onnx_model):
+    import torch
+
+    member = onnx_export.OnnxMember(onnx_model / "model.onnx")
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        with onnx_export.torch_threads(1):
+            assert torch.get_num_threads() == 1  # torch's pool out of onnxruntime's way
+        assert torch.get_num_threads() == 2
+        with pytest.raises(RuntimeError), onnx_export.torch_threads(1):
+            raise RuntimeError("the call failed")
+        assert torch.get_num_threads() == 2  # restored on an error too
+        assert member(torch.zeros(1, 3, 64, 64)).shape == (1, 1, 64, 64)
+        assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(before)
+
+
+def test_int8_export_is_verified_recorded_and_used_by_name(trained, tmp_path, synthetic_root,
+                                                          capsys, monkeypatch):
+    # the tiny synthetic model's int8 file keeps ~98 % of mask pixels (refused at 99.9 %:
+    # the next test); a looser bound lets it through to test what a kept one gives
+    monkeypatch.setattr(onnx_export, "MIN_MASK_AGREEMENT", 0.95)
+    model_dir = export_model([trained], tmp_path / "m")
+    assert main(["export", str(model_dir), "--onnx", "--int8"]) == 0
+    assert "int8 model.int8.onnx: quantised" in capsys.readouterr().out
+    info = json.loads((model_dir / "brainseg.json").read_text())
+    q = info["onnx"]["int8"]
+    assert q["files"] == ["model.int8.onnx"] and (model_dir / "model.int8.onnx").is_file()
+    assert q["bounds"]["min_mask_agreement"] == 0.95
+    assert 0.95 <= q["mask_agreement"] < 1 and 0 < q["max_abs_prob_diff"] <= 0.25
+    assert "validation images 0–5 at 64 px" in q["calibrated_on"]  # all 6 (no more than 32)
+    assert set(info["sha256"]) == {"model.safetensors", "model.onnx", "model.int8.onnx"}
+    assert "--backend onnxruntime-int8" in (model_dir / "README.md").read_text()
+    assert load_model(model_dir, "cpu", "auto").backend == "onnxruntime"  # int8 by name only
+    by_int8 = load_model(model_dir, "cpu", "onnxruntime-int8")
+    assert by_int8.backend == "onnxruntime-int8"
+    assert [m.path.name for m in by_int8.members] == ["model.int8.onnx"]
+    images = _test_images(synthetic_root)
+    p_torch = predict_images(load_model(model_dir, "cpu", "torch"), images)
+    p_int8 = predict_images(by_int8, images)
+    same = np.mean([((a >= 0.5) == (b >= 0.5)).mean() for a, b in zip(p_torch, p_int8,
+                                                                       strict=True)])
+    assert same >= 0.95  # test images, not the ones it was verified on
+    assert max(np.abs(a - b).max() for a, b in zip(p_torch, p_int8, strict=True)) > 1e-4
+    assert main(["export", str(model_dir), "--onnx"]) == 0  # fp32 again: int8 now stale
+    assert not (model_dir / "model.int8.onnx").exists()
+    assert "model.int8.onnx" not in json.loads((model_dir / "brainseg.json").read_text())[
+        "sha256"]
+
+
+def test_an_int8_file_that_misses_the_bounds_is_refused(trained, tmp_path, capsys,
+                                                        synthetic_root):
+    model_dir = export_model([trained], tmp_path / "m")
+    assert main(["export", str(model_dir), "--int8"]) == 2  # needs --onnx
+    assert "--int8 needs --onnx" in capsys.readouterr().err
+    assert main(["export", str(model_dir), "--onnx", "--int8"]) == 2  # the real bound
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "int8 verification failed" in err
+    assert "% of pixels (< 99.9%)" in err and "model.onnx stays, verified" in err
+    assert not (model_dir / "model.int8.onnx").exists()
+    record = json.loads((model_dir / "brainseg.json").read_text())["onnx"]
+    assert "int8" not in record and (model_dir / "model.onnx").is_file()  # fp32 stays
+    assert main(["predict", str(next((synthetic_root / "test").glob("*.jpg"))), "--model",
+                 str(model_dir), "--backend", "onnxruntime-int8", "--out",
+                 str(tmp_path / "o")]) == 2
+    assert "no verified model.int8.onnx" in capsys.readouterr().err

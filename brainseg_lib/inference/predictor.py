@@ -3,8 +3,9 @@ model folder (one member or a fold ensemble), and turned into probabilities for 
 batches or for images of any size (padded to a square, not squashed).
 
 Two engines run the members: torch, or onnxruntime for a model folder with verified ONNX
-files. Either way a member is called on the same normalised batch, so padding, flip TTA,
-the ensemble mean and thresholds live here once for both.
+files (fp32, or their int8 variants with ``onnxruntime-int8``). Either way a member is
+called on the same normalised batch, so padding, flip TTA, the ensemble mean and thresholds
+live here once for both.
 """
 
 from __future__ import annotations
@@ -34,8 +35,8 @@ from brainseg_lib.model.package import (
 )
 from brainseg_lib.rundir import BEST_CHECKPOINT, SOURCE_MODEL_FILE
 
-Backend = Literal["auto", "torch", "onnxruntime"]
-BACKENDS = ("auto", "torch", "onnxruntime")
+Backend = Literal["auto", "torch", "onnxruntime", "onnxruntime-int8"]
+BACKENDS = ("auto", "torch", "onnxruntime", "onnxruntime-int8")
 
 
 @dataclass
@@ -43,7 +44,7 @@ class LoadedModel:
     """One network, or the members of a fold ensemble, with their training parameters.
 
     A member maps a normalised float batch to logits: a torch network, or an
-    ``OnnxMember`` (``backend == "onnxruntime"``, on the CPU).
+    ``OnnxMember`` (``backend`` ``onnxruntime`` or ``onnxruntime-int8``, on the CPU).
     """
 
     members: list[Callable[[torch.Tensor], torch.Tensor]]
@@ -87,7 +88,8 @@ def _onnx_folder(path: Path) -> Path | None:
 
 def resolve_backend(path: str | Path, device: str, backend: Backend) -> str:
     """``auto``: onnxruntime on the CPU where the model folder has verified ONNX files (the
-    faster engine there), torch otherwise."""
+    faster engine there), torch otherwise; never int8, whose masks differ slightly from
+    torch's and which is asked for by name."""
     if backend not in BACKENDS:
         raise ValueError(f"backend {backend!r}: expected one of {', '.join(BACKENDS)}")
     if backend != "auto":
@@ -97,20 +99,21 @@ def resolve_backend(path: str | Path, device: str, backend: Backend) -> str:
     return "onnxruntime" if on_cpu and folder and verified_onnx(folder) else "torch"
 
 
-def _load_onnx(path: Path, device: str) -> LoadedModel:
-    """The members as onnxruntime sessions of the folder's verified ONNX files."""
+def _load_onnx(path: Path, device: str, backend: str) -> LoadedModel:
+    """The members as onnxruntime sessions of the folder's verified ONNX files (their int8
+    variants for ``onnxruntime-int8``)."""
     from brainseg_lib.model.onnx_export import OnnxMember
 
     if device == "cuda":
-        raise ValueError("backend onnxruntime runs on the CPU; use --backend torch on cuda")
+        raise ValueError(f"backend {backend} runs on the CPU; use --backend torch on cuda")
     folder = _onnx_folder(path)
     if folder is None:
         raise ArtifactError(f"{path}: backend onnxruntime needs a model folder with a "
                             "verified model.onnx (brainseg export DIR --onnx)")
-    files, params, info = onnx_members_from_model_dir(folder)
+    files, params, info = onnx_members_from_model_dir(folder, backend == "onnxruntime-int8")
     members = [OnnxMember(f, params.num_threads) for f in files]
     epoch = int((info.get("checkpoint_epochs") or [0])[0])
-    return LoadedModel(members, params, torch.device("cpu"), epoch, str(folder), "onnxruntime")
+    return LoadedModel(members, params, torch.device("cpu"), epoch, str(folder), backend)
 
 
 def load_model(path: str | Path, device: str = "auto", backend: Backend = "torch",
@@ -119,12 +122,14 @@ def load_model(path: str | Path, device: str = "auto", backend: Backend = "torch
     best.pt) or an exported model folder (one member, or a fold ensemble), loaded safely.
 
     ``backend``: ``torch``; ``onnxruntime`` (a model folder's verified ONNX files, or those
-    of the folder a run was laid out from); ``auto`` (:func:`resolve_backend`)."""
+    of the folder a run was laid out from); ``onnxruntime-int8`` (their verified int8
+    variants); ``auto`` (:func:`resolve_backend`)."""
     path = Path(path)
     if not path.exists():
         raise ArtifactError(f"{path}: no such run directory, model folder or checkpoint")
-    if resolve_backend(path, device, backend) == "onnxruntime":
-        return _load_onnx(path, device)
+    backend = resolve_backend(path, device, backend)
+    if backend != "torch":
+        return _load_onnx(path, device, backend)
     if path.is_dir() and is_model_dir(path):
         models, params, info = networks_from_model_dir(path)
         epoch = int((info.get("checkpoint_epochs") or [0])[0])

@@ -53,6 +53,7 @@ WEIGHTS_FILE = "model.safetensors"
 CONFIG_FILE = "config.json"
 INFO_FILE = "brainseg.json"
 ONNX_FILE = "model.onnx"  # one per member: model-fold0.onnx ... beside model-fold0.safetensors
+INT8_SUFFIX = ".int8.onnx"  # the int8 variant of each: model.int8.onnx, model-fold0.int8.onnx
 LICENSE_FILE = "LICENSE"
 
 
@@ -224,7 +225,7 @@ def _model_info(run_dirs: list[Path], members: list[str], params: Params,
 
 
 def export_model(run_dirs: list[Path], out_dir: Path, fp16: bool = True,
-                 dataset_name: str = "", onnx: bool = False) -> Path:
+                 dataset_name: str = "", onnx: bool = False, int8: bool = False) -> Path:
     """Write smp's ``save_pretrained`` folder for one run (or several: a fold ensemble),
     with the sha256 of each weight file, a licence and, with ``onnx``, verified ONNX files.
 
@@ -242,7 +243,7 @@ def export_model(run_dirs: list[Path], out_dir: Path, fp16: bool = True,
         atomic_write_text(folder / LICENSE_FILE, MODEL_LICENSE_TEXT)
         atomic_write_text(folder / "README.md", model_card(info, out_dir.name))
         if onnx:
-            add_onnx(folder, out_dir.name)
+            add_onnx(folder, out_dir.name, int8)
     return out_dir
 
 
@@ -252,28 +253,42 @@ def onnx_names(members: list[str]) -> list[str]:
             for m in members]
 
 
-def _verification_batches(params: Params) -> tuple[list[Any], str]:
+def int8_names(members: list[str]) -> list[str]:
+    """The int8 ONNX file of each member weight file (``model.int8.onnx`` for one model)."""
+    return [f.removesuffix(".onnx") + INT8_SUFFIX for f in onnx_names(members)]
+
+
+def _verification_batches(params: Params) -> tuple[list[Any], str, list[Any], str]:
     """Normalised batches to compare the engines on: up to 32 validation images of the
     model's data (the synthetic demo where it has none) at its resolution, and two at half
-    of it (the ONNX graph's height and width are dynamic)."""
+    of it (the ONNX graph's height and width are dynamic); and the batches an int8 file is
+    calibrated on: the next 64 validation images (all of them where there are no more than
+    32)."""
     from brainseg_lib.data.arrays import load_split_arrays
     from brainseg_lib.data.locate import data_source
     from brainseg_lib.model.network import Normalizer
 
     source = data_source(params)
     arrays = load_split_arrays(source.path, "valid", params.image_size, params.cache_path())
-    images = torch.from_numpy(np.array(arrays.images[:32]))  # a copy: the cache is read-only
-    x = Normalizer(params.normalize_mean, params.normalize_std, torch.device("cpu"))(images)
+    normalize = Normalizer(params.normalize_mean, params.normalize_std, torch.device("cpu"))
+    images = torch.from_numpy(np.array(arrays.images[:96]))  # a copy: a cache may be read-only
+    x = normalize(images[:32])
     half = max(32, params.image_size // 64 * 32)
     small = F.interpolate(x[:2], size=(half, half), mode="bilinear", align_corners=False)
+    calibration = normalize(images[32:] if len(images) > 32 else images)
+    first = 32 if len(images) > 32 else 0
     return ([x[i:i + 16] for i in range(0, len(x), 16)] + [small],
             f"{len(x)} {source.kind} validation images at {params.image_size} px and 2 at "
-            f"{half} px ({source.path})")
+            f"{half} px ({source.path})",
+            [calibration[i:i + 16] for i in range(0, len(calibration), 16)],
+            f"{source.kind} validation images {first}–{first + len(calibration) - 1} at "
+            f"{params.image_size} px ({source.path})")
 
 
-def add_onnx(model_dir: str | Path, name: str = "") -> dict[str, Any]:
+def add_onnx(model_dir: str | Path, name: str = "", int8: bool = False) -> dict[str, Any]:
     """Export each member of a model folder to ONNX, verify it against torch on real images
-    and record files, hashes and figures in ``brainseg.json`` and the card.
+    and record files, hashes and figures in ``brainseg.json`` and the card; with ``int8``,
+    also its int8 static quantisation, verified the same way (:func:`_add_int8`).
 
     A verification that misses its bounds (``onnx_export.MIN_MASK_AGREEMENT``,
     ``MAX_PROB_DIFF``) is an ArtifactError and leaves no ONNX file behind.
@@ -291,7 +306,7 @@ def add_onnx(model_dir: str | Path, name: str = "") -> dict[str, Any]:
 
     model_dir = Path(model_dir)
     models, params, info = networks_from_model_dir(model_dir)
-    batches, images = _verification_batches(params)
+    batches, images, calibration, calibrated_on = _verification_batches(params)
     files, seconds, results = onnx_names(info["members"]), [], []
     try:
         for model, file in zip(models, files, strict=True):
@@ -308,10 +323,14 @@ def add_onnx(model_dir: str | Path, name: str = "") -> dict[str, Any]:
         for file in files:
             (model_dir / file).unlink(missing_ok=True)
         raise
+    stale = int8_names(info["members"])  # made from the ONNX files just replaced
+    for file in stale:
+        (model_dir / file).unlink(missing_ok=True)
     record = json.loads((model_dir / INFO_FILE).read_text())
     # an older folder gets its weights' hashes too: they just loaded, finite and whole
-    record["sha256"] = {m: file_sha256(model_dir / m) for m in info["members"]} | (
-        record.get("sha256") or {}) | {f: file_sha256(model_dir / f) for f in files}
+    record["sha256"] = {m: file_sha256(model_dir / m) for m in info["members"]} | {
+        k: v for k, v in (record.get("sha256") or {}).items() if k not in stale} | {
+        f: file_sha256(model_dir / f) for f in files}
     record["onnx"] = {
         "files": files, "torch": torch.__version__, "onnxruntime": onnxruntime.__version__,
         "export_seconds": [round(s, 1) for s in seconds], "verified_on": images,
@@ -321,12 +340,63 @@ def add_onnx(model_dir: str | Path, name: str = "") -> dict[str, Any]:
         "threshold": params.threshold}
     atomic_write_json(model_dir / INFO_FILE, record)
     atomic_write_text(model_dir / "README.md", model_card(record, name or model_dir.name))
-    return record["onnx"]
+    if int8:
+        _add_int8(model_dir, name, models, params, batches, calibration, calibrated_on)
+    return json.loads((model_dir / INFO_FILE).read_text())["onnx"]
 
 
-def verified_onnx(model_dir: str | Path) -> list[Path] | None:
-    """The ONNX files of a model folder when they were verified at export and are present,
-    else None (the hashes are checked when they are loaded)."""
+def _add_int8(model_dir: Path, name: str, models: list[nn.Module], params: Params,
+              batches: list[Any], calibration: list[Any], calibrated_on: str) -> None:
+    """Quantise each verified fp32 ONNX file to int8 (static, calibrated on validation
+    images) and verify it against torch like the fp32 one, with the int8 probability bound.
+
+    A miss is an ArtifactError naming its figures and leaves no int8 file; the fp32 files,
+    already verified and recorded, stay.
+    """
+    from brainseg_lib.model.onnx_export import (
+        INT8_MAX_PROB_DIFF,
+        MIN_MASK_AGREEMENT,
+        OnnxMember,
+        compare_engines,
+        quantize_int8,
+        verification_failures,
+    )
+
+    record = json.loads((model_dir / INFO_FILE).read_text())
+    sources, files = record["onnx"]["files"], [f.removesuffix(".onnx") + INT8_SUFFIX
+                                               for f in record["onnx"]["files"]]
+    seconds, results = [], []
+    try:
+        for model, source, file in zip(models, sources, files, strict=True):
+            seconds.append(quantize_int8(model_dir / source, model_dir / file, calibration))
+            result = compare_engines(model, OnnxMember(model_dir / file), batches,
+                                     params.threshold)
+            failures = verification_failures(result, int8=True)
+            if failures:
+                raise ArtifactError(f"{model_dir / file}: int8 verification failed against "
+                                    f"torch: {'; '.join(failures)}; refused ({sources[0]} "
+                                    "stays, verified)")
+            results.append(result)
+    except BaseException:
+        for file in files:
+            (model_dir / file).unlink(missing_ok=True)
+        raise
+    record["sha256"] |= {f: file_sha256(model_dir / f) for f in files}
+    record["onnx"]["int8"] = {
+        "files": files, "quantisation": "onnxruntime quantize_static: QDQ, per-channel int8 "
+        "weights, uint8 activations, min/max calibration", "calibrated_on": calibrated_on,
+        "quantise_seconds": [round(s, 1) for s in seconds],
+        "bounds": {"min_mask_agreement": MIN_MASK_AGREEMENT,
+                   "max_abs_prob_diff": INT8_MAX_PROB_DIFF},
+        "max_abs_prob_diff": max(r["max_abs_prob_diff"] for r in results),
+        "mask_agreement": min(r["mask_agreement"] for r in results)}
+    atomic_write_json(model_dir / INFO_FILE, record)
+    atomic_write_text(model_dir / "README.md", model_card(record, name or model_dir.name))
+
+
+def verified_onnx(model_dir: str | Path, int8: bool = False) -> list[Path] | None:
+    """The ONNX files (``int8``: their int8 variants) of a model folder when they were
+    verified at export and are present, else None (hashes are checked when loaded)."""
     model_dir = Path(model_dir)
     if not (model_dir / INFO_FILE).is_file():
         return None
@@ -334,21 +404,24 @@ def verified_onnx(model_dir: str | Path) -> list[Path] | None:
         record = json.loads((model_dir / INFO_FILE).read_text()).get("onnx")
     except (json.JSONDecodeError, UnicodeDecodeError):
         return None
+    if record and int8:
+        record = record.get("int8")
     if not record or not all((model_dir / f).is_file() for f in record["files"]):
         return None
     return [model_dir / f for f in record["files"]]
 
 
-def onnx_members_from_model_dir(model_dir: str | Path) -> tuple[list[Path], Params,
-                                                                dict[str, Any]]:
-    """The verified ONNX files of a model folder (their hashes checked), its training
-    parameters and record; an ArtifactError when it has none."""
+def onnx_members_from_model_dir(model_dir: str | Path, int8: bool = False,
+                                ) -> tuple[list[Path], Params, dict[str, Any]]:
+    """The verified ONNX files (``int8``: their int8 variants) of a model folder, their
+    hashes checked, its training parameters and record; an ArtifactError when it has none."""
     model_dir = Path(model_dir)
     info = read_model_info(model_dir)
-    files = verified_onnx(model_dir)
+    files = verified_onnx(model_dir, int8)
     if files is None:
-        raise ArtifactError(f"{model_dir}: no verified {ONNX_FILE}; write one with brainseg "
-                            f"export {model_dir} --onnx")
+        kind, flags = ("model.int8.onnx", "--onnx --int8") if int8 else (ONNX_FILE, "--onnx")
+        raise ArtifactError(f"{model_dir}: no verified {kind}; write one with brainseg "
+                            f"export {model_dir} {flags}")
     verify_hashes(model_dir, info, [f.name for f in files])
     return files, _training_params(model_dir, info), info
 
@@ -547,7 +620,19 @@ def _card_onnx(info: dict[str, Any]) -> list[str]:
             f"mask pixels {o['mask_agreement']:.4%} at threshold {o['threshold']}",
             "- use: `brainseg predict --model <folder> --backend onnxruntime IMAGE` "
             "(the default on a CPU), or any ONNX runtime: input `images` (B,3,H,W) float32 "
-            "normalised as above, H and W multiples of 32; output `logits` (B,1,H,W)", ""]
+            "normalised as above, H and W multiples of 32; output `logits` (B,1,H,W)",
+            *_card_int8(o), ""]
+
+
+def _card_int8(onnx: dict[str, Any]) -> list[str]:
+    """The int8 variant's line of the ONNX section, when it was written."""
+    q = onnx.get("int8")
+    if not q:
+        return []
+    return [f"- int8: {', '.join(q['files'])} ({q['quantisation']}; calibrated on "
+            f"{q['calibrated_on']}); verified like the fp32 file: max |Δprobability| "
+            f"{q['max_abs_prob_diff']:.1e}, identical mask pixels {q['mask_agreement']:.4%}; "
+            "use: `--backend onnxruntime-int8`"]
 
 
 def _card_parent(info: dict[str, Any]) -> list[str]:
