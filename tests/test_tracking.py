@@ -88,6 +88,9 @@ def test_a_tracked_run_logs_params_epochs_figures_and_artifacts(tmp_path, synthe
     files = _artifacts(client, run.info.run_id)
     assert {"train.json", "test/metrics.json", "report/02_train.html",
             "model/brainseg.json"} <= files, files
+    # a shipped model does not carry the trainer's store (evaluating it elsewhere logs nothing)
+    info = json.loads((tmp_path / "model" / "brainseg.json").read_text())
+    assert "tracking_uri" not in info["params"]
     # the artefacts live beside the local database, not under the working directory
     assert (tmp_path / "mlartifacts").is_dir()
 
