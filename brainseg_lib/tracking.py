@@ -115,15 +115,15 @@ def _recorded(folder: Path, uri: str) -> str | None:
     return record["run_id"] if record.get("tracking_uri") == uri else None
 
 
-def _open(params: Params, folder: Path, parent: str | None = None) -> tuple[Tracker, bool]:
+def _open(params: Params, folder: Path, parent: str | None = None) -> Tracker:
     """The folder's MLflow run, reopened, or a new one (named after the folder, nested under
-    ``parent``, recorded in its ``tracking.json``); and whether it is new."""
+    ``parent``, recorded in its ``tracking.json``, its parameters logged)."""
     uri = params.tracking_uri
     client = _client(uri)
     run_id = _recorded(folder, uri)
     if run_id is not None:
         client.update_run(run_id, status="RUNNING")
-        return Tracker(client, run_id), False
+        return Tracker(client, run_id)
     tags = {"mlflow.runName": folder.name, "brainseg.folder": str(folder.resolve())}
     if parent:
         tags["mlflow.parentRunId"] = parent
@@ -133,7 +133,7 @@ def _open(params: Params, folder: Path, parent: str | None = None) -> tuple[Trac
                                                "run_id": run.info.run_id})
     tracker = Tracker(client, run.info.run_id)
     tracker.log_params(params)
-    return tracker, True
+    return tracker
 
 
 def training_run(params: Params, run_dir: Path) -> Tracker | None:
@@ -142,7 +142,7 @@ def training_run(params: Params, run_dir: Path) -> Tracker | None:
     ``$BRAINSEG_MLFLOW_PARENT`` when a sweep or cross-validation started this training."""
     if not enabled(params):
         return None
-    return _open(params, run_dir, os.environ.get(PARENT_ENV) or None)[0]
+    return _open(params, run_dir, os.environ.get(PARENT_ENV) or None)
 
 
 @contextmanager
@@ -153,7 +153,7 @@ def parent_run(params: Params, folder: Path) -> Iterator[Tracker | None]:
     if not enabled(params):
         yield None
         return
-    tracker = _open(params, folder)[0]
+    tracker = _open(params, folder)
     before = os.environ.get(PARENT_ENV)
     os.environ[PARENT_ENV] = tracker.run_id
     try:
@@ -202,7 +202,7 @@ def log_evaluation(run_dir: Path, params: Params, out: dict[str, Any]) -> None:
     a shipped model evaluated as a run). Nothing when tracking is off."""
     if not enabled(params):
         return
-    tracker, _ = _open(params, run_dir, os.environ.get(PARENT_ENV) or None)
+    tracker = _open(params, run_dir, os.environ.get(PARENT_ENV) or None)
     tracker.log_metrics(final_figures(out))
     tracker.log_artifact(eval_dir(run_dir, out["split"]) / METRICS_FILE, out["split"])
     source = run_dir / SOURCE_MODEL_FILE
@@ -218,7 +218,7 @@ def log_model_folder(run_dir: Path, model_dir: Path, params: Params) -> None:
     (when that run was tracked)."""
     if not enabled(params) or not _recorded(run_dir, params.tracking_uri):
         return
-    tracker, _ = _open(params, run_dir)
+    tracker = _open(params, run_dir)
     tracker.log_artifact(model_dir, "model")
     tracker.end()
 
@@ -227,7 +227,7 @@ def log_report(run_dir: Path, params: Params, report_dir: Path) -> None:
     """A ``brainseg run``'s HTML reports, into the MLflow run of the run directory it made."""
     if not enabled(params) or not _recorded(run_dir, params.tracking_uri):
         return
-    tracker, _ = _open(params, run_dir)
+    tracker = _open(params, run_dir)
     for page in sorted(report_dir.glob("*.html")):
         tracker.log_artifact(page, "report")
     tracker.end()
