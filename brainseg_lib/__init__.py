@@ -3,6 +3,7 @@
 One concern per subpackage; imports flow one way (``tests/test_layers.py`` enforces it)::
 
     config, io, rundir, metrics      foundations: parameters, atomic writes, run folders, formulas
+    tracking                         optional MLflow logging (``tracking_uri``) for the layers above
     data                             COCO reading, locating, caching, checks, near-duplicates, folds
     model                            the network, safe checkpoints, model folders
     training | inference             the fit (step, loop, DDP) | predicting with a trained model

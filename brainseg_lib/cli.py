@@ -155,6 +155,7 @@ def _export(args: argparse.Namespace) -> int:
                            int8=args.int8)
         size = sum(f.stat().st_size for f in out.iterdir()) / 2**20
         print(f"exported {len(args.run_dirs)} run(s) to {out} ({size:.1f} MiB)")
+        _track_export([Path(r) for r in args.run_dirs], out)
         if not args.onnx:
             return 0
         record = json.loads((out / "brainseg.json").read_text())["onnx"]
@@ -169,6 +170,19 @@ def _export(args: argparse.Namespace) -> int:
               f"|Δprobability| {q['max_abs_prob_diff']:.1e}, identical mask pixels "
               f"{q['mask_agreement']:.4%}")
     return 0
+
+
+def _track_export(run_dirs: list[Path], out: Path) -> None:
+    """The model folder, into the MLflow run of each exported run that tracked one."""
+    from brainseg_lib.config import params_from_record, read_params_file
+    from brainseg_lib.rundir import PARAMS_FILE
+    from brainseg_lib.tracking import log_model_folder
+
+    for run_dir in run_dirs:
+        record = run_dir / PARAMS_FILE
+        if record.is_file():
+            params = params_from_record(read_params_file(record), str(record))
+            log_model_folder(run_dir, out, params)
 
 
 def _sweep(args: argparse.Namespace) -> int:

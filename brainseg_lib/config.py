@@ -175,6 +175,9 @@ class Params:
     runs_dir: str = _param("runs", "run", "run", "folder of run directories")
     run_id: str = _param("", "run", "run", "\"\" = <timestamp>-<profile>")
     resume: str = _param("", "training", "run", "run directory to continue from its last.pt")
+    tracking_uri: str = _param("", "run", "execution", "MLflow tracking store (needs the "
+                               "brainseg[mlflow] extra): sqlite:///mlflow.db, http://host:5000; "
+                               "\"\" = off")
 
     # --- evaluation
     threshold: float = _param(0.5, ("evaluation", "validation"), "measurement",

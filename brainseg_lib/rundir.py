@@ -36,6 +36,7 @@ STUDY_FILE = "study.db"  # in a sweep folder: the Optuna study (SQLite) unless -
 LOGS_DIR = "logs"  # in a CV or sweep folder: one log per training process
 PROVENANCE_FILE = "provenance.json"  # in a resized dataset copy: what it was made from
 REPORT_SUMMARY_FILE = "summary.json"  # in a report folder
+TRACKING_FILE = "tracking.json"  # in a run, sweep or CV folder: its MLflow run (tracking_uri)
 
 PACKAGES = ("torch", "torchvision", "segmentation-models-pytorch", "numpy", "pycocotools",
             "scipy", "pandas", "papermill")

@@ -50,3 +50,19 @@ def test_streamed_and_resident_batches_are_identical_under_one_seed(synthetic_ro
 def test_the_cpu_streams_from_the_memory_map(synthetic_root, cache_dir):
     arrays = load_split_arrays(synthetic_root, "valid", 64, cache_dir, use_memory=False)
     assert isinstance(make_batches(arrays, torch.device("cpu"), 4), StreamedBatches)
+
+
+def test_rows_read_from_the_cache_file_equal_the_mapped_rows(synthetic_root, cache_dir):
+    """Batches are read with plain file reads (the map's pages would count in RSS): any
+    order, runs of consecutive rows, repeats; a slice of a map falls back to indexing."""
+    from brainseg_lib.data.arrays import read_rows
+
+    mapped = load_split_arrays(synthetic_root, "train", 64, cache_dir, use_memory=False)
+    for rows in ([5, 2, 3, 4, 15, 0, 1], [7, 7, 8], list(range(16)), []):
+        for array in (mapped.images, mapped.masks):
+            got = read_rows(array, np.asarray(rows, dtype=np.int64))
+            assert not isinstance(got, np.memmap) and got.flags.writeable
+            assert got.shape == (len(rows), *array.shape[1:])
+            assert np.array_equal(got, np.asarray(array)[rows])
+    part = mapped.images[4:12]  # a view: its rows are not at the file's own offsets
+    assert np.array_equal(read_rows(part, np.array([3, 0])), np.asarray(part)[[3, 0]])

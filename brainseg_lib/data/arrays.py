@@ -57,6 +57,56 @@ class SplitArrays:
                            self.masks[idx], [self.source_sizes[i] for i in idx])
 
 
+def read_rows(array: np.ndarray, rows: np.ndarray | list[int]) -> np.ndarray:
+    """``array[rows]`` (in that order), read from the file with plain reads when ``array``
+    memory-maps a whole ``.npy`` file.
+
+    Why: a page of a map that the process touches counts in its resident memory until the
+    map goes, and the kernel maps whole cached folios (measured: 0.5 MB per 16 KB row), so
+    gathering batches through the map grew peak RSS with the dataset. Read into a buffer, the
+    pages stay in the page cache only. Runs of consecutive rows are read at once.
+    """
+    rows = np.asarray(rows, dtype=np.int64).reshape(-1)
+    if not _whole_file_map(array):
+        return np.asarray(array[rows])
+    out = np.empty((len(rows), *array.shape[1:]), array.dtype)
+    if not out.size:
+        return out
+    row_bytes = out.itemsize * int(np.prod(array.shape[1:], dtype=np.int64))
+    view = memoryview(out).cast("B")
+    fd = os.open(array.filename, os.O_RDONLY)
+    try:
+        start = 0
+        while start < len(rows):
+            end = start + 1
+            while end < len(rows) and rows[end] == rows[end - 1] + 1:
+                end += 1
+            want = view[start * row_bytes:end * row_bytes]
+            offset = array.offset + int(rows[start]) * row_bytes
+            while len(want):  # pread may return less than asked
+                got = os.preadv(fd, [want], offset)
+                if got <= 0:
+                    raise OSError(f"{array.filename}: short read at byte {offset}")
+                want, offset = want[got:], offset + got
+            start = end
+    finally:
+        os.close(fd)
+    return out
+
+
+def _whole_file_map(array: np.ndarray) -> bool:
+    """Whether ``array`` is a C-ordered memory map of a whole ``.npy`` file's data (what
+    :func:`np.load` with ``mmap_mode`` returns), so its rows sit at known file offsets."""
+    if not isinstance(array, np.memmap) or array.filename is None or array.ndim < 1:
+        return False
+    try:
+        size = os.path.getsize(array.filename)
+    except OSError:
+        return False
+    return bool(array.flags.c_contiguous and array.offset + array.nbytes == size
+                and array.offset < size)
+
+
 def default_cache_dir() -> Path:
     env = os.environ.get("BRAINSEG_CACHE")
     if env:

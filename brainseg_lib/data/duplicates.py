@@ -21,7 +21,7 @@ import pandas as pd
 from scipy.sparse import coo_matrix
 from scipy.sparse.csgraph import connected_components
 
-from brainseg_lib.data.arrays import SplitArrays, default_cache_dir, load_dataset
+from brainseg_lib.data.arrays import SplitArrays, default_cache_dir, load_dataset, read_rows
 from brainseg_lib.data.coco import dataset_hash
 from brainseg_lib.data.locate import DataSource
 from brainseg_lib.io import atomic_write_json
@@ -35,8 +35,12 @@ def phash(arrays: SplitArrays) -> np.ndarray:
     import imagehash
     from PIL import Image
 
+    def chunks(size: int = 256) -> Iterator[np.ndarray]:  # plain reads, not the map's pages
+        for start in range(0, len(arrays), size):
+            yield read_rows(arrays.images, np.arange(start, min(start + size, len(arrays))))
+
     bits = np.stack([imagehash.phash(Image.fromarray(img[0])).hash.ravel()
-                     for img in arrays.images])
+                     for chunk in chunks() for img in chunk])
     return np.packbits(bits, axis=1).view(">u8")[:, 0].astype(np.uint64)
 
 

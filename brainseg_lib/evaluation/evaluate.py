@@ -63,6 +63,7 @@ from brainseg_lib.metrics.functional import (
 )
 from brainseg_lib.metrics.lesion import FIELDS, LESION_DEFINITIONS, image_lesions, lesion_table
 from brainseg_lib.rundir import METRICS_FILE, eval_dir, git_commit
+from brainseg_lib.tracking import log_evaluation
 
 # what an evaluation takes from the call, never from the run: the evaluation group
 EVALUATION_KEYS = names(groups=("evaluation",))
@@ -91,6 +92,7 @@ def evaluate_run(run_dir: str | Path, split: str = "test", device: str = "auto",
     The data must be what the run trained on (same annotations hash) or what its training
     copy was made from (recorded provenance); anything else is an error. ``backend``: the
     engine (:func:`inference.predictor.load_model`); the figures agree across engines.
+    With ``tracking_uri`` set, the figures and files go to the run's MLflow run too.
     """
     run_dir = Path(run_dir)
     loaded = load_model(run_dir, device, backend)
@@ -107,6 +109,9 @@ def evaluate_run(run_dir: str | Path, split: str = "test", device: str = "auto",
                             "valid", verbose, data_note)
     if split == "test":  # the run's headline file
         atomic_write_json(run_dir / METRICS_FILE, out)
+    # into the run's MLflow run when the call or the run turned tracking on
+    tracked = call if call.tracking_uri else loaded.params
+    log_evaluation(run_dir, tracked, out)
     return out
 
 

@@ -9,7 +9,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from brainseg_lib.data.arrays import SplitArrays
+from brainseg_lib.data.arrays import SplitArrays, read_rows
 from brainseg_lib.inference.predictor import LoadedModel, predict_both, predict_logits
 from brainseg_lib.training.losses import build_loss
 
@@ -35,8 +35,9 @@ def predict_split(loaded: LoadedModel, arrays: SplitArrays, tta: bool,
     loss = torch.zeros((), device=loaded.device)
     bce = torch.zeros((), device=loaded.device)
     for i in range(0, len(arrays), batch_size):
-        x = torch.tensor(arrays.images[i:i + batch_size])  # a copy: the cache is read-only
-        y = torch.tensor(arrays.masks[i:i + batch_size], device=loaded.device)
+        rows = np.arange(i, min(i + batch_size, len(arrays)))  # plain reads, not the map
+        x = torch.from_numpy(read_rows(arrays.images, rows))
+        y = torch.from_numpy(read_rows(arrays.masks, rows)).to(loaded.device)
         y = y.unsqueeze(1).float()
         if tta:
             logits, logits_tta = predict_both(loaded, x)

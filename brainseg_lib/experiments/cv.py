@@ -29,6 +29,7 @@ from brainseg_lib.inference.predictor import LoadedModel, load_model
 from brainseg_lib.io import atomic_write_json
 from brainseg_lib.metrics.functional import hd95, pooled_iou
 from brainseg_lib.rundir import CV_FILE, FOLDS_FILE, LOGS_DIR, eval_dir
+from brainseg_lib.tracking import FINAL_FIGURES, parent_run
 
 
 def cv_dir_for(params: Params, k: int) -> Path:
@@ -133,18 +134,23 @@ def run_cv(params_file: str | Path, k: int = 5, overrides: dict[str, Any] | None
     say(f"cv {cv_dir}: {len(folds)} folds over {sum(map(len, folds))} train+valid images in "
         f"{groups['n_clusters']} near-duplicate clusters; {len(groups['clean_test'])} of "
         f"{groups['n_test']} test images are clean")
-    jobs = _train_folds(params_file, overrides, cv_dir, len(folds), parallel, evaluate)
     result: dict[str, Any] = {"cv_dir": str(cv_dir), "folds": len(folds),
                               "groups": {key: value for key, value in groups.items()
                                          if key not in ("clusters", "clean_test")}}
-    if not evaluate:
-        return result
-    st = EvalSettings.from_params(params)
-    members = [load_model(job.run_dir) for job in jobs]
-    result["cv"], oof = _score_out_of_fold(members, data, folds, params, st)
-    result.update(_score_ensemble(members, cv_dir, source, st, oof, verbose))
-    atomic_write_json(cv_dir / CV_FILE, result)
-    cv = result["cv"]["metrics"]
+    # with tracking_uri, the cv's MLflow run: the fold runs (other processes) nest under it
+    with parent_run(params, cv_dir) as parent:
+        jobs = _train_folds(params_file, overrides, cv_dir, len(folds), parallel, evaluate)
+        if not evaluate:
+            return result
+        st = EvalSettings.from_params(params)
+        members = [load_model(job.run_dir) for job in jobs]
+        result["cv"], oof = _score_out_of_fold(members, data, folds, params, st)
+        result.update(_score_ensemble(members, cv_dir, source, st, oof, verbose))
+        atomic_write_json(cv_dir / CV_FILE, result)
+        cv = result["cv"]["metrics"]
+        if parent:
+            parent.log_metrics({f"cv_{k}": cv[k] for k in FINAL_FIGURES if k in cv})
+            parent.log_artifact(cv_dir / CV_FILE)
     say(f"CV (out-of-fold, plain): pooled IoU {cv['pooled_iou']:.4f}, mean image Dice "
         f"{cv['mean_image_dice']:.4f}; wrote {cv_dir / CV_FILE}")
     return result

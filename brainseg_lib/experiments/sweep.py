@@ -58,11 +58,13 @@ from brainseg_lib.rundir import (
     SWEEP_RECORD_FILE,
     TRAIN_FILE,
 )
+from brainseg_lib.tracking import nested_under, parent_run
 
 SELECT_ON = ("val_iou", "val_dice", "val_loss")
 PRUNERS = ("none", "median", "hyperband")
 GRID_KEYS = {"base", "parallel", "select_on", "common", "variants", "grid", "pruner",
              "prune_startup", "prune_warmup"}
+PARENT_ATTR = "mlflow_parent_run_id"  # the study's user attribute: the sweep's MLflow run
 HEARTBEAT_S = 60  # a trial whose worker went silent this long (x3) is failed and queued again
 
 
@@ -363,7 +365,8 @@ def work(grid: dict[str, Any], sweep_dir: Path, storage: str | None = None) -> N
         return
     if callbacks and _count(study, (TrialState.COMPLETE, TrialState.PRUNED)) >= grid["trials"]:
         return
-    study.optimize(objective(grid, sweep_dir), callbacks=callbacks, gc_after_trial=True)
+    with nested_under(study.user_attrs.get(PARENT_ATTR)):  # a worker on another machine
+        study.optimize(objective(grid, sweep_dir), callbacks=callbacks, gc_after_trial=True)
 
 
 def _count(study: Any, states: tuple[Any, ...]) -> int:
@@ -437,8 +440,6 @@ def run_sweep(grid_file: str | Path, sweep_dir: str | Path, parallel: int = 0,
               evaluate: bool = True, storage: str | None = None) -> pd.DataFrame:
     """Run the study to its end (failed trials queued again), write ``sweep.csv`` and
     ``sweep.json``; the selected run is then (and only then) evaluated on test."""
-    from brainseg_lib.evaluation.evaluate import evaluate_run
-
     grid_file = Path(grid_file)
     grid = read_grid(grid_file)
     sweep_dir = Path(sweep_dir)
@@ -447,8 +448,24 @@ def run_sweep(grid_file: str | Path, sweep_dir: str | Path, parallel: int = 0,
     again = requeue_failed(study)
     if again:
         print(f"queued again (their runs resume): {', '.join(again)}", flush=True)
-    run_workers(grid_file, grid, sweep_dir, parallel, storage)
-    _wait_for_others(study)
+    # with tracking_uri, the sweep's MLflow run: its trials nest under it, wherever they run
+    with parent_run(load_params(grid["base"], **grid["common"]), sweep_dir) as parent:
+        if parent:
+            study.set_user_attr(PARENT_ATTR, parent.run_id)
+        run_workers(grid_file, grid, sweep_dir, parallel, storage)
+        _wait_for_others(study)
+        table = _finish(grid_file, grid, sweep_dir, study, evaluate, storage)
+        if parent:
+            for name in (SWEEP_FILE, SWEEP_RECORD_FILE):
+                parent.log_artifact(sweep_dir / name)
+    return table
+
+
+def _finish(grid_file: Path, grid: dict[str, Any], sweep_dir: Path, study: Any,
+            evaluate: bool, storage: str | None) -> pd.DataFrame:
+    """The table, the selection on validation and the selected run's test; written out."""
+    from brainseg_lib.evaluation.evaluate import evaluate_run
+
     table = sweep_table(grid, sweep_dir, study)
     selected = table[table.selected]
     from sqlalchemy.engine import make_url

@@ -209,8 +209,10 @@ def _model_info(run_dirs: list[Path], members: list[str], params: Params,
     return {
         "format": "brainseg model 1", "members": members,
         "stored_as": "float16" if fp16 else "float32",
+        # not what the run was, but where it ran from: a shipped model must not log to the
+        # trainer's MLflow store
         "params": {k: v for k, v in params.to_dict().items()
-                   if k not in ("resume", "model_dir", "run_id")},
+                   if k not in ("resume", "model_dir", "run_id", "tracking_uri")},
         "runs": [r.name for r in run_dirs],
         "training": [training_record(r) or {} for r in run_dirs],
         "environment": {k: env.get(k) for k in ("device", "gpu", "git_commit", "created",

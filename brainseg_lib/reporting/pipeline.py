@@ -29,6 +29,7 @@ from brainseg_lib.rundir import (
     target_run_dir,
     training_record,
 )
+from brainseg_lib.tracking import log_report
 
 NOTEBOOKS = ("01_data_exploration", "02_train", "03_evaluate", "04_visualise")
 COMPARE = "05_compare"  # runs after the four when ``compare`` names runs to set this one beside
@@ -192,6 +193,7 @@ def run_pipeline(params_file: str | Path, name: str | None = None,
     summary["notebooks"] = _execute_notebooks(params, out_dir, injected)
     summary.update(_outcome(params, summary["notebooks"], started, started_wall))
     atomic_write_json(out_dir / REPORT_SUMMARY_FILE, summary)
+    log_report(target_run_dir(params), params, out_dir)  # MLflow, when tracking_uri is set
     write_index(reports_dir)
     print(f"{summary['status']} in {summary['seconds']} s; index: {reports_dir / 'index.html'}")
     return summary

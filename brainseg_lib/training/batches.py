@@ -17,7 +17,7 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 import torch
 
-from brainseg_lib.data.arrays import SplitArrays
+from brainseg_lib.data.arrays import SplitArrays, read_rows
 
 DEVICE_SHARE = 0.5  # a split is made resident when it takes at most this share of free memory
 
@@ -86,8 +86,8 @@ class StreamedBatches(_Order):
 
     def _gather(self, idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         rows = idx.numpy()
-        images = torch.from_numpy(self.arrays.images[rows])  # a copy: pages, not the split
-        masks = torch.from_numpy(self.arrays.masks[rows])
+        images = torch.from_numpy(read_rows(self.arrays.images, rows))  # not through the map
+        masks = torch.from_numpy(read_rows(self.arrays.masks, rows))
         if self.pin:
             images, masks = images.pin_memory(), masks.pin_memory()
         return images, masks.unsqueeze(1)

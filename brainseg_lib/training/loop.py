@@ -45,6 +45,7 @@ from brainseg_lib.rundir import (
     target_run_dir,
     training_record,
 )
+from brainseg_lib.tracking import Tracker, training_run
 from brainseg_lib.training.batches import ResidentBatches, StreamedBatches, make_batches
 from brainseg_lib.training.distributed import (
     DistContext,
@@ -159,11 +160,17 @@ def train(params: Params, progress: bool = True,
     runs after each epoch is saved, with its history row (validation metrics included): a
     sweep reports it to its pruner, and an exception it raises ends the run there, with
     ``last.pt`` and the history kept. Raises TrainingDivergedError on a non-finite loss.
+    With ``tracking_uri`` set, the session logs to the run's MLflow run (:mod:`.tracking`).
     """
     ctx = init_from_env(params.device)  # several processes under torchrun
     try:
         session = _Session.open(params, ctx, resume_overrides or {})
-        return session.run(progress, step_callback, epoch_callback)
+        try:
+            return session.run(progress, step_callback, epoch_callback)
+        except BaseException as err:  # pruned, interrupted, diverged: the MLflow run says so
+            if session.tracker:
+                session.tracker.end("KILLED", type(err).__name__)
+            raise
     finally:
         finish(ctx)
 
@@ -184,6 +191,7 @@ class _Session:
     history: list[dict[str, float]]
     first_epoch: int
     parent: dict[str, Any] | None = None  # the model fine-tuned from (init_from)
+    tracker: Tracker | None = None  # the run's MLflow run (rank 0, tracking_uri set)
 
     @classmethod
     def open(cls, params: Params, ctx: DistContext, overrides: dict[str, Any]) -> _Session:
@@ -217,6 +225,8 @@ class _Session:
             session.restore(start_state)
         elif ctx.is_main:
             session.record_start(source, {k: len(v) for k, v in data.items()})
+        if ctx.is_main:
+            session.tracker = training_run(params, run_dir)
         session.announce(source, data)
         return session
 
@@ -270,6 +280,8 @@ class _Session:
             if save_last:
                 last_saved = time.perf_counter()
             self.report_epoch(epoch, row, improved)
+            if self.tracker:
+                self.tracker.log_epoch(epoch, row)
             if epoch_callback:
                 epoch_callback(epoch, row)
             if self.stopper.should_stop:
@@ -347,6 +359,11 @@ class _Session:
                    "ema": trainer.ema is not None}
         if self.ctx.is_main:
             atomic_write_json(self.run_dir / TRAIN_FILE, summary)
+        if self.tracker:
+            self.tracker.log_metrics({k: v for k, v in summary.items()
+                                      if isinstance(v, int | float) and not isinstance(v, bool)})
+            self.tracker.log_artifact(self.run_dir / TRAIN_FILE)
+            self.tracker.end()
         barrier(self.ctx)
         self.say(f"stopped after epoch {epoch} ({stop_reason}); best {p.monitor} "
                  f"{stopper.best:.4f} at epoch {stopper.best_epoch}"
