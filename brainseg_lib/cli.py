@@ -350,7 +350,8 @@ def _add_sweep_parser(sub: argparse._SubParsersAction) -> None:
                        help="grid or search-space file (see docs/how-to/sweep.md)")
     sweep.add_argument("--out", help="sweep folder (default runs/sweep-<grid name>)")
     sweep.add_argument("--parallel", type=int, default=0,
-                       help="worker processes on this machine (default: one per GPU)")
+                       help="worker processes on this machine (default: the grid's "
+                       "parallel, else one per GPU; 1 with --worker)")
     sweep.add_argument("--storage", help="the study's database, any SQLAlchemy URL, e.g. "
                        "postgresql://user:pw@host/db (default: SQLite in the sweep folder)")
     sweep.add_argument("--worker", action="store_true",

@@ -448,7 +448,7 @@ def _card_model(info: dict[str, Any]) -> list[str]:
         f"{p['normalize_mean']} and std {p['normalize_std']} (of [0, 1] pixel values)",
         f"- weights: {info['stored_as']}, {len(info['members'])} member(s) "
         f"({', '.join(info['members'])}); initialisation: {info.get('weights_init') or '?'}",
-        "- load: `brainseg predict --model <this folder> IMAGE`, or in Python "
+        "- load: `brainseg predict --model <this folder> IMAGE... --out DIR`, or in Python "
         "`brainseg_lib.model.package.networks_from_model_dir(folder)`; smp alone: "
         "`smp.from_pretrained(folder)` (single-member folders)", "",
     ]
@@ -620,7 +620,7 @@ def _card_onnx(info: dict[str, Any]) -> list[str]:
             f"- verified against torch with onnxruntime {o['onnxruntime']} on "
             f"{o['verified_on']}: max |Δprobability| {o['max_abs_prob_diff']:.1e}, identical "
             f"mask pixels {o['mask_agreement']:.4%} at threshold {o['threshold']}",
-            "- use: `brainseg predict --model <folder> --backend onnxruntime IMAGE` "
+            "- use: `brainseg predict --model <folder> --backend onnxruntime IMAGE... --out DIR` "
             "(the default on a CPU), or any ONNX runtime: input `images` (B,3,H,W) float32 "
             "normalised as above, H and W multiples of 32; output `logits` (B,1,H,W)",
             *_card_int8(o), ""]
