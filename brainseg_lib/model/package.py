@@ -12,7 +12,7 @@ import json
 import shutil
 import tempfile
 import warnings
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -287,6 +287,37 @@ def _verification_batches(params: Params) -> tuple[list[Any], str, list[Any], st
             f"{params.image_size} px ({source.path})")
 
 
+def _write_verified(model_dir: Path, models: list[nn.Module], files: list[str],
+                    batches: list[Any], threshold: float, kind: str,
+                    write: Callable[[nn.Module, Path], float], refused: str = "",
+                    ) -> tuple[list[float], dict[str, float]]:
+    """Write each member's ONNX file (``write`` returns its seconds) and verify it against
+    torch on ``batches`` with the bounds of its ``kind`` (``ONNX`` or ``int8``); one miss
+    removes every file written. Returns the seconds and the worst figures over members."""
+    from brainseg_lib.model.onnx_export import (
+        OnnxMember,
+        compare_engines,
+        verification_failures,
+    )
+
+    seconds, results = [], []
+    try:
+        for model, file in zip(models, files, strict=True):
+            seconds.append(write(model, model_dir / file))
+            result = compare_engines(model, OnnxMember(model_dir / file), batches, threshold)
+            failures = verification_failures(result, int8=kind == "int8")
+            if failures:
+                raise ArtifactError(f"{model_dir / file}: {kind} verification failed against "
+                                    f"torch: {'; '.join(failures)}{refused}")
+            results.append(result)
+    except BaseException:
+        for file in files:
+            (model_dir / file).unlink(missing_ok=True)
+        raise
+    return seconds, {"max_abs_prob_diff": max(r["max_abs_prob_diff"] for r in results),
+                     "mask_agreement": min(r["mask_agreement"] for r in results)}
+
+
 def add_onnx(model_dir: str | Path, name: str = "", int8: bool = False) -> dict[str, Any]:
     """Export each member of a model folder to ONNX, verify it against torch on real images
     and record files, hashes and figures in ``brainseg.json`` and the card; with ``int8``,
@@ -297,34 +328,15 @@ def add_onnx(model_dir: str | Path, name: str = "", int8: bool = False) -> dict[
     """
     import onnxruntime
 
-    from brainseg_lib.model.onnx_export import (
-        MAX_PROB_DIFF,
-        MIN_MASK_AGREEMENT,
-        OnnxMember,
-        compare_engines,
-        export_onnx,
-        verification_failures,
-    )
+    from brainseg_lib.model.onnx_export import MAX_PROB_DIFF, MIN_MASK_AGREEMENT, export_onnx
 
     model_dir = Path(model_dir)
     models, params, info = networks_from_model_dir(model_dir)
     batches, images, calibration, calibrated_on = _verification_batches(params)
-    files, seconds, results = onnx_names(info["members"]), [], []
-    try:
-        for model, file in zip(models, files, strict=True):
-            seconds.append(export_onnx(model, model_dir / file, params.in_channels,
-                                       params.image_size))
-            result = compare_engines(model, OnnxMember(model_dir / file), batches,
-                                     params.threshold)
-            failures = verification_failures(result)
-            if failures:
-                raise ArtifactError(f"{model_dir / file}: ONNX verification failed against "
-                                    f"torch: {'; '.join(failures)}")
-            results.append(result)
-    except BaseException:
-        for file in files:
-            (model_dir / file).unlink(missing_ok=True)
-        raise
+    files = onnx_names(info["members"])
+    seconds, figures = _write_verified(
+        model_dir, models, files, batches, params.threshold, "ONNX",
+        lambda model, path: export_onnx(model, path, params.in_channels, params.image_size))
     stale = int8_names(info["members"])  # made from the ONNX files just replaced
     for file in stale:
         (model_dir / file).unlink(missing_ok=True)
@@ -337,9 +349,7 @@ def add_onnx(model_dir: str | Path, name: str = "", int8: bool = False) -> dict[
         "files": files, "torch": torch.__version__, "onnxruntime": onnxruntime.__version__,
         "export_seconds": [round(s, 1) for s in seconds], "verified_on": images,
         "bounds": {"min_mask_agreement": MIN_MASK_AGREEMENT, "max_abs_prob_diff": MAX_PROB_DIFF},
-        "max_abs_prob_diff": max(r["max_abs_prob_diff"] for r in results),
-        "mask_agreement": min(r["mask_agreement"] for r in results),
-        "threshold": params.threshold}
+        **figures, "threshold": params.threshold}
     atomic_write_json(model_dir / INFO_FILE, record)
     atomic_write_text(model_dir / "README.md", model_card(record, name or model_dir.name))
     if int8:
@@ -358,31 +368,16 @@ def _add_int8(model_dir: Path, name: str, models: list[nn.Module], params: Param
     from brainseg_lib.model.onnx_export import (
         INT8_MAX_PROB_DIFF,
         MIN_MASK_AGREEMENT,
-        OnnxMember,
-        compare_engines,
         quantize_int8,
-        verification_failures,
     )
 
     record = json.loads((model_dir / INFO_FILE).read_text())
-    sources, files = record["onnx"]["files"], [f.removesuffix(".onnx") + INT8_SUFFIX
-                                               for f in record["onnx"]["files"]]
-    seconds, results = [], []
-    try:
-        for model, source, file in zip(models, sources, files, strict=True):
-            seconds.append(quantize_int8(model_dir / source, model_dir / file, calibration))
-            result = compare_engines(model, OnnxMember(model_dir / file), batches,
-                                     params.threshold)
-            failures = verification_failures(result, int8=True)
-            if failures:
-                raise ArtifactError(f"{model_dir / file}: int8 verification failed against "
-                                    f"torch: {'; '.join(failures)}; refused ({sources[0]} "
-                                    "stays, verified)")
-            results.append(result)
-    except BaseException:
-        for file in files:
-            (model_dir / file).unlink(missing_ok=True)
-        raise
+    sources, files = record["onnx"]["files"], int8_names(record["members"])
+    source_of = dict(zip(files, sources, strict=True))
+    seconds, figures = _write_verified(
+        model_dir, models, files, batches, params.threshold, "int8",
+        lambda _, path: quantize_int8(model_dir / source_of[path.name], path, calibration),
+        refused=f"; refused ({sources[0]} stays, verified)")
     record["sha256"] |= {f: file_sha256(model_dir / f) for f in files}
     record["onnx"]["int8"] = {
         "files": files, "quantisation": "onnxruntime quantize_static: QDQ, per-channel int8 "
@@ -390,8 +385,7 @@ def _add_int8(model_dir: Path, name: str, models: list[nn.Module], params: Param
         "quantise_seconds": [round(s, 1) for s in seconds],
         "bounds": {"min_mask_agreement": MIN_MASK_AGREEMENT,
                    "max_abs_prob_diff": INT8_MAX_PROB_DIFF},
-        "max_abs_prob_diff": max(r["max_abs_prob_diff"] for r in results),
-        "mask_agreement": min(r["mask_agreement"] for r in results)}
+        **figures}
     atomic_write_json(model_dir / INFO_FILE, record)
     atomic_write_text(model_dir / "README.md", model_card(record, name or model_dir.name))
 
