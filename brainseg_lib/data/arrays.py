@@ -137,12 +137,8 @@ def cache_key(split: CocoSplit, size: int) -> str:
     return digest.hexdigest()[:20]
 
 
-def _crc(array: np.ndarray) -> int:
-    return zlib.crc32(memoryview(np.ascontiguousarray(array)).cast("B"))
-
-
 def _file_crc(path: Path) -> int:
-    """CRC32 of an ``.npy`` file's array bytes (the same as :func:`_crc` of the array), read
+    """CRC32 of an ``.npy`` file's array bytes (the array's data, header skipped), read
     in chunks: checking a memory-mapped split does not bring it into the process's memory."""
     crc = 0
     with path.open("rb") as f:
