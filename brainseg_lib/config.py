@@ -16,8 +16,10 @@ from typing import Any, Literal, get_args, get_origin
 
 import yaml
 
+from brainseg_lib.errors import BrainsegError
 
-class ParamsError(ValueError):
+
+class ParamsError(BrainsegError, ValueError):
     """A parameter file or value is invalid; the message names the file and the key."""
 
 

@@ -30,6 +30,8 @@ import numpy as np
 from PIL import Image, UnidentifiedImageError
 from pycocotools import mask as mask_utils
 
+from brainseg_lib.errors import BrainsegError
+
 SPLITS = ("train", "valid", "test")
 ANNOTATION_FILE = "_annotations.coco.json"  # Roboflow: one per split folder
 SPLIT_ALIASES = {"train": ("train",), "valid": ("valid", "val"), "test": ("test",)}
@@ -47,7 +49,7 @@ class Issue:
         return f"[{self.severity}] {self.split}: {self.file}: {self.problem}"
 
 
-class DatasetError(Exception):
+class DatasetError(BrainsegError):
     """The dataset cannot be used; carries every error found, each naming split and file."""
 
     def __init__(self, issues: list[Issue]):

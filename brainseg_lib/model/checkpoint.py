@@ -17,13 +17,14 @@ import torch
 from torch import nn
 
 from brainseg_lib.config import Params, ParamsError, params_from_record
+from brainseg_lib.errors import BrainsegError
 from brainseg_lib.io import atomic_write
 from brainseg_lib.model.network import build_network
 
 PLAIN_TYPES = (str, int, float, bool, type(None))
 
 
-class ArtifactError(ValueError):
+class ArtifactError(BrainsegError, ValueError):
     """A checkpoint or model folder cannot be used; the message names the file and why."""
 
 

@@ -17,10 +17,12 @@ import segmentation_models_pytorch as smp
 import torch
 from torch import nn
 
+from brainseg_lib.errors import BrainsegError
+
 HUB_HOST = "huggingface.co"
 
 
-class PretrainedWeightsError(RuntimeError):
+class PretrainedWeightsError(BrainsegError, RuntimeError):
     """Requested pretrained weights could not be loaded and ``require_pretrained`` is set."""
 
 

@@ -22,6 +22,7 @@ import torch
 from torch import nn
 
 from brainseg_lib.config import Params
+from brainseg_lib.errors import BrainsegError
 from brainseg_lib.metrics.functional import ConfusionCounts, pooled_dice, pooled_iou
 from brainseg_lib.model.device import autocast_dtype
 from brainseg_lib.model.network import Normalizer
@@ -31,7 +32,7 @@ from brainseg_lib.training.distributed import DistContext, wrap
 from brainseg_lib.training.losses import build_loss, per_image_loss
 
 
-class TrainingDivergedError(RuntimeError):
+class TrainingDivergedError(BrainsegError, RuntimeError):
     """The loss became NaN or infinite; the last good checkpoint is kept."""
 
 
