@@ -373,7 +373,8 @@ def _add_cv_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def _add_run_parser(sub: argparse._SubParsersAction) -> None:
-    run = sub.add_parser("run", help="execute the four notebooks into a dated report")
+    run = sub.add_parser("run", help="execute notebooks 01-04 (and 05_compare when asked)"
+                         " into a dated report")
     run.add_argument("--params", required=True,
                      help="parameter file, or 'auto': reference on CUDA, quick on CPU")
     run.add_argument("--no-download", action="store_true",

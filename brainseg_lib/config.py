@@ -102,7 +102,8 @@ class Params:
                                   "local .pt/.pth/.safetensors")
     require_pretrained: bool = _param(False, "training", "execution", "make unavailable "
                                       "ImageNet weights an error, not a warning")
-    in_channels: int = _param(3, "training", "weights", "input channels", (1, 4))
+    in_channels: int = _param(3, "training", "weights", "input channels: images are read "
+                              "as RGB and normalised per channel", (3, 3))
     decoder_channels: list[int] = _param([], "training", "weights", "decoder widths, deepest "
                                          "first; [] = smp's default (256, 128, 64, 32, 16)")
     model_dir: str = _param("", "training", "run", "an exported model (brainseg export) to "

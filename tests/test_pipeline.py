@@ -1,4 +1,4 @@
-"""``brainseg run``: the four notebooks into a dated report, the index, and failures."""
+"""``brainseg run``: notebooks 01–04 (05 when asked) into a dated report, the index, failures."""
 
 import json
 import re

@@ -101,8 +101,8 @@ PHOTO_QUALITY = 85  # JPEG quality of MRI figures: no visible loss at report siz
 
 
 def photo_figures() -> None:
-    """Show this notebook's figures as JPEG, not PNG: MRI overlays are photographs, and each
-    gallery as PNG weighed ~1.5 MB (04's report reached 7–9 MB; JPEG is ~4× smaller)."""
+    """Show this notebook's figures as JPEG, not PNG: MRI overlays are photographs, and
+    PNG galleries made 04's report several times larger for no visible gain."""
     from IPython import get_ipython
     from matplotlib_inline.backend_inline import set_matplotlib_formats
 

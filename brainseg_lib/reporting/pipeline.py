@@ -1,4 +1,5 @@
-"""``brainseg run``: the four notebooks executed with papermill into a dated report.
+"""``brainseg run``: notebooks 01–04 (and 05_compare when asked) executed with papermill
+into a dated report.
 
 Layout: ``reports/<YYYY-MM-DD>/<run-id>/NN_name.ipynb`` and ``.html``, ``summary.json``,
 and ``reports/index.html`` listing every run. Parameters are validated before anything
@@ -136,7 +137,7 @@ def _execute_notebook(nb: str, out_dir: Path, injected: dict[str, Any],
 
 def _execute_notebooks(params: Params, out_dir: Path,
                        injected: dict[str, Any]) -> list[dict[str, Any]]:
-    """The four notebooks (and 05_compare when asked) in order, stopping at the first
+    """Notebooks 01–04 (and 05_compare when asked) in order, stopping at the first
     failure, whose partial notebook is kept."""
     entries = []
     planned = [*NOTEBOOKS, *((COMPARE,) if params.compare else ())]

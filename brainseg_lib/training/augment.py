@@ -2,9 +2,9 @@
 random geometric and intensity transforms.
 
 Augmenting whole uint8 batches on the GPU with tensor ops (one ``affine_grid`` /
-``grid_sample`` per batch) keeps up with ~1,700 img/s on an H100, where per-sample CPU
-augmentation (albumentations) would starve the model; on the CPU it costs a few percent of
-a training step. The image and its mask go through the same random transform.
+``grid_sample`` per batch) keeps up with a fast GPU, where per-sample CPU augmentation
+(albumentations) would starve the model; ``benchmarks/README.md`` has the figures. The
+image and its mask go through the same random transform.
 """
 
 from __future__ import annotations
