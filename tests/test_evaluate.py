@@ -16,6 +16,7 @@ from brainseg_lib.evaluation.postprocess import postprocess
 from brainseg_lib.evaluation.predictions import SplitPrediction, predict_split
 from brainseg_lib.inference.predictor import load_model
 from brainseg_lib.metrics.functional import ConfusionCounts, hd95, per_image_dice, per_image_iou
+from brainseg_lib.metrics.lesion import image_lesions, label_components
 from brainseg_lib.model.package import export_model, record_metrics
 from brainseg_lib.reporting.notebook import calibration_table, group_table, lesion_wise_table
 from brainseg_lib.training.loop import train
@@ -44,6 +45,23 @@ def test_postprocessing_by_hand():
     assert boxed[6:9, 0:3].all() and boxed[6:9, 0:3].sum() == 9  # its 3x3 bounding box
     assert not boxed[6, 6]               # the speck is dropped
     assert boxed.sum() == 6 + 4 + 9
+
+
+def test_postprocessing_counts_components_as_the_lesion_metric_does():
+    """A blob touching its neighbour only at a corner is one component for the lesion metric
+    (8-connectivity); post-processing must see the same one, not two."""
+    m = np.zeros((12, 12), bool)
+    m[2:5, 2:5] = True   # 9 px
+    m[5:7, 5:7] = True   # 4 px, joined to the first only diagonally at (4,4)-(5,5)
+    blob = m.copy()
+    m[10, 11] = True     # a 1 px speck apart from both
+    outcome = image_lesions(blob[None], m)
+    assert outcome.fp_components == 1 and outcome.detected == 1  # the blob is one lesion
+    assert label_components(m)[1] == 2
+    assert postprocess(m, "keep_largest").sum() == 13
+    assert postprocess(m, "drop_small", min_px=10).sum() == 13  # 9 + 4 kept together
+    boxed = postprocess(m, "fill_box", 10)
+    assert boxed[2:7, 2:7].all() and boxed.sum() == 25
 
 
 def test_evaluate_run_writes_consistent_results(trained_run, synthetic_root):

@@ -44,7 +44,10 @@ from brainseg_lib.metrics.functional import dice, hd95
 
 LESION_DILATION = 3
 PQ_IOU = 0.5
-CONNECTIVITY = ndimage.generate_binary_structure(2, 2)  # 8-connected in 2D
+# the one definition of a component: 8-connected in 2D (diagonal neighbours join). The lesion
+# metric and post-processing both label through label_components, so a mask is never
+# counted as one component by one and two by the other.
+CONNECTIVITY = ndimage.generate_binary_structure(2, 2)
 
 LESION_DEFINITIONS = {
     "lesion_sensitivity": "Lesion sensitivity: detected true lesions / all (BraTS 2023 overlap "
@@ -81,6 +84,12 @@ class ImageLesions:
     per_lesion_dice: tuple[float, ...]  # each true lesion's Dice (0 when missed)
 
 
+def label_components(mask: np.ndarray) -> tuple[np.ndarray, int]:
+    """The connected components of a binary mask (``CONNECTIVITY``): labels 1..n, and n."""
+    labels, n = ndimage.label(mask, structure=CONNECTIVITY)
+    return labels, int(n)
+
+
 def _as_stack(lesions: np.ndarray | list[np.ndarray], shape: tuple[int, ...]) -> np.ndarray:
     stack = np.asarray(lesions, bool)
     return stack.reshape((-1, *shape)) if stack.size == 0 else stack
@@ -92,7 +101,7 @@ def image_lesions(lesions: np.ndarray | list[np.ndarray], pred: np.ndarray) -> I
     pred = np.asarray(pred, bool)
     truth = _as_stack(lesions, pred.shape)
     truth = truth[truth.any((1, 2))]  # none left at this resolution
-    components, n_comp = ndimage.label(pred, structure=CONNECTIVITY)
+    components, n_comp = label_components(pred)
     penalty = float(np.hypot(*pred.shape))
     matched: set[int] = set()
     dices, dists, detected = [], [], 0
