@@ -14,13 +14,14 @@ from brainseg_lib.data.coco import load_split
 from brainseg_lib.evaluation.evaluate import evaluate_run, score_at_source_resolution
 from brainseg_lib.evaluation.postprocess import postprocess
 from brainseg_lib.evaluation.predictions import SplitPrediction, predict_split
+from brainseg_lib.evaluation.result import Evaluation
 from brainseg_lib.inference.predictor import load_model
 from brainseg_lib.metrics.functional import ConfusionCounts, hd95, per_image_dice, per_image_iou
 from brainseg_lib.metrics.lesion import image_lesions, label_components
 from brainseg_lib.model.package import export_model, record_metrics
 from brainseg_lib.reporting.notebook import calibration_table, group_table, lesion_wise_table
 from brainseg_lib.training.loop import train
-from conftest import tiny_params
+from conftest import ROOT, tiny_params
 
 
 @pytest.fixture(scope="module")
@@ -123,6 +124,29 @@ def test_evaluate_run_writes_consistent_results(trained_run, synthetic_root):
     plain = variants[(variants.threshold == 0.5) & ~variants.tta
                      & (variants.postprocess == "none")]
     assert row.pooled_iou.item() >= plain.pooled_iou.item()
+
+
+def _paths(x, path: str = "") -> set[str]:
+    """Every key path of a metrics record; the labels of a group (sub-class, quintile) and of
+    the quintile edges are one path, ``*``."""
+    if not isinstance(x, dict):
+        return {path}
+    labelled = "_by_" in path.split("/")[-1] or path.endswith("size_quintile_upper_px")
+    return {p for k, v in x.items() for p in _paths(v, f"{path}/{'*' if labelled else k}")}
+
+
+def test_a_fresh_evaluation_writes_the_keys_metrics_json_had_before_the_typed_record(
+        trained_run):
+    """The record written today has the shape of the shipped model's metrics.json from
+    before the typed record (tests/data): same keys at every level."""
+    evaluate_run(trained_run, "test", verbose=False)
+    fresh = json.loads((trained_run / "metrics.json").read_text())
+    assert Evaluation.from_json(fresh).to_json() == fresh
+    before = json.loads((ROOT / "tests" / "data" / "metrics_before_records.json").read_text())
+    expected = _paths(before)
+    if "clean_test" not in fresh:  # the synthetic test split may have no clean image
+        expected = {p for p in expected if "clean" not in p}
+    assert _paths(fresh) == expected
 
 
 def test_lesion_calibration_and_group_figures_agree_with_the_per_image_table(trained_run,
