@@ -14,7 +14,7 @@ from brainseg_lib.data.coco import load_split
 from brainseg_lib.evaluation.evaluate import evaluate_run, score_at_source_resolution
 from brainseg_lib.evaluation.postprocess import postprocess
 from brainseg_lib.evaluation.predictions import SplitPrediction, predict_split
-from brainseg_lib.evaluation.result import Evaluation
+from brainseg_lib.evaluation.result import Evaluation, Setting
 from brainseg_lib.inference.predictor import load_model
 from brainseg_lib.metrics.functional import ConfusionCounts, hd95, per_image_dice, per_image_iou
 from brainseg_lib.metrics.lesion import image_lesions, label_components
@@ -248,9 +248,8 @@ def test_source_resolution_path_maps_predictions_onto_each_images_own_grid(tmp_p
     arrays = load_split_arrays(root, "test", 32, tmp_path / "cache")
     assert arrays.masks[:, 8:24, 8:24].all() and arrays.masks.sum() == 2 * 16 * 16
     probs = np.roll(arrays.masks.astype(np.float32), shift, axis=2)
-    plain = {"threshold": 0.5, "tta": False, "postprocess": "none"}
     counts, dists, lesions = score_at_source_resolution(
-        SplitPrediction(arrays, probs, None, 0.0, 0.0), root, "test", plain, 0)
+        SplitPrediction(arrays, probs, None, 0.0, 0.0), root, "test", Setting(0.5), 0)
     split = load_split(root, "test")
     truths = [split.mask(img) for img in split.images]
     expected = [_box((32, 96), 24 + 3 * shift, 72 + 3 * shift, 8, 24),

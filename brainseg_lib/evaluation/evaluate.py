@@ -52,6 +52,7 @@ from brainseg_lib.evaluation.result import (
     GroupInfo,
     Header,
     LossRecord,
+    Setting,
     SettingScores,
 )
 from brainseg_lib.evaluation.selection import (
@@ -235,7 +236,7 @@ def _clean_test_mask(source: DataSource, arrays: SplitArrays, st: EvalSettings, 
     return np.array([f in clean for f in arrays.files])
 
 
-def _header(loaded: LoadedModel, plan: EvaluationPlan, chosen: dict[str, Any],
+def _header(loaded: LoadedModel, plan: EvaluationPlan, chosen: Setting,
             chosen_on: str) -> Header:
     """What was evaluated, on what, how, and what was chosen where: the top of metrics.json."""
     source, st, pred, clean = plan.target.source, plan.settings, plan.pred, plan.clean
@@ -259,15 +260,15 @@ def _header(loaded: LoadedModel, plan: EvaluationPlan, chosen: dict[str, Any],
         selected_is_in_sample=plan.target.split == chosen_on, clean_test=clean_test)
 
 
-def _score_setting(plan: EvaluationPlan, key: str, setting: dict[str, Any], in_sample: bool,
+def _score_setting(plan: EvaluationPlan, key: str, setting: Setting, in_sample: bool,
                    ) -> tuple[dict[str, SettingScores], dict[str, Any]]:
     """One setting's blocks (model and, when asked, source resolution; full, clean and by
     group) and its per-image columns."""
     arrays, st = plan.pred.arrays, plan.settings
     label = describe(setting, f"{arrays.images.shape[-1]}px (model resolution)") + (
         " — IN-SAMPLE: chosen on this same split" if in_sample else "")
-    masks = binarise(plan.pred.probs_tta if setting["tta"] else plan.pred.probs,
-                     setting["threshold"], setting["postprocess"], st.min_component_px)
+    masks = binarise(plan.pred.probs_tta if setting.tta else plan.pred.probs,
+                     setting.threshold, setting.postprocess, st.min_component_px)
     counts = ConfusionCounts.from_masks(masks, arrays.masks)
     scored = Scored(counts, np.asarray([hd95(m, t) for m, t in zip(masks, arrays.masks,
                                                                      strict=True)]),
@@ -289,7 +290,7 @@ def _blocks(plan: EvaluationPlan, scored: Scored, label: str) -> SettingScores:
                           plan.settings)
 
 
-def _per_image_columns(key: str, setting: dict[str, Any], scored: Scored, masks: np.ndarray,
+def _per_image_columns(key: str, setting: Setting, scored: Scored, masks: np.ndarray,
                        ) -> dict[str, Any]:
     """The per-image table's columns of one setting: counts (pooled metrics of any subset,
     paired comparisons), IoU, Dice, HD95, predicted area, threshold and lesion tallies."""
@@ -297,25 +298,25 @@ def _per_image_columns(key: str, setting: dict[str, Any], scored: Scored, masks:
     columns = {f"{name}_{key}": getattr(counts, name) for name in ("tp", "fp", "fn")}
     columns |= {f"iou_{key}": per_image_iou(counts), f"dice_{key}": per_image_dice(counts),
                 f"hd95_{key}": scored.dists, f"pred_area_fraction_{key}": masks.mean((1, 2)),
-                f"threshold_{key}": setting["threshold"]}
+                f"threshold_{key}": setting.threshold}
     return columns | {f"{name}_{key}": scored.lesions[name] for name in FIELDS}
 
 
 def score_at_source_resolution(pred: SplitPrediction, data_dir: Path, split: str,
-                               setting: dict[str, Any], min_px: int,
+                               setting: Setting, min_px: int,
                                ) -> tuple[ConfusionCounts, np.ndarray, dict[str, np.ndarray]]:
     """Counts, HD95 and lesion tallies at each image's source size: probabilities resized
     back bilinearly, truth rasterised from the annotations at full size; ``min_px`` scales
     with the area."""
     coco = load_split(data_dir, split)
     by_name = {img["file_name"]: img for img in coco.images}
-    probs = pred.probs_tta if setting["tta"] else pred.probs
+    probs = pred.probs_tta if setting.tta else pred.probs
     counts, dists, lesions = [], [], []
     for name, prob in zip(pred.arrays.files, probs, strict=True):
         target = coco.mask(by_name[name])
         up = F.interpolate(torch.from_numpy(prob)[None, None], size=target.shape,
                            mode="bilinear", align_corners=False)[0, 0].numpy()
-        mask = postprocess(up >= setting["threshold"], setting["postprocess"],
+        mask = postprocess(up >= setting.threshold, setting.postprocess,
                            int(min_px * up.size / prob.size))
         counts.append(ConfusionCounts.from_masks(mask[None], target[None]))
         dists.append(hd95(mask, target))

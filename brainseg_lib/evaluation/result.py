@@ -49,6 +49,16 @@ class EvalSettings:
 
 
 @dataclass(frozen=True)
+class Setting:
+    """One way to turn probabilities into masks: threshold, flip TTA, post-processing (a
+    name in ``postprocess.POSTPROCESSING``)."""
+
+    threshold: float
+    tta: bool = False
+    postprocess: str = "none"
+
+
+@dataclass(frozen=True)
 class MetricBlock:
     """Every metric of one setting on one set of images, with bootstrap 95 % intervals
     (absent when too few images or no bootstrap); ``images`` is written for group blocks."""
@@ -178,7 +188,7 @@ class CleanSubset:
 @dataclass(frozen=True)
 class Header:
     """What was evaluated, on what, how, and what was chosen where: the top of metrics.json.
-    ``chosen``: the setting selected on ``chosen_on`` (threshold, tta, postprocess)."""
+    ``chosen``: the setting selected on ``chosen_on``."""
 
     model: str
     split: str
@@ -192,7 +202,7 @@ class Header:
     lesion_rule: str
     batch_size: int  # of the batch-pooled IoU
     chosen_on: str
-    chosen: dict[str, Any]
+    chosen: Setting
     selected_is_in_sample: bool
     clean_test: CleanSubset | None = None
 
@@ -203,7 +213,7 @@ class Header:
                "evaluated_with": self.evaluated_with, "loss": asdict(self.loss),
                "definitions": self.definitions, "lesion_rule": self.lesion_rule,
                "batch_size_for_batch_pooled_iou": self.batch_size,
-               "chosen_on": self.chosen_on, "chosen_on_valid": self.chosen,
+               "chosen_on": self.chosen_on, "chosen_on_valid": asdict(self.chosen),
                "selected_is_in_sample": self.selected_is_in_sample}
         if self.clean_test is not None:
             out["clean_test"] = asdict(self.clean_test)
@@ -215,8 +225,9 @@ class Header:
         return cls(d["model"], d["split"], d["checkpoint_epoch"], d["members"],
                    DatasetRef(**d["dataset"]), d["data_identity"], d["evaluated_with"],
                    LossRecord(**d["loss"]), d["definitions"], d["lesion_rule"],
-                   d["batch_size_for_batch_pooled_iou"], d["chosen_on"], d["chosen_on_valid"],
-                   d["selected_is_in_sample"], None if clean is None else CleanSubset(**clean))
+                   d["batch_size_for_batch_pooled_iou"], d["chosen_on"],
+                   Setting(**d["chosen_on_valid"]), d["selected_is_in_sample"],
+                   None if clean is None else CleanSubset(**clean))
 
 
 @dataclass(frozen=True)
