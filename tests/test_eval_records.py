@@ -91,3 +91,7 @@ def test_reports_read_the_typed_record_and_the_json_alike():
     assert headline.evaluation_headline(record) == headline.evaluation_headline(x)
     assert headline.table_notes(record) == headline.table_notes(x)
     assert headline.settings_table(record).equals(headline.settings_table(x))
+    raw = x["calibration"]["raw"]  # a calibration block has no setting: read all the same
+    assert headline.block_figure(raw, "ece", 4) == headline.block_figure(
+        record.calibration.raw, "ece", 4) == f"{raw['metrics']['ece']:.4f} [" + ", ".join(
+        f"{v:.3f}" for v in raw["ci95"]["ece"]) + "]"

@@ -146,7 +146,10 @@ def test_a_fresh_evaluation_writes_the_keys_metrics_json_had_before_the_typed_re
     expected = _paths(before)
     if "clean_test" not in fresh:  # the synthetic test split may have no clean image
         expected = {p for p in expected if "clean" not in p}
-    assert _paths(fresh) == expected
+    # a group's HD95 interval needs two of its images with both masks non-empty: the six
+    # synthetic test images in five size quintiles may have none
+    optional = {p for p in expected if "_by_" in p and p.endswith("/ci95/hd95")}
+    assert _paths(fresh) - expected == set() and expected - _paths(fresh) <= optional
 
 
 def test_lesion_calibration_and_group_figures_agree_with_the_per_image_table(trained_run,

@@ -12,7 +12,7 @@ from typing import Any
 
 import pandas as pd
 
-from brainseg_lib.evaluation.result import Evaluation, MetricBlock
+from brainseg_lib.evaluation.result import CalibrationBlock, Evaluation, MetricBlock
 from brainseg_lib.metrics.functional import METRIC_DEFINITIONS
 
 HEADLINE_ID = "headline"  # the box's HTML id: the index links each run's 03 to it
@@ -51,13 +51,17 @@ def _typed(record: Record) -> Evaluation:
     return record if isinstance(record, Evaluation) else Evaluation.from_json(record)
 
 
-def block_figure(block: MetricBlock | dict[str, Any], key: str, digits: int = 3) -> str:
-    """One figure of a metrics block with its interval, or "-" where the block lacks it."""
+def block_figure(block: MetricBlock | CalibrationBlock | dict[str, Any], key: str,
+                 digits: int = 3) -> str:
+    """One figure of a metrics or calibration block (typed, or its JSON) with its interval,
+    or "-" where the block lacks it."""
     if isinstance(block, dict):
-        block = MetricBlock.from_json(block)
-    if block.metrics.get(key) is None:
+        metrics, ci95 = block["metrics"], block.get("ci95")
+    else:
+        metrics, ci95 = block.metrics, block.ci95
+    if metrics.get(key) is None:
         return "-"
-    return _figure(block.metrics[key], (block.ci95 or {}).get(key), digits)
+    return _figure(metrics[key], (ci95 or {}).get(key), digits)
 
 
 def _cell(text: str, key: str = "", subset: str = "", value: float | None = None) -> str:
