@@ -14,12 +14,14 @@ from brainseg_lib.data.coco import load_split
 from brainseg_lib.evaluation.evaluate import evaluate_run, score_at_source_resolution
 from brainseg_lib.evaluation.postprocess import postprocess
 from brainseg_lib.evaluation.predictions import SplitPrediction, predict_split
+from brainseg_lib.evaluation.result import Evaluation, Setting
 from brainseg_lib.inference.predictor import load_model
 from brainseg_lib.metrics.functional import ConfusionCounts, hd95, per_image_dice, per_image_iou
+from brainseg_lib.metrics.lesion import image_lesions, label_components
 from brainseg_lib.model.package import export_model, record_metrics
 from brainseg_lib.reporting.notebook import calibration_table, group_table, lesion_wise_table
 from brainseg_lib.training.loop import train
-from conftest import tiny_params
+from conftest import ROOT, tiny_params
 
 
 @pytest.fixture(scope="module")
@@ -44,6 +46,23 @@ def test_postprocessing_by_hand():
     assert boxed[6:9, 0:3].all() and boxed[6:9, 0:3].sum() == 9  # its 3x3 bounding box
     assert not boxed[6, 6]               # the speck is dropped
     assert boxed.sum() == 6 + 4 + 9
+
+
+def test_postprocessing_counts_components_as_the_lesion_metric_does():
+    """A blob touching its neighbour only at a corner is one component for the lesion metric
+    (8-connectivity); post-processing must see the same one, not two."""
+    m = np.zeros((12, 12), bool)
+    m[2:5, 2:5] = True   # 9 px
+    m[5:7, 5:7] = True   # 4 px, joined to the first only diagonally at (4,4)-(5,5)
+    blob = m.copy()
+    m[10, 11] = True     # a 1 px speck apart from both
+    outcome = image_lesions(blob[None], m)
+    assert outcome.fp_components == 1 and outcome.detected == 1  # the blob is one lesion
+    assert label_components(m)[1] == 2
+    assert postprocess(m, "keep_largest").sum() == 13
+    assert postprocess(m, "drop_small", min_px=10).sum() == 13  # 9 + 4 kept together
+    boxed = postprocess(m, "fill_box", 10)
+    assert boxed[2:7, 2:7].all() and boxed.sum() == 25
 
 
 def test_evaluate_run_writes_consistent_results(trained_run, synthetic_root):
@@ -105,6 +124,32 @@ def test_evaluate_run_writes_consistent_results(trained_run, synthetic_root):
     plain = variants[(variants.threshold == 0.5) & ~variants.tta
                      & (variants.postprocess == "none")]
     assert row.pooled_iou.item() >= plain.pooled_iou.item()
+
+
+def _paths(x, path: str = "") -> set[str]:
+    """Every key path of a metrics record; the labels of a group (sub-class, quintile) and of
+    the quintile edges are one path, ``*``."""
+    if not isinstance(x, dict):
+        return {path}
+    labelled = "_by_" in path.split("/")[-1] or path.endswith("size_quintile_upper_px")
+    return {p for k, v in x.items() for p in _paths(v, f"{path}/{'*' if labelled else k}")}
+
+
+def test_a_fresh_evaluation_writes_the_keys_metrics_json_had_before_the_typed_record(
+        trained_run):
+    """The record written today has the shape of the shipped model's metrics.json from
+    before the typed record (tests/data): same keys at every level."""
+    evaluate_run(trained_run, "test", verbose=False)
+    fresh = json.loads((trained_run / "metrics.json").read_text())
+    assert Evaluation.from_json(fresh).to_json() == fresh
+    before = json.loads((ROOT / "tests" / "data" / "metrics_before_records.json").read_text())
+    expected = _paths(before)
+    if "clean_test" not in fresh:  # the synthetic test split may have no clean image
+        expected = {p for p in expected if "clean" not in p}
+    # a group's HD95 interval needs two of its images with both masks non-empty: the six
+    # synthetic test images in five size quintiles may have none
+    optional = {p for p in expected if "_by_" in p and p.endswith("/ci95/hd95")}
+    assert _paths(fresh) - expected == set() and expected - _paths(fresh) <= optional
 
 
 def test_lesion_calibration_and_group_figures_agree_with_the_per_image_table(trained_run,
@@ -206,9 +251,8 @@ def test_source_resolution_path_maps_predictions_onto_each_images_own_grid(tmp_p
     arrays = load_split_arrays(root, "test", 32, tmp_path / "cache")
     assert arrays.masks[:, 8:24, 8:24].all() and arrays.masks.sum() == 2 * 16 * 16
     probs = np.roll(arrays.masks.astype(np.float32), shift, axis=2)
-    plain = {"threshold": 0.5, "tta": False, "postprocess": "none"}
     counts, dists, lesions = score_at_source_resolution(
-        SplitPrediction(arrays, probs, None, 0.0, 0.0), root, "test", plain, 0)
+        SplitPrediction(arrays, probs, None, 0.0, 0.0), root, "test", Setting(0.5), 0)
     split = load_split(root, "test")
     truths = [split.mask(img) for img in split.images]
     expected = [_box((32, 96), 24 + 3 * shift, 72 + 3 * shift, 8, 24),

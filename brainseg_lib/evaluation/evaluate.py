@@ -11,7 +11,7 @@ rasterised from the COCO annotations at full size).
 
 from __future__ import annotations
 
-from dataclasses import asdict, field, make_dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -20,14 +20,14 @@ import pandas as pd
 import torch
 import torch.nn.functional as F
 
-from brainseg_lib.config import Params, names, params_from_dict
+from brainseg_lib.config import Params, params_from_dict
 from brainseg_lib.data.arrays import (
     SplitArrays,
     SplitLesions,
     load_split_arrays,
     load_split_lesions,
 )
-from brainseg_lib.data.coco import dataset_hash, load_split
+from brainseg_lib.data.coco import DatasetError, dataset_hash, load_split
 from brainseg_lib.data.duplicates import near_duplicate_groups
 from brainseg_lib.data.identity import check_data_identity, data_for_run
 from brainseg_lib.data.locate import DataSource
@@ -35,11 +35,25 @@ from brainseg_lib.evaluation.postprocess import binarise, postprocess
 from brainseg_lib.evaluation.predictions import SplitPrediction, predict_split
 from brainseg_lib.evaluation.records import (
     LESION_RULE,
-    add_metric_blocks,
+    Scored,
     calibration_record,
     console_summary,
     reference_comparison,
+    setting_scores,
     write_evaluation,
+)
+from brainseg_lib.evaluation.result import (
+    SETTING_KEYS,
+    Calibration,
+    CleanSubset,
+    DatasetRef,
+    EvalSettings,
+    Evaluation,
+    GroupInfo,
+    Header,
+    LossRecord,
+    Setting,
+    SettingScores,
 )
 from brainseg_lib.evaluation.selection import (
     choose_setting,
@@ -65,26 +79,46 @@ from brainseg_lib.metrics.lesion import FIELDS, LESION_DEFINITIONS, image_lesion
 from brainseg_lib.rundir import METRICS_FILE, eval_dir, git_commit
 from brainseg_lib.tracking import log_evaluation
 
-# what an evaluation takes from the call, never from the run: the evaluation group
-EVALUATION_KEYS = names(groups=("evaluation",))
-EvalSettings = make_dataclass(
-    "EvalSettings",
-    [(n, Params.__dataclass_fields__[n].type, field(default=Params.__dataclass_fields__[n].default))
-     for n in EVALUATION_KEYS],
-    frozen=True,
-    namespace={
-        "__doc__": "The evaluation parameters of a call (the ``Params`` fields of the "
-                   "evaluation group): threshold, TTA, post-processing, bootstrap and its "
-                   "seed, the near-duplicate threshold of the clean subset.",
-        "from_params": classmethod(lambda cls, p: cls(**{k: getattr(p, k)
-                                                          for k in EVALUATION_KEYS})),
-    })
+
+@dataclass(frozen=True)
+class EvalTarget:
+    """What one evaluation scores and where it writes: ``split`` of ``source`` into
+    ``out_dir``; ``data_note`` says how the data relates to what the model trained on."""
+
+    source: DataSource
+    split: str
+    out_dir: Path
+    data_note: str = ""
+
+
+@dataclass(frozen=True)
+class ChosenOn:
+    """The predictions threshold, TTA and post-processing are chosen on, and their name
+    (the validation split, or out-of-fold predictions)."""
+
+    pred: SplitPrediction
+    name: str = "valid"
+
+
+@dataclass(frozen=True)
+class EvaluationPlan:
+    """Everything each setting of one evaluation is scored with: the split's predictions,
+    its lesions, the clean-subset mask (test only) and each image's group labels."""
+
+    target: EvalTarget
+    settings: EvalSettings
+    pred: SplitPrediction
+    lesions: SplitLesions
+    clean: np.ndarray | None
+    groups: dict[str, np.ndarray]
+    batch_size: int  # of the batch-pooled IoU
 
 
 def evaluate_run(run_dir: str | Path, split: str = "test", device: str = "auto",
-                 verbose: bool = True, settings: Any = None, backend: Backend = "torch",
-                 ) -> dict[str, Any]:
-    """Evaluate a run's ``best.pt`` (or an exported model laid out as a run) on ``split``.
+                 verbose: bool = True, settings: Params | dict[str, Any] | None = None,
+                 backend: Backend = "torch") -> dict[str, Any]:
+    """Evaluate a run's ``best.pt`` (or an exported model laid out as a run) on ``split``;
+    returns the record of ``metrics.json``.
 
     ``settings``: the caller's parameters (threshold, TTA, post-processing, bootstrap...,
     and ``data_dir``), or a mapping of just those to change; default: the run's. Writes
@@ -101,12 +135,12 @@ def evaluate_run(run_dir: str | Path, split: str = "test", device: str = "auto",
     call = settings if settings is not None else loaded.params
     st = EvalSettings.from_params(call)
     source = data_for_run(run_dir, loaded.params, call.data_dir)
-    data_note = check_data_identity(run_dir, source)
+    target = EvalTarget(source, split, eval_dir(run_dir, split),
+                        check_data_identity(run_dir, source))
     valid_arrays = load_split_arrays(source.path, "valid", loaded.params.image_size,
                                      loaded.params.cache_path())
-    valid = predict_split(loaded, valid_arrays, st.tta)
-    out = evaluate_on_split(loaded, source, split, eval_dir(run_dir, split), st, valid,
-                            "valid", verbose, data_note)
+    valid = ChosenOn(predict_split(loaded, valid_arrays, st.tta))
+    out = evaluate_on_split(loaded, target, st, valid, verbose).to_json()
     if split == "test":  # the run's headline file
         atomic_write_json(run_dir / METRICS_FILE, out)
     # into the run's MLflow run when the call or the run turned tracking on
@@ -115,169 +149,174 @@ def evaluate_run(run_dir: str | Path, split: str = "test", device: str = "auto",
     return out
 
 
-def evaluate_on_split(loaded: LoadedModel, source: DataSource, split: str, out_dir: Path,
-                      settings: Any, selection: SplitPrediction,
-                      selection_name: str = "valid", verbose: bool = True,
-                      data_note: str = "") -> dict[str, Any]:
-    """Score ``loaded`` on ``split`` of ``source``; write ``out_dir/metrics.json`` and tables.
+def evaluate_on_split(loaded: LoadedModel, target: EvalTarget, st: EvalSettings,
+                      chosen_on: ChosenOn, verbose: bool = True) -> Evaluation:
+    """Score ``loaded`` on ``target``; write its ``metrics.json`` and tables.
 
-    ``selection`` holds the predictions that threshold, TTA and post-processing are chosen
-    on (the validation split, or out-of-fold predictions). Every block is reported for the
-    full split and, on test, for the clean subset (images with no near-duplicate in
+    Threshold, TTA and post-processing are chosen on ``chosen_on``. Every block is reported
+    for the full split and, on test, for the clean subset (images with no near-duplicate in
     train/valid). Files: see :func:`records.write_evaluation`.
     """
-    p, st = loaded.params, settings
+    plan, per_image, group_info = _plan(loaded, target, st, verbose)
+    chosen, variants = choose_setting(chosen_on.pred, st.min_component_px, st.tune_threshold,
+                                      st.tta, st.threshold)
+    scores: dict[str, SettingScores] = {}
+    for key, setting in (("headline", plain_setting(st.threshold)), ("selected", chosen)):
+        in_sample = key == "selected" and target.split == chosen_on.name
+        blocks, columns = _score_setting(plan, key, setting, in_sample)
+        scores |= blocks
+        per_image = per_image.assign(**columns)
+    scores = {k: scores[k] for k in SETTING_KEYS if k in scores}
+    header = _header(loaded, plan, chosen, chosen_on.name)
+    result = Evaluation(header, scores, group_info, _calibration(plan, chosen_on),
+                        reference_comparison(header, scores["headline"].full))
+    write_evaluation(target.out_dir, result, per_image, variants,
+                     threshold_table(chosen_on.pred, False))
+    if verbose:
+        print(console_summary(result))
+    return result
+
+
+def _plan(loaded: LoadedModel, target: EvalTarget, st: EvalSettings, verbose: bool,
+          ) -> tuple[EvaluationPlan, pd.DataFrame, GroupInfo]:
+    """The split's predictions, lesions, clean subset and groups; the per-image table's
+    first columns."""
+    p, source, split = loaded.params, target.source, target.split
     arrays = load_split_arrays(source.path, split, p.image_size, p.cache_path())
     if verbose:
         print(f"evaluating {loaded.source} on {split}: {len(arrays)} images, {source.kind} "
               f"data, {loaded.device}, {loaded.backend}")
     pred = predict_split(loaded, arrays, st.tta)
-    chosen, variants = choose_setting(selection, st.min_component_px, st.tune_threshold,
-                                      st.tta, st.threshold)
     clean = _clean_test_mask(source, arrays, st, p) if split == "test" else None
-    out = _record_header(loaded, source, split, pred, st, chosen, selection_name, data_note,
-                         clean)
     lesions = load_split_lesions(source.path, split, p.image_size)
     if lesions.files != arrays.files:
-        raise ValueError(f"{source.path} {split}: the annotations list other images than the "
-                         "decoded arrays; clear the cache and evaluate again")
-    groups = _groups(out, lesions)
+        raise DatasetError(f"{source.path} {split}: the annotations list other images than "
+                           "the decoded arrays; clear the cache and evaluate again")
+    group_info, groups = _groups(lesions)
     per_image = pd.DataFrame({"file": arrays.files,
                               "tumour_area_fraction": arrays.masks.mean((1, 2)),
                               "box_area_px": lesions.box_area} | groups)
     if clean is not None:
         per_image["clean"] = clean
-    for key, setting in (("headline", plain_setting(st.threshold)), ("selected", chosen)):
-        in_sample = key == "selected" and split == selection_name
-        _score_setting(out, per_image, key, setting, pred, source, split, st, clean, in_sample,
-                       lesions, groups)
-    out["calibration"] = _calibration(pred, selection, selection_name, clean, st)
-    out["reference_comparison"] = reference_comparison(out)
-    write_evaluation(out_dir, out, per_image, variants, threshold_table(selection, False))
-    if verbose:
-        print(console_summary(out))
-    return out
+    return (EvaluationPlan(target, st, pred, lesions, clean, groups, p.batch_size), per_image,
+            group_info)
 
 
-def _groups(out: dict[str, Any], lesions: SplitLesions) -> dict[str, np.ndarray]:
+def _groups(lesions: SplitLesions) -> tuple[GroupInfo, dict[str, np.ndarray]]:
     """Each image's annotation sub-class and box-area quintile (Q1 smallest; ties broken by
-    split order so every quintile is filled), with the quintile edges recorded in ``out``."""
+    split order so every quintile is filled), and what they are with the quintile edges."""
     area = pd.Series(lesions.box_area)
     quintile = pd.qcut(area.rank(method="first"), min(5, len(area)),
                        labels=[f"Q{i + 1}" for i in range(min(5, len(area)))])
     edges = [float(area[quintile == q].max()) for q in quintile.cat.categories]
-    out["groups"] = {
-        "subclass": "the category name of the image's annotations, as the dataset names it "
-                    "(mixed: several, none: no annotation)",
-        "size_quintile": "quintile of the summed annotation box area in source pixels on this "
-                         "split (Q1 smallest)",
-        "size_quintile_upper_px": dict(zip(quintile.cat.categories, edges, strict=True))}
-    return {"subclass": np.asarray(lesions.subclass),
-            "size_quintile": np.asarray(quintile.astype(str))}
+    info = GroupInfo(
+        {"subclass": "the category name of the image's annotations, as the dataset names it "
+                     "(mixed: several, none: no annotation)",
+         "size_quintile": "quintile of the summed annotation box area in source pixels on "
+                          "this split (Q1 smallest)"},
+        dict(zip(quintile.cat.categories, edges, strict=True)))
+    return info, {"subclass": np.asarray(lesions.subclass),
+                  "size_quintile": np.asarray(quintile.astype(str))}
 
 
-def _calibration(pred: SplitPrediction, selection: SplitPrediction, selection_name: str,
-                 clean: np.ndarray | None, st: Any) -> dict[str, Any]:
+def _calibration(plan: EvaluationPlan, chosen_on: ChosenOn) -> Calibration:
     """Pixel calibration of the plain probabilities, raw and with the temperature fitted on
-    the selection split (never on the split scored)."""
-    temperature = fit_temperature(selection.probs, selection.arrays.masks)
-    masks = pred.arrays.masks
-    return calibration_record(calibration_tallies(pred.probs, masks),
-                              calibration_tallies(apply_temperature(pred.probs, temperature),
-                                                  masks),
-                              temperature, selection_name, clean, st.bootstrap, st.seed)
+    the selection predictions (never on the split scored)."""
+    temperature = fit_temperature(chosen_on.pred.probs, chosen_on.pred.arrays.masks)
+    probs, masks = plan.pred.probs, plan.pred.arrays.masks
+    return calibration_record(calibration_tallies(probs, masks),
+                              calibration_tallies(apply_temperature(probs, temperature), masks),
+                              temperature, chosen_on.name, plan.clean, plan.settings)
 
 
-def _clean_test_mask(source: DataSource, arrays: SplitArrays, st: Any, p: Params,
+def _clean_test_mask(source: DataSource, arrays: SplitArrays, st: EvalSettings, p: Params,
                      ) -> np.ndarray:
     """Which test images have no near-duplicate in train or valid."""
     clean = set(near_duplicate_groups(source, st.duplicate_bits, p.cache_path())["clean_test"])
     return np.array([f in clean for f in arrays.files])
 
 
-def _record_header(loaded: LoadedModel, source: DataSource, split: str,
-                   pred: SplitPrediction, st: Any, chosen: dict[str, Any],
-                   selection_name: str, data_note: str, clean: np.ndarray | None,
-                   ) -> dict[str, Any]:
+def _header(loaded: LoadedModel, plan: EvaluationPlan, chosen: Setting,
+            chosen_on: str) -> Header:
     """What was evaluated, on what, how, and what was chosen where: the top of metrics.json."""
-    p = loaded.params
-    out: dict[str, Any] = {
-        "model": loaded.source, "split": split, "checkpoint_epoch": loaded.epoch,
-        "members": len(loaded.members),
-        "dataset": {"kind": source.kind, "path": str(source.path),
-                    "images": len(pred.arrays),
-                    "annotations_sha256": dataset_hash(source.path)},
-        "data_identity": data_note,
-        "evaluated_with": {"git_commit": git_commit(), "device": str(loaded.device),
-                           "torch": torch.__version__, "backend": loaded.backend,
-                           "settings": asdict(st)},
-        "loss": {"name": p.loss, "value": pred.loss, "bce": pred.bce,
-                 "definition": "mean over images of each image's own loss"},
-        "definitions": METRIC_DEFINITIONS | LESION_DEFINITIONS, "lesion_rule": LESION_RULE,
-        "batch_size_for_batch_pooled_iou": p.batch_size,
-        "chosen_on": selection_name, "chosen_on_valid": chosen,
-        "selected_is_in_sample": split == selection_name,
-    }
-    if clean is not None:
-        out["clean_test"] = {
-            "images": int(clean.sum()), "of": len(clean),
-            "definition": f"test images with no near-duplicate (pHash within "
-                          f"{st.duplicate_bits} bits, transitively) in train or valid"}
-    return out
+    source, st, pred, clean = plan.target.source, plan.settings, plan.pred, plan.clean
+    clean_test = None if clean is None else CleanSubset(
+        int(clean.sum()), len(clean),
+        f"test images with no near-duplicate (pHash within {st.duplicate_bits} bits, "
+        "transitively) in train or valid")
+    return Header(
+        model=loaded.source, split=plan.target.split, checkpoint_epoch=loaded.epoch,
+        members=len(loaded.members),
+        dataset=DatasetRef(source.kind, str(source.path), len(pred.arrays),
+                           dataset_hash(source.path)),
+        data_identity=plan.target.data_note,
+        evaluated_with={"git_commit": git_commit(), "device": str(loaded.device),
+                        "torch": torch.__version__, "backend": loaded.backend,
+                        "settings": asdict(st)},
+        loss=LossRecord(loaded.params.loss, pred.loss, pred.bce,
+                        "mean over images of each image's own loss"),
+        definitions=METRIC_DEFINITIONS | LESION_DEFINITIONS, lesion_rule=LESION_RULE,
+        batch_size=plan.batch_size, chosen_on=chosen_on, chosen=chosen,
+        selected_is_in_sample=plan.target.split == chosen_on, clean_test=clean_test)
 
 
-def _score_setting(out: dict[str, Any], per_image: pd.DataFrame, key: str,
-                   setting: dict[str, Any], pred: SplitPrediction, source: DataSource,
-                   split: str, st: Any, clean: np.ndarray | None, in_sample: bool,
-                   lesions: SplitLesions, groups: dict[str, np.ndarray]) -> None:
-    """One setting's metric blocks (model and source resolution; full, clean and by group)
-    and per-image columns."""
-    arrays = pred.arrays
-    batch_size = out["batch_size_for_batch_pooled_iou"]
+def _score_setting(plan: EvaluationPlan, key: str, setting: Setting, in_sample: bool,
+                   ) -> tuple[dict[str, SettingScores], dict[str, Any]]:
+    """One setting's blocks (model and, when asked, source resolution; full, clean and by
+    group) and its per-image columns."""
+    arrays, st = plan.pred.arrays, plan.settings
     label = describe(setting, f"{arrays.images.shape[-1]}px (model resolution)") + (
         " — IN-SAMPLE: chosen on this same split" if in_sample else "")
-    masks = binarise(pred.probs_tta if setting["tta"] else pred.probs, setting["threshold"],
-                     setting["postprocess"], st.min_component_px)
+    masks = binarise(plan.pred.probs_tta if setting.tta else plan.pred.probs,
+                     setting.threshold, setting.postprocess, st.min_component_px)
     counts = ConfusionCounts.from_masks(masks, arrays.masks)
-    dists = np.asarray([hd95(m, t) for m, t in zip(masks, arrays.masks, strict=True)])
-    table = lesion_table([image_lesions(t, m) for t, m in zip(lesions.lesions, masks,
-                                                              strict=True)])
-    add_metric_blocks(out, key, counts, dists, clean, batch_size, st.bootstrap, st.seed, label,
-                      table, groups)
-    for name in ("tp", "fp", "fn"):  # pooled metrics of any subset, paired comparisons
-        per_image[f"{name}_{key}"] = getattr(counts, name)
-    per_image[f"iou_{key}"] = per_image_iou(counts)
-    per_image[f"dice_{key}"] = per_image_dice(counts)
-    per_image[f"hd95_{key}"] = dists
-    per_image[f"pred_area_fraction_{key}"] = masks.mean((1, 2))
-    per_image[f"threshold_{key}"] = setting["threshold"]
-    for name in FIELDS:  # lesion-wise figures of any subset, paired comparisons
-        per_image[f"{name}_{key}"] = table[name]
+    scored = Scored(counts, np.asarray([hd95(m, t) for m, t in zip(masks, arrays.masks,
+                                                                     strict=True)]),
+                    lesion_table([image_lesions(t, m) for t, m in zip(plan.lesions.lesions,
+                                                                      masks, strict=True)]))
+    blocks = {key: _blocks(plan, scored, label)}
     if st.eval_original_size:
-        c_orig, d_orig, t_orig = score_at_source_resolution(pred, source.path, split, setting,
-                                                            st.min_component_px)
         sizes = sorted({f"{w}x{h}" for h, w in arrays.source_sizes})
-        add_metric_blocks(out, f"{key}_original_resolution", c_orig, d_orig, clean, batch_size,
-                          st.bootstrap, st.seed,
-                          describe(setting, f"source resolution ({', '.join(sizes)})"),
-                          t_orig, groups)
+        at_source = Scored(*score_at_source_resolution(plan.pred, plan.target.source.path,
+                                                       plan.target.split, setting,
+                                                       st.min_component_px))
+        blocks[f"{key}_original_resolution"] = _blocks(
+            plan, at_source, describe(setting, f"source resolution ({', '.join(sizes)})"))
+    return blocks, _per_image_columns(key, setting, scored, masks)
+
+
+def _blocks(plan: EvaluationPlan, scored: Scored, label: str) -> SettingScores:
+    return setting_scores(scored, label, plan.clean, plan.groups, plan.batch_size,
+                          plan.settings)
+
+
+def _per_image_columns(key: str, setting: Setting, scored: Scored, masks: np.ndarray,
+                       ) -> dict[str, Any]:
+    """The per-image table's columns of one setting: counts (pooled metrics of any subset,
+    paired comparisons), IoU, Dice, HD95, predicted area, threshold and lesion tallies."""
+    counts = scored.counts
+    columns = {f"{name}_{key}": getattr(counts, name) for name in ("tp", "fp", "fn")}
+    columns |= {f"iou_{key}": per_image_iou(counts), f"dice_{key}": per_image_dice(counts),
+                f"hd95_{key}": scored.dists, f"pred_area_fraction_{key}": masks.mean((1, 2)),
+                f"threshold_{key}": setting.threshold}
+    return columns | {f"{name}_{key}": scored.lesions[name] for name in FIELDS}
 
 
 def score_at_source_resolution(pred: SplitPrediction, data_dir: Path, split: str,
-                               setting: dict[str, Any], min_px: int,
+                               setting: Setting, min_px: int,
                                ) -> tuple[ConfusionCounts, np.ndarray, dict[str, np.ndarray]]:
     """Counts, HD95 and lesion tallies at each image's source size: probabilities resized
     back bilinearly, truth rasterised from the annotations at full size; ``min_px`` scales
     with the area."""
     coco = load_split(data_dir, split)
     by_name = {img["file_name"]: img for img in coco.images}
-    probs = pred.probs_tta if setting["tta"] else pred.probs
+    probs = pred.probs_tta if setting.tta else pred.probs
     counts, dists, lesions = [], [], []
     for name, prob in zip(pred.arrays.files, probs, strict=True):
         target = coco.mask(by_name[name])
         up = F.interpolate(torch.from_numpy(prob)[None, None], size=target.shape,
                            mode="bilinear", align_corners=False)[0, 0].numpy()
-        mask = postprocess(up >= setting["threshold"], setting["postprocess"],
+        mask = postprocess(up >= setting.threshold, setting.postprocess,
                            int(min_px * up.size / prob.size))
         counts.append(ConfusionCounts.from_masks(mask[None], target[None]))
         dists.append(hd95(mask, target))

@@ -1,11 +1,14 @@
 """Post-processing of binary masks: drop small components, keep the largest, or fill each
 component's bounding box (the labels here are boxes). Chosen on validation, never on test.
+Components are those of the lesion metric (:func:`.lesion.label_components`, 8-connected).
 """
 
 from __future__ import annotations
 
 import numpy as np
 from scipy import ndimage
+
+from brainseg_lib.metrics.lesion import label_components
 
 POSTPROCESSING = {
     "none": "no post-processing",
@@ -19,7 +22,7 @@ def postprocess(mask: np.ndarray, method: str, min_px: int = 20) -> np.ndarray:
     """Clean one binary mask; the ground truth masks here are filled boxes."""
     if method == "none" or not mask.any():
         return mask
-    labels, n = ndimage.label(mask)
+    labels, n = label_components(mask)
     sizes = np.bincount(labels.ravel())[1:]
     if method == "keep_largest":
         return labels == (np.argmax(sizes) + 1)

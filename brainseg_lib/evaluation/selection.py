@@ -5,13 +5,12 @@ split never takes part in the choice.
 
 from __future__ import annotations
 
-from typing import Any
-
 import numpy as np
 import pandas as pd
 
 from brainseg_lib.evaluation.postprocess import POSTPROCESSING, binarise
 from brainseg_lib.evaluation.predictions import SplitPrediction
+from brainseg_lib.evaluation.result import Setting
 from brainseg_lib.metrics.functional import (
     ConfusionCounts,
     summarise,
@@ -20,9 +19,9 @@ from brainseg_lib.metrics.functional import (
 THRESHOLDS = np.round(np.arange(0.1, 0.91, 0.05), 2)
 
 
-def plain_setting(threshold: float = 0.5) -> dict[str, Any]:
+def plain_setting(threshold: float = 0.5) -> Setting:
     """The plain method: the given threshold, no TTA, no post-processing."""
-    return {"threshold": threshold, "tta": False, "postprocess": "none"}
+    return Setting(threshold)
 
 
 def counts_at(pred: SplitPrediction, threshold: float, tta: bool, method: str,
@@ -42,7 +41,7 @@ def threshold_table(pred: SplitPrediction, tta: bool = False) -> pd.DataFrame:
 
 
 def choose_setting(valid: SplitPrediction, min_px: int, tune_threshold: bool,
-                   tta: bool, threshold: float = 0.5) -> tuple[dict[str, Any], pd.DataFrame]:
+                   tta: bool, threshold: float = 0.5) -> tuple[Setting, pd.DataFrame]:
     """Pick threshold, TTA and post-processing maximising pooled IoU on the selection split;
     the plain setting (``threshold``, no TTA, no post-processing) is always a candidate."""
     rows = []
@@ -57,12 +56,10 @@ def choose_setting(valid: SplitPrediction, min_px: int, tune_threshold: bool,
                 rows.append({"tta": use_tta, "postprocess": method, "threshold": t, **s})
     table = pd.DataFrame(rows)
     best = table.loc[table.pooled_iou.idxmax()]
-    setting = {"threshold": float(best.threshold), "tta": bool(best.tta),
-               "postprocess": str(best.postprocess)}
-    return setting, table
+    return Setting(float(best.threshold), bool(best.tta), str(best.postprocess)), table
 
 
-def describe(setting: dict[str, Any], resolution: str) -> str:
-    return (f"{resolution}, threshold {setting['threshold']:.2f}, "
-            f"{'flip TTA' if setting['tta'] else 'no TTA'}, "
-            f"{POSTPROCESSING[setting['postprocess']]}")
+def describe(setting: Setting, resolution: str) -> str:
+    """The setting in words, as the metric blocks name it."""
+    return (f"{resolution}, threshold {setting.threshold:.2f}, "
+            f"{'flip TTA' if setting.tta else 'no TTA'}, {POSTPROCESSING[setting.postprocess]}")

@@ -20,9 +20,10 @@ from brainseg_lib.data.arrays import SplitArrays, load_dataset
 from brainseg_lib.data.duplicates import near_duplicate_groups
 from brainseg_lib.data.locate import DataSource, data_source
 from brainseg_lib.data.splits import dev_keys, fold_indices, make_folds, read_folds
-from brainseg_lib.evaluation.evaluate import EvalSettings, evaluate_on_split
+from brainseg_lib.evaluation.evaluate import ChosenOn, EvalTarget, evaluate_on_split
 from brainseg_lib.evaluation.predictions import SplitPrediction, predict_split
-from brainseg_lib.evaluation.records import metric_block
+from brainseg_lib.evaluation.records import Scored, metric_block
+from brainseg_lib.evaluation.result import EvalSettings
 from brainseg_lib.evaluation.selection import counts_at, describe, plain_setting
 from brainseg_lib.experiments.runner import Job, run_jobs
 from brainseg_lib.inference.predictor import LoadedModel, load_model
@@ -100,8 +101,9 @@ def _score_out_of_fold(members: list[LoadedModel], data: dict[str, SplitArrays],
     counts = counts_at(oof, st.threshold, False, "none", 0)
     dists = np.asarray([hd95(m, t) for m, t in zip(oof.probs >= st.threshold, dev.masks,
                                                    strict=True)])
-    block = metric_block(counts, dists, params.batch_size, st.bootstrap, st.seed,
-                         "out-of-fold, " + describe(plain, f"{params.image_size}px"))
+    block = metric_block(Scored(counts, dists),
+                         "out-of-fold, " + describe(plain, f"{params.image_size}px"),
+                         params.batch_size, st).to_json()
     block["per_fold_pooled_iou"] = [pooled_iou(counts.take(idx)) for idx in indices]
     block["loss"] = {"name": params.loss, "value": oof.loss, "bce": oof.bce}
     return block, oof
@@ -113,8 +115,8 @@ def _score_ensemble(members: list[LoadedModel], cv_dir: Path, source: DataSource
     post-processing chosen on the out-of-fold predictions."""
     ensemble = LoadedModel([m.model for m in members], members[0].params, members[0].device,
                            0, f"{cv_dir.name}: ensemble of {len(members)} fold models")
-    test = evaluate_on_split(ensemble, source, "test", eval_dir(cv_dir, "test"), st, oof,
-                             "out-of-fold predictions", verbose)
+    test = evaluate_on_split(ensemble, EvalTarget(source, "test", eval_dir(cv_dir, "test")),
+                             st, ChosenOn(oof, "out-of-fold predictions"), verbose).to_json()
     return {"chosen_on_oof": test["chosen_on_valid"],
             "ensemble_test": {key: test[key] for key in test
                               if key.startswith(("headline", "selected"))},

@@ -64,10 +64,10 @@ def paired_bootstrap(a: ConfusionCounts, b: ConfusionCounts, n_resamples: int = 
     if len(a) != len(b):
         raise ValueError(f"paired comparison needs the same images ({len(a)} vs {len(b)})")
 
-    def statistic(atp, afp, afn, btp, bfp, bfn, axis=-1):
-        pooled = [iou(*(x.sum(axis) for x in run)) for run in ((atp, afp, afn),
-                                                                 (btp, bfp, bfn))]
-        per_image = [dice(*run).mean(axis) for run in ((atp, afp, afn), (btp, bfp, bfn))]
+    def statistic(*counts, axis=-1):  # a's tp, fp, fn, then b's
+        runs = (counts[:3], counts[3:])
+        pooled = [iou(*(x.sum(axis) for x in run)) for run in runs]
+        per_image = [dice(*run).mean(axis) for run in runs]
         return np.stack([pooled[1] - pooled[0], per_image[1] - per_image[0]])
 
     data = (a.tp, a.fp, a.fn, b.tp, b.fp, b.fn)
@@ -84,7 +84,7 @@ def lesion_bootstrap_ci(table: dict[str, np.ndarray], n_resamples: int = 1000,
     data = tuple(table[f] for f in LESION_FIELDS)
 
     def statistic(*arrays, axis=-1):
-        m = lesion_metrics(*arrays, axis=axis)
+        m = lesion_metrics(dict(zip(LESION_FIELDS, arrays, strict=True)), axis)
         return np.stack([m[k] for k in LESION_DEFINITIONS])
 
     bounds = _bootstrap(data, statistic, n_resamples, seed)
@@ -121,7 +121,8 @@ def paired_lesion_bootstrap(a: dict[str, np.ndarray], b: dict[str, np.ndarray],
     k = len(LESION_FIELDS)
 
     def statistic(*arrays, axis=-1):
-        ma, mb = lesion_metrics(*arrays[:k], axis=axis), lesion_metrics(*arrays[k:], axis=axis)
+        ma, mb = (lesion_metrics(dict(zip(LESION_FIELDS, run, strict=True)), axis)
+                  for run in (arrays[:k], arrays[k:]))
         return np.stack([mb[key] - ma[key] for key in LESION_DEFINITIONS])
 
     data = tuple(a[f] for f in LESION_FIELDS) + tuple(b[f] for f in LESION_FIELDS)

@@ -44,7 +44,10 @@ from brainseg_lib.metrics.functional import dice, hd95
 
 LESION_DILATION = 3
 PQ_IOU = 0.5
-CONNECTIVITY = ndimage.generate_binary_structure(2, 2)  # 8-connected in 2D
+# the one definition of a component: 8-connected in 2D (diagonal neighbours join). The lesion
+# metric and post-processing both label through label_components, so a mask is never
+# counted as one component by one and two by the other.
+CONNECTIVITY = ndimage.generate_binary_structure(2, 2)
 
 LESION_DEFINITIONS = {
     "lesion_sensitivity": "Lesion sensitivity: detected true lesions / all (BraTS 2023 overlap "
@@ -81,6 +84,12 @@ class ImageLesions:
     per_lesion_dice: tuple[float, ...]  # each true lesion's Dice (0 when missed)
 
 
+def label_components(mask: np.ndarray) -> tuple[np.ndarray, int]:
+    """The connected components of a binary mask (``CONNECTIVITY``): labels 1..n, and n."""
+    labels, n = ndimage.label(mask, structure=CONNECTIVITY)
+    return labels, int(n)
+
+
 def _as_stack(lesions: np.ndarray | list[np.ndarray], shape: tuple[int, ...]) -> np.ndarray:
     stack = np.asarray(lesions, bool)
     return stack.reshape((-1, *shape)) if stack.size == 0 else stack
@@ -92,7 +101,7 @@ def image_lesions(lesions: np.ndarray | list[np.ndarray], pred: np.ndarray) -> I
     pred = np.asarray(pred, bool)
     truth = _as_stack(lesions, pred.shape)
     truth = truth[truth.any((1, 2))]  # none left at this resolution
-    components, n_comp = ndimage.label(pred, structure=CONNECTIVITY)
+    components, n_comp = label_components(pred)
     penalty = float(np.hypot(*pred.shape))
     matched: set[int] = set()
     dices, dists, detected = [], [], 0
@@ -147,28 +156,27 @@ def lesion_table(per_image: list[ImageLesions]) -> dict[str, np.ndarray]:
     return {k: np.asarray([getattr(r, k) for r in per_image], float) for k in FIELDS}
 
 
-def lesion_metrics(lesions: np.ndarray, detected: np.ndarray, fp_components: np.ndarray,
-                   lesion_dice: np.ndarray, lesion_hd95: np.ndarray, pq_tp: np.ndarray,
-                   pq_fp: np.ndarray, pq_fn: np.ndarray, pq_iou_sum: np.ndarray,
-                   axis: int = -1) -> dict[str, np.ndarray]:
-    """The split's lesion-wise figures from per-image tallies along ``axis`` (images).
-    Sensitivity is 1 when there is no lesion to find; SQ and PQ are 0 without a match."""
-    n_lesions, tp = lesions.sum(axis), pq_tp.sum(axis)
+def lesion_metrics(table: dict[str, np.ndarray], axis: int = -1) -> dict[str, np.ndarray]:
+    """The split's lesion-wise figures from per-image tallies (one array per name in
+    ``FIELDS``) along ``axis`` (images). Sensitivity is 1 when there is no lesion to find; SQ
+    and PQ are 0 without a match."""
+    n_lesions, tp = table["lesions"].sum(axis), table["pq_tp"].sum(axis)
     with np.errstate(invalid="ignore", divide="ignore"):
-        sensitivity = np.where(n_lesions > 0, detected.sum(axis) / np.maximum(n_lesions, 1),
-                               1.0)
-        den = tp + (pq_fp.sum(axis) + pq_fn.sum(axis)) / 2
+        sensitivity = np.where(n_lesions > 0,
+                               table["detected"].sum(axis) / np.maximum(n_lesions, 1), 1.0)
+        den = tp + (table["pq_fp"].sum(axis) + table["pq_fn"].sum(axis)) / 2
         rq = np.where(den > 0, tp / np.maximum(den, 1e-12), 1.0)
-        sq = np.where(tp > 0, pq_iou_sum.sum(axis) / np.maximum(tp, 1), 0.0)
+        sq = np.where(tp > 0, table["pq_iou_sum"].sum(axis) / np.maximum(tp, 1), 0.0)
     return {"lesion_sensitivity": sensitivity,
-            "fp_components_per_image": fp_components.mean(axis),
-            "lesion_dice": lesion_dice.mean(axis), "lesion_hd95": lesion_hd95.mean(axis),
+            "fp_components_per_image": table["fp_components"].mean(axis),
+            "lesion_dice": table["lesion_dice"].mean(axis),
+            "lesion_hd95": table["lesion_hd95"].mean(axis),
             "pq": rq * sq, "rq": rq, "sq": sq}
 
 
 def summarise_lesions(table: dict[str, np.ndarray]) -> dict[str, float]:
     """The lesion-wise figures of a set of images (tallies from :func:`lesion_table`)."""
-    out = {k: float(v) for k, v in lesion_metrics(*(table[f] for f in FIELDS)).items()}
+    out = {k: float(v) for k, v in lesion_metrics(table).items()}
     out["true_lesions"] = int(table["lesions"].sum())
     return out
 

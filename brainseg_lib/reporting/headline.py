@@ -12,6 +12,7 @@ from typing import Any
 
 import pandas as pd
 
+from brainseg_lib.evaluation.result import CalibrationBlock, Evaluation, MetricBlock
 from brainseg_lib.metrics.functional import METRIC_DEFINITIONS
 
 HEADLINE_ID = "headline"  # the box's HTML id: the index links each run's 03 to it
@@ -26,6 +27,8 @@ SHORT_NAMES = {
 BOX_METRICS = ("pooled_iou", "mean_image_dice", "fg_bg_miou")
 _REF_IOU = "reference_test_iou (as published; closest to fg+bg mIoU)"
 _REF_LOSS = "reference_test_loss (BCE)"
+# an evaluation's record, typed or as metrics.json holds it
+Record = Evaluation | dict[str, Any]
 # 03's settings beyond the plain one, each with the short name its table column gets
 OTHER_SETTINGS = {
     "headline_original_resolution": "plain, source resolution",
@@ -44,11 +47,21 @@ def _figure(value: float, ci: list[float] | None, digits: int = 3) -> str:
     return f"{value:.{digits}f}" + (f" [{ci[0]:.{low}f}, {ci[1]:.{low}f}]" if ci else "")
 
 
-def block_figure(block: dict[str, Any], key: str, digits: int = 3) -> str:
-    """One figure of a metrics block with its interval, or "-" where the block lacks it."""
-    if block["metrics"].get(key) is None:
+def _typed(record: Record) -> Evaluation:
+    return record if isinstance(record, Evaluation) else Evaluation.from_json(record)
+
+
+def block_figure(block: MetricBlock | CalibrationBlock | dict[str, Any], key: str,
+                 digits: int = 3) -> str:
+    """One figure of a metrics or calibration block (typed, or its JSON) with its interval,
+    or "-" where the block lacks it."""
+    if isinstance(block, dict):
+        metrics, ci95 = block["metrics"], block.get("ci95")
+    else:
+        metrics, ci95 = block.metrics, block.ci95
+    if metrics.get(key) is None:
         return "-"
-    return _figure(block["metrics"][key], block.get("ci95", {}).get(key), digits)
+    return _figure(metrics[key], (ci95 or {}).get(key), digits)
 
 
 def _cell(text: str, key: str = "", subset: str = "", value: float | None = None) -> str:
@@ -87,89 +100,94 @@ def training_headline(record: dict[str, Any]) -> str:
     return _box("Result: training", sentence, f"<table><tr>{head}</tr><tr>{row}</tr></table>")
 
 
-def _subsets(metrics: dict[str, Any]) -> list[tuple[str, str, dict[str, Any]]]:
+def _subsets(record: Evaluation) -> list[tuple[str, str, MetricBlock]]:
     """(key, column name, block) of the plain setting: the full test split, then the clean
     subset when the evaluation has one."""
-    images = metrics["dataset"]["images"]
-    out = [("full", f"full test ({images})", metrics["headline"])]
-    if "headline_clean" in metrics:
-        out.append(("clean", f"clean subset ({metrics['clean_test']['images']})",
-                    metrics["headline_clean"]))
+    head, clean = record.headline, record.header.clean_test
+    out = [("full", f"full test ({record.header.dataset.images})", head.full)]
+    if head.clean is not None and clean is not None:
+        out.append(("clean", f"clean subset ({clean.images})", head.clean))
     return out
 
 
-def evaluation_headline(metrics: dict[str, Any]) -> str:
+def evaluation_headline(metrics: Record) -> str:
     """03's box: pooled fg IoU, image Dice, fg+bg mIoU and test BCE of the plain setting,
     full and clean with their intervals, beside the published reference's two numbers."""
-    subsets = _subsets(metrics)
-    ref = metrics["reference_comparison"]
+    record = _typed(metrics)
+    subsets = _subsets(record)
+    ref = record.reference_comparison or {}
     reference = {"fg_bg_miou": f"{ref[_REF_IOU]} (its 'Test IoU')",
                  "test_bce": f"{ref[_REF_LOSS]} (its Test Loss)"}
     head = "".join(f"<th style='{_CELL}'>{html.escape(h)}</th>"
                    for h in ("", *(name for _, name, _ in subsets), "published reference"))
     rows = []
     for key in BOX_METRICS:
-        cells = "".join(_cell(_figure(b["metrics"][key], b.get("ci95", {}).get(key)), key, s,
-                              b["metrics"][key]) for s, _, b in subsets)
+        cells = "".join(_cell(_figure(b.metrics[key], (b.ci95 or {}).get(key)), key, s,
+                              b.metrics[key]) for s, _, b in subsets)
         rows.append(f"<tr><th style='text-align:left'>{SHORT_NAMES[key]}</th>{cells}"
                     f"{_cell(reference.get(key, _NONE))}</tr>")
-    bce = metrics["loss"]["bce"]
+    bce = record.header.loss.bce
     rows.append("<tr><th style='text-align:left'>test BCE</th>"
                 + _cell(f"{bce:.4f}", "test_bce", "full", bce)
                 + "".join(_cell("") for _ in subsets[1:])
                 + f"{_cell(reference['test_bce'])}</tr>")
-    selected = metrics["selected"]
+    selected = record.selected.full
     clean = (" and on its clean subset (no near-duplicate in train or valid)"
              if len(subsets) > 1 else "")
     sentence = (
-        f"Plain setting ({html.escape(metrics['headline']['setting'])}) on the test "
+        f"Plain setting ({html.escape(record.headline.full.setting)}) on the test "
         f"split{clean}; brackets: bootstrap 95 % intervals. With the setting chosen on the "
         "validation split "
-        f"({html.escape(selected['setting'])}): fg IoU (pooled) "
-        f"{selected['metrics']['pooled_iou']:.3f}.")
+        f"({html.escape(selected.setting)}): fg IoU (pooled) "
+        f"{selected.metrics['pooled_iou']:.3f}.")
     return _box("Result: test split", sentence,
                 f"<table><tr>{head}</tr>{''.join(rows)}</table>")
 
 
-def _column(block: dict[str, Any]) -> list[str]:
+def _column(block: MetricBlock) -> list[str]:
     return [block_figure(block, k, 1 if k == "hd95" else 3) for k in METRIC_DEFINITIONS]
 
 
-def plain_table(metrics: dict[str, Any]) -> pd.DataFrame:
+def plain_table(metrics: Record) -> pd.DataFrame:
     """The plain setting: rows are metrics, columns the full test split and its clean subset;
     the test loss (full split) below."""
-    subsets = _subsets(metrics)
+    record = _typed(metrics)
+    subsets = _subsets(record)
     table = pd.DataFrame({name: _column(block) for _, name, block in subsets},
                          index=pd.Index([SHORT_NAMES[k] for k in METRIC_DEFINITIONS],
                                         name="metric"))
-    loss = metrics["loss"]
+    loss = record.header.loss
     blank = [""] * (len(subsets) - 1)
-    table.loc[f"test loss ({loss['name']})"] = [f"{loss['value']:.4f}", *blank]
-    table.loc["test BCE"] = [f"{loss['bce']:.4f}", *blank]
+    table.loc[f"test loss ({loss.name})"] = [f"{loss.value:.4f}", *blank]
+    table.loc["test BCE"] = [f"{loss.bce:.4f}", *blank]
     return table
 
 
-def settings_table(metrics: dict[str, Any]) -> pd.DataFrame:
+def settings_table(metrics: Record) -> pd.DataFrame:
     """The other settings (source resolution, the one selected on validation), full and
     clean: columns are (setting, subset), named short; :func:`table_notes` defines them."""
-    columns = {}
+    scores, columns = _typed(metrics).scores, {}
     for key, name in OTHER_SETTINGS.items():
-        for suffix, subset in (("", "full"), ("_clean", "clean")):
-            if key + suffix in metrics:
-                columns[(name, subset)] = _column(metrics[key + suffix])
+        if key not in scores:
+            continue
+        for block, subset in ((scores[key].full, "full"), (scores[key].clean, "clean")):
+            if block is not None:
+                columns[(name, subset)] = _column(block)
     table = pd.DataFrame(columns, index=pd.Index([SHORT_NAMES[k] for k in METRIC_DEFINITIONS],
                                                  name="metric"))
     table.columns.names = ["setting", "test images"]
     return table
 
 
-def table_notes(metrics: dict[str, Any]) -> str:
+def table_notes(metrics: Record) -> str:
     """The footnote of both tables: each short name and each setting, in full."""
-    settings = {"plain, model resolution": metrics["headline"]["setting"]} | {
-        name: metrics[key]["setting"] for key, name in OTHER_SETTINGS.items() if key in metrics}
+    record = _typed(metrics)
+    settings = {"plain, model resolution": record.headline.full.setting} | {
+        name: record.scores[key].full.setting for key, name in OTHER_SETTINGS.items()
+        if key in record.scores}
     items = [f"<b>{html.escape(n)}</b>: {html.escape(s)}" for n, s in settings.items()]
-    if "clean_test" in metrics:
-        items.append(f"<b>clean</b>: {html.escape(metrics['clean_test']['definition'])}")
+    if record.header.clean_test is not None:
+        items.append(f"<b>clean</b>: {html.escape(record.header.clean_test.definition)}")
     items += [f"<b>{html.escape(SHORT_NAMES[k])}</b>: {html.escape(d)}"
               for k, d in METRIC_DEFINITIONS.items()]
     items.append("<b>[a, b]</b>: bootstrap 95 % interval over test images")
