@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from brainseg_lib.rundir import BEST_CHECKPOINT, LAST_CHECKPOINT, TRAIN_FILE
+from brainseg_lib.rundir import LAST_CHECKPOINT, RunDir
 
 
 @dataclass
@@ -29,7 +29,7 @@ class Job:
 
     @property
     def finished(self) -> bool:
-        return (self.run_dir / TRAIN_FILE).exists() and (self.run_dir / BEST_CHECKPOINT).exists()
+        return RunDir(self.run_dir).is_finished
 
     def command(self) -> list[str]:
         cmd = [sys.executable, "-m", "brainseg_lib.cli", "train", "--params",

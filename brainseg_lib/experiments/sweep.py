@@ -48,16 +48,7 @@ import pandas as pd
 from brainseg_lib.config import PARAM_NAMES, ParamsError, load_params, read_params_file
 from brainseg_lib.experiments.runner import visible_gpus
 from brainseg_lib.io import atomic_write, atomic_write_json
-from brainseg_lib.rundir import (
-    BEST_CHECKPOINT,
-    HISTORY_FILE,
-    LAST_CHECKPOINT,
-    LOGS_DIR,
-    STUDY_FILE,
-    SWEEP_FILE,
-    SWEEP_RECORD_FILE,
-    TRAIN_FILE,
-)
+from brainseg_lib.rundir import LOGS_DIR, STUDY_FILE, SWEEP_FILE, SWEEP_RECORD_FILE, RunDir
 from brainseg_lib.tracking import nested_under, parent_run
 
 SELECT_ON = ("val_iou", "val_dice", "val_loss")
@@ -229,9 +220,10 @@ def _train_trial(grid: dict[str, Any], run_dir: Path, overrides: dict[str, Any],
     """Train (or resume, or just read) the run directory of one trial, in this process."""
     from brainseg_lib.training.loop import train
 
-    if (run_dir / TRAIN_FILE).exists() and (run_dir / BEST_CHECKPOINT).exists():
+    run = RunDir(run_dir)
+    if run.is_finished:
         return
-    if (run_dir / LAST_CHECKPOINT).exists():
+    if run.can_resume:
         params = load_params(grid["base"], **(overrides | {"resume": str(run_dir)}))
     else:
         params = load_params(grid["base"], **(overrides | {"runs_dir": str(run_dir.parent),
@@ -272,20 +264,18 @@ def objective(grid: dict[str, Any], sweep_dir: Path) -> Any:
 def run_row(run_dir: Path, select_on: str) -> dict[str, Any]:
     """Validation figures of a run: its best checkpoint's epoch when it has finished, else
     its best epoch so far (a pruned or interrupted run)."""
-    if not (run_dir / HISTORY_FILE).exists():
-        return {}
-    history = pd.read_csv(run_dir / HISTORY_FILE)
+    run = RunDir(run_dir)
+    history = pd.DataFrame(run.history())
     if not len(history):
         return {}
     row: dict[str, Any] = {"epochs": len(history),
                            "img_per_s": round(float(history.train_img_per_s.median()))}
-    record_file = run_dir / TRAIN_FILE
-    if record_file.exists():
-        record = json.loads(record_file.read_text())
-        best = history.loc[history.epoch == record["best_epoch"]].iloc[0]
-        row |= {"epochs": int(record["epochs_run"]),
-                "minutes": round(record["train_seconds_this_session"] / 60, 2),
-                "compile_s": round(record.get("compile_seconds", 0.0), 1)}
+    record = run.train_record()
+    if record is not None:
+        best = history.loc[history.epoch == record.best_epoch].iloc[0]
+        row |= {"epochs": record.epochs_run,
+                "minutes": round(record.train_seconds_this_session / 60, 2),
+                "compile_s": round(record.compile_seconds, 1)}
     else:
         best = history.loc[history[select_on].idxmin() if select_on == "val_loss"
                            else history[select_on].idxmax()]
@@ -313,7 +303,7 @@ def sweep_table(grid: dict[str, Any], sweep_dir: Path, study: Any = None) -> pd.
     for name, overrides in differs.items():
         trial = trials.get(name)
         status = _STATUS[trial.state.name] if trial is not None else (
-            "finished" if (sweep_dir / name / TRAIN_FILE).exists() else "unfinished")
+            "finished" if RunDir(sweep_dir / name).is_finished else "unfinished")
         rows.append({"variant": name, "differs": json.dumps(overrides, sort_keys=True),
                      "trial": trial.number if trial is not None else None, "status": status}
                     | run_row(sweep_dir / name, grid["select_on"]))

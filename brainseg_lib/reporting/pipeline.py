@@ -24,10 +24,10 @@ from brainseg_lib.rundir import (
     ENV_FILE,
     METRICS_FILE,
     REPORT_SUMMARY_FILE,
+    RunDir,
     eval_dir,
     new_run_id,
     target_run_dir,
-    training_record,
 )
 from brainseg_lib.tracking import log_report
 
@@ -44,6 +44,15 @@ def notebooks_dir() -> Path:
 
 def default_reports_dir() -> Path:
     return project_root() / "reports"
+
+
+def newest_report_runs(runs_dir: Path, reports_dir: Path | None = None) -> list[Path]:
+    """The run folders under ``runs_dir`` of the reports of the newest day under
+    ``reports_dir`` (05_compare's default), in report order; [] when there is none."""
+    days = sorted(p for p in (reports_dir or default_reports_dir()).glob("????-??-??")
+                  if p.is_dir())
+    summaries = sorted(days[-1].glob(f"*/{REPORT_SUMMARY_FILE}")) if days else []
+    return [runs_dir / json.loads(summary.read_text())["run_id"] for summary in summaries]
 
 
 def _unique_report_dir(reports_dir: Path, run_id: str) -> Path:
@@ -80,12 +89,13 @@ def _headline(params: Params, since: float) -> dict[str, Any]:
 
 def _training(params: Params) -> dict[str, Any]:
     """Where and how long the run's model trained (it may predate this report)."""
-    record = training_record(target_run_dir(params))
+    run = RunDir(target_run_dir(params))
+    record = run.train_record()
     if record is None:
         return {}
-    return {"epochs": record["epochs_run"], "stop_reason": record["stop_reason"],
-            "minutes": round(record["train_seconds_this_session"] / 60, 1),
-            "device": record["device"]}
+    return {"epochs": record.epochs_run, "stop_reason": record.stop_reason,
+            "minutes": round(record.train_seconds_this_session / 60, 1),
+            "device": run.device()}
 
 
 def _dataset(params: Params) -> dict[str, Any]:

@@ -8,7 +8,6 @@ step itself is :mod:`.trainer`; data parallelism under torchrun, :mod:`.distribu
 
 from __future__ import annotations
 
-import csv
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -19,31 +18,24 @@ import numpy as np
 import torch
 from torch import nn
 
-from brainseg_lib.config import (
-    RESUMABLE_KEYS,
-    Params,
-    params_from_dict,
-    params_from_record,
-    read_params_file,
-    save_params,
-)
+from brainseg_lib.config import Params, save_params
 from brainseg_lib.data.arrays import SplitArrays, load_split_arrays
 from brainseg_lib.data.identity import dataset_record
 from brainseg_lib.data.locate import DataSource, data_source
-from brainseg_lib.io import atomic_write_json, atomic_write_text
+from brainseg_lib.io import atomic_write_json
 from brainseg_lib.model.checkpoint import read_checkpoint, save_checkpoint
 from brainseg_lib.model.device import autocast_dtype, select_device
 from brainseg_lib.model.network import create_model
 from brainseg_lib.rundir import (
     BEST_CHECKPOINT,
     ENV_FILE,
-    HISTORY_FILE,
     LAST_CHECKPOINT,
     PARAMS_FILE,
     TRAIN_FILE,
+    RunDir,
+    TrainRecord,
     environment_info,
     target_run_dir,
-    training_record,
 )
 from brainseg_lib.tracking import Tracker, training_run
 from brainseg_lib.training.batches import ResidentBatches, StreamedBatches, make_batches
@@ -58,8 +50,6 @@ from brainseg_lib.training.distributed import (
 from brainseg_lib.training.trainer import EarlyStopping, Trainer, seed_everything, validate
 
 LAST_EVERY_S = 60.0  # resumable state (last.pt) at most this often, and at the end
-HISTORY_FIELDS = ("epoch", "train_loss", "val_loss", "val_iou", "val_dice", "lr", "seconds",
-                  "train_img_per_s")
 
 
 @dataclass
@@ -89,18 +79,6 @@ def load_training_data(params: Params) -> tuple[DataSource, dict[str, SplitArray
     return source, data
 
 
-def _write_history(path: Path, history: list[dict[str, float]]) -> None:
-    lines = [",".join(HISTORY_FIELDS)]
-    lines += [",".join(f"{row[k]:.6g}" if isinstance(row[k], float) else str(row[k])
-                       for k in HISTORY_FIELDS) for row in history]
-    atomic_write_text(path, "\n".join(lines) + "\n")
-
-
-def read_history(run_dir: Path) -> list[dict[str, float]]:
-    with (run_dir / HISTORY_FILE).open() as f:
-        return [{k: float(v) for k, v in row.items()} for row in csv.DictReader(f)]
-
-
 def finished_run(params: Params) -> TrainResult | None:
     """The record of ``runs_dir/run_id`` when that run has finished training, else None.
 
@@ -109,42 +87,21 @@ def finished_run(params: Params) -> TrainResult | None:
     """
     if not params.run_id:
         return None
-    run_dir = target_run_dir(params)
+    run = RunDir(target_run_dir(params))
     if params.model_dir:
         from brainseg_lib.model.package import materialise
 
-        materialise(params.resolve_path(params.model_dir), run_dir, expected=params)
-    record = training_record(run_dir)
-    if record is None or not (run_dir / BEST_CHECKPOINT).exists():
+        materialise(params.resolve_path(params.model_dir), run.path, expected=params)
+    record = run.train_record()
+    if record is None:
         return None
-    history = read_history(run_dir)
-    monitor = next(k for k in record if k.startswith("best_val"))
-    print(f"{run_dir.name} has already finished training ({record['epochs_run']} epochs on "
-          f"{record['device']}, stopped by {record['stop_reason']}): showing its record, "
+    print(f"{run.name} has already finished training ({record.epochs_run} epochs on "
+          f"{run.device()}, stopped by {record.stop_reason}): showing its record, "
           "not retraining")
-    if record["trained_on"]:
-        print(f"note: {record['trained_on']}")
-    return TrainResult(run_dir, history, int(record["best_epoch"]), float(record[monitor]),
-                       record["stop_reason"], float(record["train_seconds_this_session"]))
-
-
-def _resume_params(run_dir: Path, overrides: dict[str, Any]) -> Params:
-    """The saved run's parameters with the caller's explicit overrides: the resumable ones
-    (more budget, execution and measurement settings) apply and are announced; one that
-    shaped the weights is refused, listing each difference."""
-    saved = params_from_record(read_params_file(run_dir / PARAMS_FILE),
-                               str(run_dir / PARAMS_FILE)).to_dict()
-    changed = {k: v for k, v in overrides.items()
-               if k not in ("resume", "run_id") and saved.get(k, v) != v}
-    refused = sorted(k for k in changed if k not in RESUMABLE_KEYS)
-    if refused:
-        listed = "; ".join(f"{k}: run {saved.get(k)!r}, given {changed[k]!r}" for k in refused)
-        raise ValueError(f"resume {run_dir}: cannot change what shaped its weights ({listed}); "
-                         "start a new run instead")
-    if changed:
-        print(f"resume: applying {changed}")
-    return params_from_dict(saved | changed | {"resume": str(run_dir)},
-                            source=str(run_dir / PARAMS_FILE))
+    if run.env().get("trained_on"):
+        print(f"note: {run.env()['trained_on']}")
+    return TrainResult(run.path, run.history(), record.best_epoch, record.best_value,
+                       record.stop_reason, record.train_seconds_this_session)
 
 
 def train(params: Params, progress: bool = True,
@@ -336,7 +293,7 @@ class _Session:
         if save_last:
             save_checkpoint(self.run_dir / LAST_CHECKPOINT, state | self.trainer.state_dict() | {
                 "early_stopping": self.stopper.state_dict(), "history": self.history})
-        _write_history(self.run_dir / HISTORY_FILE, self.history)
+        RunDir(self.run_dir).write_history(self.history)
 
     def report_epoch(self, epoch: int, row: dict[str, float], improved: bool) -> None:
         self.say(f"epoch {epoch:3d} | train {row['train_loss']:.4f} | val loss "
@@ -351,16 +308,17 @@ class _Session:
     def finish(self, epoch: int, stop_reason: str, seconds: float) -> TrainResult:
         """``train.json`` (rank 0), then every rank returns the finished run."""
         p, trainer, stopper = self.params, self.trainer, self.stopper
-        summary = {"best_epoch": stopper.best_epoch, "best_" + p.monitor: stopper.best,
-                   "epochs_run": len(self.history), "stop_reason": stop_reason,
-                   "train_seconds_this_session": seconds,
-                   "compile_seconds": trainer.compile_seconds,
-                   "train_seconds_total": trainer.schedule.elapsed + trainer.compile_seconds,
-                   "ema": trainer.ema is not None}
+        best = float("nan") if stopper.best is None else stopper.best
+        record = TrainRecord(
+            best_epoch=stopper.best_epoch, monitor=p.monitor, best_value=best,
+            epochs_run=len(self.history), stop_reason=stop_reason,
+            train_seconds_this_session=seconds, compile_seconds=trainer.compile_seconds,
+            train_seconds_total=trainer.schedule.elapsed + trainer.compile_seconds,
+            ema=trainer.ema is not None)
         if self.ctx.is_main:
-            atomic_write_json(self.run_dir / TRAIN_FILE, summary)
+            RunDir(self.run_dir).write_train_record(record)
         if self.tracker:
-            self.tracker.log_metrics({k: v for k, v in summary.items()
+            self.tracker.log_metrics({k: v for k, v in record.to_json().items()
                                       if isinstance(v, int | float) and not isinstance(v, bool)})
             self.tracker.log_artifact(self.run_dir / TRAIN_FILE)
             self.tracker.end()
@@ -368,8 +326,8 @@ class _Session:
         self.say(f"stopped after epoch {epoch} ({stop_reason}); best {p.monitor} "
                  f"{stopper.best:.4f} at epoch {stopper.best_epoch}"
                  + (f"; compile {trainer.compile_seconds:.0f} s" if trainer.compiled else ""))
-        return TrainResult(self.run_dir, self.history, stopper.best_epoch,
-                           float(stopper.best or 0.0), stop_reason, seconds)
+        return TrainResult(self.run_dir, self.history, stopper.best_epoch, best, stop_reason,
+                           seconds)
 
 
 def _parent(params: Params, ctx: DistContext) -> tuple[dict[str, Any], dict[str, Any]] | None:
@@ -398,7 +356,7 @@ def _open_run_dir(params: Params, ctx: DistContext, overrides: dict[str, Any],
     if params.resume:
         run_dir = params.resolve_path(params.resume)
         state = read_checkpoint(run_dir / LAST_CHECKPOINT)
-        return _resume_params(run_dir, overrides), run_dir, state
+        return RunDir(run_dir).resumed_params(overrides), run_dir, state
     run_dir = Path(from_main(ctx, str(target_run_dir(params))))  # one id for all ranks
     if (run_dir / LAST_CHECKPOINT).exists():
         raise FileExistsError(f"{run_dir} already holds a run: set resume: {run_dir} "
