@@ -10,9 +10,9 @@ from brainseg_lib.evaluation.predictions import predict_split
 from brainseg_lib.inference.predictor import load_model
 from brainseg_lib.metrics.functional import ConfusionCounts, pooled_iou
 from brainseg_lib.model.checkpoint import read_checkpoint
+from brainseg_lib.rundir import RunDir
 from brainseg_lib.training import trainer as trainer_module
 from brainseg_lib.training.augment import BatchAugment
-from brainseg_lib.rundir import RunDir
 from brainseg_lib.training.loop import load_training_data, train
 from brainseg_lib.training.trainer import EarlyStopping, TrainingDivergedError
 from conftest import tiny_params

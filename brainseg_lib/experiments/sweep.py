@@ -35,8 +35,6 @@ from __future__ import annotations
 
 import itertools
 import json
-import os
-import subprocess
 import sys
 import time
 import warnings
@@ -46,7 +44,7 @@ from typing import Any
 import pandas as pd
 
 from brainseg_lib.config import PARAM_NAMES, ParamsError, load_params, read_params_file
-from brainseg_lib.experiments.runner import visible_gpus
+from brainseg_lib.experiments.launcher import Child, run_children, visible_gpus
 from brainseg_lib.io import atomic_write, atomic_write_json
 from brainseg_lib.rundir import LOGS_DIR, STUDY_FILE, SWEEP_FILE, SWEEP_RECORD_FILE, RunDir
 from brainseg_lib.tracking import nested_under, parent_run
@@ -382,30 +380,13 @@ def run_workers(grid_file: Path, grid: dict[str, Any], sweep_dir: Path, parallel
     """``parallel`` worker processes on this machine (default: the grid's ``parallel``, else
     one per GPU, each pinned to one), or this process itself when one is enough (each
     worker runs in that mode)."""
-    gpus = visible_gpus()
-    parallel = parallel or grid["parallel"] or max(gpus, 1)
+    parallel = parallel or grid["parallel"] or max(visible_gpus(), 1)
     if parallel == 1:
         work(grid, sweep_dir, storage)
         return
-    procs = []
-    for i in range(parallel):
-        env = dict(os.environ)
-        if gpus > 1:
-            env["CUDA_VISIBLE_DEVICES"] = str(i % gpus)
-        log_path = sweep_dir / LOGS_DIR / f"worker{i}.log"
-        log_path.parent.mkdir(parents=True, exist_ok=True)
-        log = log_path.open("a")
-        print(f"start worker {i}: log {log_path}", flush=True)
-        procs.append((subprocess.Popen(_worker_command(grid_file, sweep_dir, storage),
-                                       stdout=log, stderr=subprocess.STDOUT, env=env), log))
-    try:
-        for proc, log in procs:
-            proc.wait()
-            log.close()
-    finally:  # stopped: stop the workers too (each run keeps its last checkpoint)
-        for proc, _log in procs:
-            if proc.poll() is None:
-                proc.terminate()
+    run_children([Child(f"worker {i}", _worker_command(grid_file, sweep_dir, storage),
+                        sweep_dir / LOGS_DIR / f"worker{i}.log") for i in range(parallel)],
+                 parallel)
 
 
 def _wait_for_others(study: Any) -> None:
