@@ -100,14 +100,14 @@ class TrainRecord:
 
     def to_json(self) -> dict[str, Any]:
         """The mapping ``train.json`` holds (the best value under ``best_<monitor>``)."""
-        out: dict[str, Any] = {"best_epoch": self.best_epoch,
-                               f"best_{self.monitor}": self.best_value,
-                               "epochs_run": self.epochs_run, "stop_reason": self.stop_reason,
-                               "train_seconds_this_session": self.train_seconds_this_session,
-                               "compile_seconds": self.compile_seconds}
+        stored: dict[str, Any] = {
+            "best_epoch": self.best_epoch, f"best_{self.monitor}": self.best_value,
+            "epochs_run": self.epochs_run, "stop_reason": self.stop_reason,
+            "train_seconds_this_session": self.train_seconds_this_session,
+            "compile_seconds": self.compile_seconds}
         if self.train_seconds_total is not None:
-            out["train_seconds_total"] = self.train_seconds_total
-        return out | {"ema": self.ema} | self.extra
+            stored["train_seconds_total"] = self.train_seconds_total
+        return stored | {"ema": self.ema} | self.extra
 
     @classmethod
     def from_json(cls, data: dict[str, Any], source: str) -> TrainRecord:
@@ -224,7 +224,7 @@ def training_record(run_dir: Path) -> dict[str, Any] | None:
 
 def latest_run(runs_dir: Path, profile: str | None = None) -> Path | None:
     """The newest run directory holding a best checkpoint (optionally of one profile)."""
-    runs = [p.parent for p in runs_dir.glob(f"*/{BEST_CHECKPOINT}")]
+    runs = [best.parent for best in runs_dir.glob(f"*/{BEST_CHECKPOINT}")]
     if profile:
         runs = [r for r in runs if r.name.endswith(f"-{profile}")] or runs
     return max(runs, key=lambda r: (r / BEST_CHECKPOINT).stat().st_mtime, default=None)

@@ -4,10 +4,13 @@ version wrote them, and the runs 05_compare takes by default."""
 import json
 
 import pytest
+import yaml
 
+from brainseg_lib.config import ParamsError, load_params
 from brainseg_lib.evaluation.compare import find_runs
 from brainseg_lib.reporting.pipeline import newest_report_runs
 from brainseg_lib.rundir import RunDir, RunFileError, TrainRecord, training_record
+from conftest import ROOT
 
 # train.json as the first version wrote it (no compile time, total or EMA flag) ...
 OLDEST = {"best_epoch": 7, "best_val_loss": 0.0712, "epochs_run": 12,
@@ -111,3 +114,44 @@ def test_compare_defaults_to_the_runs_of_the_newest_report_that_exist_here(tmp_p
     assert newest_report_runs(runs_dir, tmp_path / "no-reports") == []
     with pytest.raises(FileNotFoundError, match="no evaluated run"):
         find_runs([], runs_dir, [])  # nothing evaluated to fall back on
+
+
+def test_brainseg_train_refuses_parameters_that_report_on_a_model_in_one_line(tmp_path,
+                                                                              capsys):
+    from brainseg_lib.cli import main
+
+    code = main(["train", "--params", str(ROOT / "params" / "reference.yaml"),
+                 "--set", f"runs_dir={tmp_path}"])
+    err = capsys.readouterr().err
+    assert code == 2 and len(err.strip().splitlines()) == 1
+    assert "report_model is set (models/reference)" in err and "report_model=" in err
+    assert not any(tmp_path.iterdir())  # refused before a run folder was made
+
+
+def test_model_dir_is_read_from_records_as_report_model_and_refused_in_new_files(tmp_path):
+    run = RunDir(tmp_path / "old-run")
+    run.path.mkdir()
+    saved = load_params(ROOT / "params" / "smoke.yaml").to_dict()
+    saved["model_dir"] = saved.pop("report_model")  # as a run saved before the rename
+    (run.path / "params.yaml").write_text(yaml.safe_dump(saved))
+    assert run.params().report_model == ""
+    old_file = tmp_path / "old.yaml"
+    old_file.write_text("profile: mine\nmodel_dir: models/reference\n")
+    with pytest.raises(ParamsError, match=r"old.yaml: parameter renamed: 'model_dir' is now "
+                                          r"'report_model'"):
+        load_params(old_file)
+
+
+@pytest.mark.parametrize("path", sorted((ROOT / "params").glob("*.yaml")), ids=lambda p: p.name)
+def test_every_committed_profile_validates(path):
+    load_params(path)
+
+
+@pytest.mark.parametrize("path", sorted((ROOT / "params" / "grids").glob("*.yaml")),
+                         ids=lambda p: p.name)
+def test_every_committed_grid_validates(path):
+    from brainseg_lib.experiments.sweep import read_grid
+
+    grid = read_grid(path)
+    assert all(load_params(grid["base"], **(grid["common"] | v)).report_model == ""
+               for v in grid.get("variants", {}).values())  # a sweep trains

@@ -61,7 +61,7 @@ def _runs_in(folder: Path) -> list[Path]:
     """A run directory, or every run inside a sweep or cross-validation folder."""
     if (folder / BEST_CHECKPOINT).exists():
         return [folder]
-    return sorted(p.parent for p in folder.glob(f"*/{BEST_CHECKPOINT}"))
+    return sorted(best.parent for best in folder.glob(f"*/{BEST_CHECKPOINT}"))
 
 
 def find_runs(names: list[str], runs_dir: Path, default: Sequence[Path] = ()) -> list[Path]:
@@ -85,8 +85,8 @@ def find_runs(names: list[str], runs_dir: Path, default: Sequence[Path] = ()) ->
     found = [run_dir for run_dir in default if RunDir(run_dir).has_model]
     if len(found) < 2:
         evaluated = sorted(runs_dir.glob(f"*/{eval_dir(Path(), 'test').name}/{METRICS_FILE}"),
-                           key=lambda p: p.stat().st_mtime)
-        found = [p.parent.parent for p in evaluated[-2:]]
+                           key=lambda metrics: metrics.stat().st_mtime)
+        found = [metrics.parent.parent for metrics in evaluated[-2:]]
     if not found:
         raise FileNotFoundError(f"no evaluated run under {runs_dir}: run notebooks 02 and 03 "
                                 "(or brainseg run) first, or set compare")

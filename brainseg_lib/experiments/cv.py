@@ -126,7 +126,7 @@ def run_cv(params_file: str | Path, k: int = 5, overrides: dict[str, Any] | None
            parallel: int = 0, evaluate: bool = True, verbose: bool = True) -> dict[str, Any]:
     """Train the missing folds, then score OOF and the ensemble; writes ``cv.json``."""
     params_file, overrides = Path(params_file), dict(overrides or {})
-    overrides["model_dir"] = ""  # cross-validation always trains
+    overrides["report_model"] = ""  # cross-validation always trains
     params = load_params(params_file, **overrides)
     source = data_source(params)
     data = load_dataset(source.path, params.image_size, params.cache_path())

@@ -77,15 +77,15 @@ def read_grid(path: Path) -> dict[str, Any]:
     pruner = grid.get("pruner", "median" if space else "none")
     if pruner not in PRUNERS:
         raise ParamsError(f"{path}: pruner must be one of {PRUNERS}")
-    out = {"name": path.stem, "base": base, "parallel": int(grid.get("parallel", 0)),
-           "select_on": select_on, "common": common, "pruner": pruner,
-           "prune_startup": int(grid.get("prune_startup", 2)),
-           "prune_warmup": int(grid.get("prune_warmup", 1))}
+    checked = {"name": path.stem, "base": base, "parallel": int(grid.get("parallel", 0)),
+               "select_on": select_on, "common": common, "pruner": pruner,
+               "prune_startup": int(grid.get("prune_startup", 2)),
+               "prune_warmup": int(grid.get("prune_warmup", 1))}
     if space is not None:
         if grid.get("variants") or grid.get("grid"):
             raise ParamsError(f"{path}: give either 'space' or 'variants'/'grid', not both")
-        return out | {"space": _check_space(path, space, base, common),
-                      "trials": _positive_int(path, grid.get("trials"))}
+        return checked | {"space": _check_space(path, space, base, common),
+                          "trials": _positive_int(path, grid.get("trials"))}
     variants: dict[str, dict[str, Any]] = dict(grid.get("variants") or {})
     product = grid.get("grid") or {}
     for combo in itertools.product(*product.values()) if product else []:
@@ -97,7 +97,7 @@ def read_grid(path: Path) -> dict[str, Any]:
         load_params(base, **(common | (overrides or {})))
         if "/" in name:
             raise ParamsError(f"{path}: variant name {name!r} may not contain '/'")
-    return out | {"variants": {k: v or {} for k, v in variants.items()}}
+    return checked | {"variants": {k: v or {} for k, v in variants.items()}}
 
 
 def _positive_int(path: Path, value: Any) -> int:

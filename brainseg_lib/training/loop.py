@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -18,7 +18,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from brainseg_lib.config import Params, save_params
+from brainseg_lib.config import Params, ParamsError, save_params
 from brainseg_lib.data.arrays import SplitArrays, load_split_arrays
 from brainseg_lib.data.identity import dataset_record
 from brainseg_lib.data.locate import DataSource, data_source
@@ -79,19 +79,20 @@ def load_training_data(params: Params) -> tuple[DataSource, dict[str, SplitArray
     return source, data
 
 
-def finished_run(params: Params) -> TrainResult | None:
-    """The record of ``runs_dir/run_id`` when that run has finished training, else None.
+def reuse_trained_run(params: Params) -> TrainResult | None:
+    """The result of ``runs_dir/run_id`` without training it again, else None (train it).
 
-    With ``model_dir`` set, the exported model is laid out as that run first (its training
-    parameters must match the given ones).
+    With ``report_model`` set, that exported model is first laid out as the run folder
+    (written here; its training parameters must match the given ones); a run that has
+    already finished training (say, on a GPU machine) is shown as it is.
     """
     if not params.run_id:
         return None
     run = RunDir(target_run_dir(params))
-    if params.model_dir:
+    if params.report_model:
         from brainseg_lib.model.package import materialise
 
-        materialise(params.resolve_path(params.model_dir), run.path, expected=params)
+        materialise(params.resolve_path(params.report_model), run.path, expected=params)
     record = run.train_record()
     if record is None:
         return None
@@ -118,10 +119,15 @@ def train(params: Params, progress: bool = True,
     sweep reports it to its pruner, and an exception it raises ends the run there, with
     ``last.pt`` and the history kept. Raises TrainingDivergedError on a non-finite loss.
     With ``tracking_uri`` set, the session logs to the run's MLflow run (:mod:`.tracking`).
+    A new run with ``report_model`` set is refused: those parameters report on that model.
     """
+    if params.report_model and not params.resume:
+        raise ParamsError(f"report_model is set ({params.report_model}): these parameters "
+                          "report on that model instead of training one; to train, unset it "
+                          "(--set 'report_model=\"\"')")
     ctx = init_from_env(params.device)  # several processes under torchrun
     try:
-        session = _Session.open(params, ctx, resume_overrides or {})
+        session = TrainingSession.open(params, ctx, resume_overrides or {})
         try:
             return session.run(progress, step_callback, epoch_callback)
         except BaseException as err:  # pruned, interrupted, diverged: the MLflow run says so
@@ -132,9 +138,10 @@ def train(params: Params, progress: bool = True,
         finish(ctx)
 
 
-@dataclass
-class _Session:
-    """One training session of a run: a new run, or a resumed one from its ``last.pt``."""
+@dataclass(kw_only=True)
+class TrainingSession:
+    """One training session of a run: a new run, or a resumed one from its ``last.pt``;
+    :meth:`open` sets it up, :meth:`run` trains it."""
 
     params: Params
     ctx: DistContext
@@ -144,14 +151,15 @@ class _Session:
     stopper: EarlyStopping
     train_batches: ResidentBatches | StreamedBatches
     valid_batches: ResidentBatches | StreamedBatches
-    provenance: str
-    history: list[dict[str, float]]
-    first_epoch: int
+    provenance: str  # where the starting weights came from
+    history: list[dict[str, float]] = field(default_factory=list)  # one row per epoch
+    first_epoch: int = 1  # after a resume, the epoch after the saved one
     parent: dict[str, Any] | None = None  # the model fine-tuned from (init_from)
     tracker: Tracker | None = None  # the run's MLflow run (rank 0, tracking_uri set)
 
     @classmethod
-    def open(cls, params: Params, ctx: DistContext, overrides: dict[str, Any]) -> _Session:
+    def open(cls, params: Params, ctx: DistContext,
+             overrides: dict[str, Any]) -> TrainingSession:
         """Set up the run directory, data, network, trainer and early stopping."""
         params, run_dir, start_state = _open_run_dir(params, ctx, overrides)
         if params.num_threads:
@@ -172,12 +180,14 @@ class _Session:
             model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
         train_batches = make_batches(data["train"], device, params.batch_size, shuffle=True,
                                      seed=params.seed, rank=ctx.rank, world=ctx.world)
-        session = cls(params, ctx, run_dir, device,
-                      Trainer(params, model, device, len(train_batches), ctx),
-                      EarlyStopping("min" if params.monitor == "val_loss" else "max",
-                                    params.patience, params.min_delta),
-                      train_batches, make_batches(data["valid"], device, params.batch_size),
-                      provenance, [], 1, parent[1] if parent else None)
+        session = cls(
+            params=params, ctx=ctx, run_dir=run_dir, device=device,
+            trainer=Trainer(params, model, device, len(train_batches), ctx),
+            stopper=EarlyStopping("min" if params.monitor == "val_loss" else "max",
+                                  params.patience, params.min_delta),
+            train_batches=train_batches,
+            valid_batches=make_batches(data["valid"], device, params.batch_size),
+            provenance=provenance, parent=parent[1] if parent else None)
         if start_state:
             session.restore(start_state)
         elif ctx.is_main:
@@ -207,14 +217,14 @@ class _Session:
             "autocast": str(dtype) if dtype else "fp32", "parent": self.parent})
 
     def announce(self, source: DataSource, data: dict[str, SplitArrays]) -> None:
-        p, trainer = self.params, self.trainer
-        budget = (f"a {p.train_minutes:g}-minute budget (at most {p.epochs} epochs)"
-                  if p.train_minutes else f"{p.epochs} epochs")
+        params, trainer = self.params, self.trainer
+        budget = (f"a {params.train_minutes:g}-minute budget (at most {params.epochs} epochs)"
+                  if params.train_minutes else f"{params.epochs} epochs")
         parallel = f" | {self.ctx.world} data-parallel processes" if self.ctx.enabled else ""
-        dtype = autocast_dtype(p, self.device)
+        dtype = autocast_dtype(params, self.device)
         self.say(f"run {self.run_dir} | {source.kind} data ({len(data['train'])} train / "
-                 f"{len(data['valid'])} valid at {p.image_size}px{_patches(p)}) | "
-                 f"{p.arch}/{p.encoder}, "
+                 f"{len(data['valid'])} valid at {params.image_size}px{_patches(params)}) | "
+                 f"{params.arch}/{params.encoder}, "
                  f"{self.provenance} | {self.device}, {dtype or 'fp32'}"
                  f"{', compiled' if trainer.compiled else ''}{', EMA' if trainer.ema else ''} "
                  f"| {budget}{parallel}", flush=True)
@@ -256,16 +266,16 @@ class _Session:
               ) -> tuple[dict[str, float], bool]:
         """Train one epoch, validate (rank 0, on the whole split); the epoch's history row
         and whether the time budget leaves no room for another."""
-        p, trainer, ctx = self.params, self.trainer, self.ctx
+        params, trainer, ctx = self.params, self.trainer, self.ctx
         epoch_start = time.perf_counter()
-        frozen = epoch <= p.freeze_encoder_epochs
+        frozen = epoch <= params.freeze_encoder_epochs
         for weight in trainer.model.encoder.parameters():  # no gradient: the optimiser skips it
             weight.requires_grad_(not frozen)
-        self.train_batches.generator.manual_seed(p.seed * 1000 + epoch)
+        self.train_batches.generator.manual_seed(params.seed * 1000 + epoch)
         train_loss, seen, train_seconds = trainer.train_epoch(
             self.train_batches, epoch, progress, f" of run {self.run_dir}", step_callback)
         val_start = time.perf_counter()
-        val = validate(trainer.eval_model, self.valid_batches, trainer.loss_fn, p,
+        val = validate(trainer.eval_model, self.valid_batches, trainer.loss_fn, params,
                        self.device) if ctx.is_main else {}
         val_seconds = time.perf_counter() - val_start
         epoch_seconds = time.perf_counter() - epoch_start
@@ -307,10 +317,10 @@ class _Session:
 
     def finish(self, epoch: int, stop_reason: str, seconds: float) -> TrainResult:
         """``train.json`` (rank 0), then every rank returns the finished run."""
-        p, trainer, stopper = self.params, self.trainer, self.stopper
+        params, trainer, stopper = self.params, self.trainer, self.stopper
         best = float("nan") if stopper.best is None else stopper.best
         record = TrainRecord(
-            best_epoch=stopper.best_epoch, monitor=p.monitor, best_value=best,
+            best_epoch=stopper.best_epoch, monitor=params.monitor, best_value=best,
             epochs_run=len(self.history), stop_reason=stop_reason,
             train_seconds_this_session=seconds, compile_seconds=trainer.compile_seconds,
             train_seconds_total=trainer.schedule.elapsed + trainer.compile_seconds,
@@ -323,7 +333,7 @@ class _Session:
             self.tracker.log_artifact(self.run_dir / TRAIN_FILE)
             self.tracker.end()
         barrier(self.ctx)
-        self.say(f"stopped after epoch {epoch} ({stop_reason}); best {p.monitor} "
+        self.say(f"stopped after epoch {epoch} ({stop_reason}); best {params.monitor} "
                  f"{stopper.best:.4f} at epoch {stopper.best_epoch}"
                  + (f"; compile {trainer.compile_seconds:.0f} s" if trainer.compiled else ""))
         return TrainResult(self.run_dir, self.history, stopper.best_epoch, best, stop_reason,
@@ -343,10 +353,10 @@ def _parent(params: Params, ctx: DistContext) -> tuple[dict[str, Any], dict[str,
     return parent_weights(params.resolve_path(params.init_from), params)
 
 
-def _patches(p: Params) -> str:
-    if not p.crop_size or p.crop_size >= p.image_size:
+def _patches(params: Params) -> str:
+    if not params.crop_size or params.crop_size >= params.image_size:
         return ""
-    return f", trained on {p.crop_size}px patches, {p.fg_oversample:.0%} placed on tumour"
+    return f", trained on {params.crop_size}px patches, {params.fg_oversample:.0%} placed on tumour"
 
 
 def _open_run_dir(params: Params, ctx: DistContext, overrides: dict[str, Any],
