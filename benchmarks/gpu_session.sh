@@ -83,7 +83,7 @@ if want ref; then
   log "ref: params/reference.yaml, 150 epochs, no budget, alone on the card"
   T0=$(date +%s)
   timeout $T_REF python3 -m brainseg_lib.cli train --params params/reference.yaml \
-    --run-id ref150 --no-progress --set runs_dir=$RUNS --set model_dir='""' \
+    --run-id ref150 --no-progress --set runs_dir=$RUNS --set report_model='""' \
     --set train_minutes=0 --set epochs=150 --set patience=0 "${CVSET[@]}" \
     > "$RUNS/ref150.log" 2>&1
   log "ref: exit $?, $(( $(date +%s) - T0 )) s wall; $(tail -2 "$RUNS/ref150.log" | head -1)"

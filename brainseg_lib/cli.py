@@ -188,18 +188,18 @@ def _track_export(run_dirs: list[Path], out: Path) -> None:
 def _sweep(args: argparse.Namespace) -> int:
     from brainseg_lib.experiments.sweep import read_grid, run_sweep, run_workers
 
-    out = Path(args.out) if args.out else _runs_dir() / f"sweep-{Path(args.grid).stem}"
+    sweep_dir = Path(args.out) if args.out else _runs_dir() / f"sweep-{Path(args.grid).stem}"
     if args.worker:  # trials only: the table and the test are the main command's
-        out.mkdir(parents=True, exist_ok=True)
-        run_workers(Path(args.grid), read_grid(Path(args.grid)), out, args.parallel or 1,
+        sweep_dir.mkdir(parents=True, exist_ok=True)
+        run_workers(Path(args.grid), read_grid(Path(args.grid)), sweep_dir, args.parallel or 1,
                     args.storage)
         return 0
-    table = run_sweep(args.grid, out, args.parallel, evaluate=not args.no_test,
+    table = run_sweep(args.grid, sweep_dir, args.parallel, evaluate=not args.no_test,
                       storage=args.storage)
     cols = [c for c in ("variant", "status", "val_iou", "val_dice", "epochs", "minutes",
                         "selected") if c in table]
     print(table[cols].to_string(index=False))
-    print(f"wrote {out / SWEEP_FILE}")
+    print(f"wrote {sweep_dir / SWEEP_FILE}")
     return 0 if table.status.isin(["finished", "pruned"]).all() else 1
 
 

@@ -106,8 +106,9 @@ class Params:
                               "as RGB and normalised per channel", (3, 3))
     decoder_channels: list[int] = _param([], "training", "weights", "decoder widths, deepest "
                                          "first; [] = smp's default (256, 128, 64, 32, 16)")
-    model_dir: str = _param("", "training", "run", "an exported model (brainseg export) to "
-                            "report on instead of training")
+    report_model: str = _param("", "training", "run", "an exported model (brainseg export) "
+                               "that the reports lay out as this run and show, instead of "
+                               "training (brainseg train refuses it)")
     init_from: str = _param("", "training", "weights", "fine-tune: start from this model folder "
                             "(models/NAME) or run directory instead of encoder_weights; its "
                             "network must be this run's")
@@ -227,6 +228,8 @@ RETIRED = {
     "pin_memory": "batches are served from memory on the training device; no DataLoader",
     "max_train_minutes": "use train_minutes (a time budget the schedule runs over)",
 }
+# keys that were renamed: saved records load under the new name, files given anew must use it
+RENAMED = {"model_dir": "report_model"}
 
 
 def names(*, groups: tuple[str, ...] = (), roles: tuple[str, ...] = ()) -> tuple[str, ...]:
@@ -308,6 +311,9 @@ def params_from_dict(values: dict[str, Any], source: str = "<dict>") -> Params:
     retired = [f"'{k}' ({RETIRED[k]})" for k in values if k in RETIRED]
     if retired:
         raise ParamsError(f"{source}: parameter no longer used: {'; '.join(retired)}")
+    renamed = [f"'{k}' is now '{RENAMED[k]}'" for k in values if k in RENAMED]
+    if renamed:
+        raise ParamsError(f"{source}: parameter renamed: {'; '.join(renamed)}")
     unknown = [k for k in values if k not in PARAM_NAMES]
     if unknown:
         hints = "; ".join(f"'{k}'{_closest(k)}" for k in unknown)
@@ -320,8 +326,9 @@ def params_from_dict(values: dict[str, Any], source: str = "<dict>") -> Params:
 
 def params_from_record(values: dict[str, Any], source: str) -> Params:
     """Parameters saved with a run, checkpoint or model: retired keys are dropped, not errors
-    (they did nothing then either)."""
-    return params_from_dict({k: v for k, v in values.items() if k not in RETIRED}, source)
+    (they did nothing then either), and renamed ones take their new names."""
+    return params_from_dict({RENAMED.get(k, k): v for k, v in values.items()
+                             if k not in RETIRED}, source)
 
 
 def read_params_file(path: str | Path, kind: str = "parameter file") -> dict[str, Any]:

@@ -1,5 +1,6 @@
-"""Run directories: the one place that names their files, makes and finds their ids, and
-records how a result was produced (environment, commit, devices).
+"""Run directories: the one place that names their files, reads and writes their records
+(:class:`RunDir`), makes and finds their ids, and records how a result was produced
+(environment, commit, devices).
 
 A run directory holds ``params.yaml``, ``env.json``, ``best.pt``, ``last.pt`` (resumable),
 ``history.csv``, ``train.json`` and, once evaluated, ``metrics.json`` and ``eval-<split>/``.
@@ -7,15 +8,27 @@ A run directory holds ``params.yaml``, ``env.json``, ``best.pt``, ``last.pt`` (r
 
 from __future__ import annotations
 
+import csv
 import json
 import platform
 import subprocess
+from dataclasses import dataclass, field
 from datetime import datetime
 from importlib import metadata
 from pathlib import Path
 from typing import Any
 
-from brainseg_lib.config import Params, project_root
+from brainseg_lib.config import (
+    RESUMABLE_KEYS,
+    Params,
+    ParamsError,
+    params_from_dict,
+    params_from_record,
+    project_root,
+    read_params_file,
+)
+from brainseg_lib.errors import BrainsegError
+from brainseg_lib.io import atomic_write_json, atomic_write_text
 
 PARAMS_FILE = "params.yaml"  # the run's parameters, as trained
 ENV_FILE = "env.json"  # environment, data identity and weight provenance
@@ -37,6 +50,9 @@ LOGS_DIR = "logs"  # in a CV or sweep folder: one log per training process
 PROVENANCE_FILE = "provenance.json"  # in a resized dataset copy: what it was made from
 REPORT_SUMMARY_FILE = "summary.json"  # in a report folder
 TRACKING_FILE = "tracking.json"  # in a run, sweep or CV folder: its MLflow run (tracking_uri)
+
+HISTORY_FIELDS = ("epoch", "train_loss", "val_loss", "val_iou", "val_dice", "lr", "seconds",
+                  "train_img_per_s")
 
 PACKAGES = ("torch", "torchvision", "segmentation-models-pytorch", "numpy", "pycocotools",
             "scipy", "pandas", "papermill")
@@ -62,20 +78,153 @@ def target_run_dir(params: Params) -> Path:
     return params.resolve_path(params.runs_dir) / (params.run_id or new_run_id(params.profile))
 
 
+class RunFileError(BrainsegError, ValueError):
+    """A run folder's record cannot be read; the message names the file."""
+
+
+@dataclass(frozen=True)
+class TrainRecord:
+    """How training ended (``train.json``). Runs written before a field existed load with
+    its default; keys this version does not know are kept in ``extra``."""
+
+    best_epoch: int
+    monitor: str  # the metric that chose the best checkpoint, e.g. "val_iou"
+    best_value: float
+    epochs_run: int
+    stop_reason: str
+    train_seconds_this_session: float
+    compile_seconds: float = 0.0
+    train_seconds_total: float | None = None  # None: a run from before it was recorded
+    ema: bool = False
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def to_json(self) -> dict[str, Any]:
+        """The mapping ``train.json`` holds (the best value under ``best_<monitor>``)."""
+        stored: dict[str, Any] = {
+            "best_epoch": self.best_epoch, f"best_{self.monitor}": self.best_value,
+            "epochs_run": self.epochs_run, "stop_reason": self.stop_reason,
+            "train_seconds_this_session": self.train_seconds_this_session,
+            "compile_seconds": self.compile_seconds}
+        if self.train_seconds_total is not None:
+            stored["train_seconds_total"] = self.train_seconds_total
+        return stored | {"ema": self.ema} | self.extra
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any], source: str) -> TrainRecord:
+        """The record of a ``train.json`` mapping; RunFileError naming ``source`` when a
+        field every version wrote is missing."""
+        best = [k for k in data if k.startswith("best_val")]
+        missing = [k for k in ("best_epoch", "epochs_run", "stop_reason",
+                               "train_seconds_this_session") if k not in data]
+        if missing or len(best) != 1:
+            raise RunFileError(f"{source}: not a training record (missing "
+                               f"{', '.join(missing) or 'best_<monitor>'})")
+        known = {"best_epoch", best[0], "epochs_run", "stop_reason",
+                 "train_seconds_this_session", "compile_seconds", "train_seconds_total", "ema"}
+        total = data.get("train_seconds_total")
+        return cls(int(data["best_epoch"]), best[0].removeprefix("best_"), float(data[best[0]]),
+                   int(data["epochs_run"]), str(data["stop_reason"]),
+                   float(data["train_seconds_this_session"]),
+                   float(data.get("compile_seconds", 0.0)),
+                   None if total is None else float(total), bool(data.get("ema", False)),
+                   {k: v for k, v in data.items() if k not in known})
+
+
+@dataclass(frozen=True)
+class RunDir:
+    """One run folder: what it holds, and the one definition of a finished run."""
+
+    path: Path
+
+    @property
+    def name(self) -> str:
+        return self.path.name
+
+    @property
+    def has_model(self) -> bool:
+        """A best checkpoint to evaluate (the run may still be training or interrupted)."""
+        return (self.path / BEST_CHECKPOINT).exists()
+
+    @property
+    def can_resume(self) -> bool:
+        return (self.path / LAST_CHECKPOINT).exists()
+
+    @property
+    def is_finished(self) -> bool:
+        """Training ended (early stopping, budget, last epoch) and left its best model."""
+        return (self.path / TRAIN_FILE).exists() and self.has_model
+
+    def params(self) -> Params:
+        """The parameters the run trained with (``params.yaml``)."""
+        path = self.path / PARAMS_FILE
+        return params_from_record(read_params_file(path), str(path))
+
+    def resumed_params(self, wanted: dict[str, Any]) -> Params:
+        """The run's own parameters with the ``wanted`` values that differ from them: the
+        resumable ones (more budget, execution and measurement settings) apply and are
+        announced; one that shaped the weights is a ParamsError listing each difference."""
+        saved = self.params().to_dict()
+        changed = {k: v for k, v in wanted.items()
+                   if k not in ("resume", "run_id") and saved.get(k, v) != v}
+        refused = sorted(k for k in changed if k not in RESUMABLE_KEYS)
+        if refused:
+            listed = "; ".join(f"{k}: run {saved.get(k)!r}, given {changed[k]!r}"
+                               for k in refused)
+            raise ParamsError(f"resume {self.path}: cannot change what shaped its weights "
+                              f"({listed}); start a new run instead")
+        if changed:
+            print(f"resume: applying {changed}")
+        return params_from_dict(saved | changed | {"resume": str(self.path)},
+                                source=str(self.path / PARAMS_FILE))
+
+    def env(self) -> dict[str, Any]:
+        return read_env(self.path)
+
+    def device(self) -> str:
+        """Where the run trained, from ``env.json``."""
+        env = self.env()
+        return env.get("gpu") or env.get("device", "an unrecorded device")
+
+    def history(self) -> list[dict[str, float]]:
+        """``history.csv``: one row per epoch ([] before the first epoch ends)."""
+        path = self.path / HISTORY_FILE
+        if not path.exists():
+            return []
+        with path.open() as f:
+            return [{k: int(v) if k == "epoch" else float(v) for k, v in row.items()}
+                    for row in csv.DictReader(f)]
+
+    def write_history(self, rows: list[dict[str, float]]) -> None:
+        lines = [",".join(HISTORY_FIELDS)]
+        lines += [",".join(f"{row[k]:.6g}" if isinstance(row[k], float) else str(row[k])
+                           for k in HISTORY_FIELDS) for row in rows]
+        atomic_write_text(self.path / HISTORY_FILE, "\n".join(lines) + "\n")
+
+    def train_record(self) -> TrainRecord | None:
+        """How training ended; None unless the run has finished."""
+        if not self.is_finished:
+            return None
+        path = self.path / TRAIN_FILE
+        return TrainRecord.from_json(json.loads(path.read_text()), str(path))
+
+    def write_train_record(self, record: TrainRecord) -> None:
+        atomic_write_json(self.path / TRAIN_FILE, record.to_json())
+
+
 def training_record(run_dir: Path) -> dict[str, Any] | None:
-    """train.json of a finished run plus where it trained (from env.json), else None."""
-    if not (run_dir / TRAIN_FILE).exists():
+    """A finished run's ``train.json`` with where it trained (``device``, ``trained_on``):
+    the mapping reports and model cards show; None when the run has not finished."""
+    run = RunDir(run_dir)
+    record = run.train_record()
+    if record is None:
         return None
-    record = json.loads((run_dir / TRAIN_FILE).read_text())
-    env = read_env(run_dir)
-    record["device"] = env.get("gpu") or env.get("device", "an unrecorded device")
-    record["trained_on"] = env.get("trained_on", "")
-    return record
+    return record.to_json() | {"device": run.device(),
+                               "trained_on": run.env().get("trained_on", "")}
 
 
 def latest_run(runs_dir: Path, profile: str | None = None) -> Path | None:
     """The newest run directory holding a best checkpoint (optionally of one profile)."""
-    runs = [p.parent for p in runs_dir.glob(f"*/{BEST_CHECKPOINT}")]
+    runs = [best.parent for best in runs_dir.glob(f"*/{BEST_CHECKPOINT}")]
     if profile:
         runs = [r for r in runs if r.name.endswith(f"-{profile}")] or runs
     return max(runs, key=lambda r: (r / BEST_CHECKPOINT).stat().st_mtime, default=None)

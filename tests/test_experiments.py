@@ -1,7 +1,12 @@
 """Near-duplicate groups, grouped folds, cross-validation with a fold ensemble, and sweeps."""
 
 import json
+import os
 import shutil
+import signal
+import sys
+import threading
+import time
 
 import numpy as np
 import pandas as pd
@@ -9,15 +14,18 @@ import pytest
 import torch
 import yaml
 
+from brainseg_lib.config import ParamsError, load_params
 from brainseg_lib.data.arrays import SplitArrays, load_dataset
 from brainseg_lib.data.duplicates import duplicate_groups
 from brainseg_lib.data.splits import dev_keys, fold_indices, fold_split, make_folds
 from brainseg_lib.data.synthetic import write_synthetic_coco
 from brainseg_lib.evaluation.predictions import predict_split
 from brainseg_lib.experiments import cv as cv_module
+from brainseg_lib.experiments.launcher import Child, TrainJob, run_children
 from brainseg_lib.experiments.sweep import run_sweep
 from brainseg_lib.inference.predictor import LoadedModel, load_model, predict_logits
 from brainseg_lib.metrics.functional import ConfusionCounts, per_image_dice, pooled_iou
+from brainseg_lib.rundir import RunDir
 from conftest import ROOT
 
 PLANTED = 3  # train images copied into test under new names: leaks by construction
@@ -299,3 +307,72 @@ def test_a_bad_search_space_names_the_file_and_the_key(tmp_path, synthetic_root)
     with pytest.raises(ParamsError,
                        match=r"grid.yaml: space: lr: .*parameter 'lr' = 0.0 is outside"):
         run_sweep(grid, tmp_path / "sweep")
+
+
+CHILD = """
+import os, signal, sys, time
+if sys.argv[1] == "ignores":
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+else:
+    def stop(signum, frame):
+        print("stopping on", signal.Signals(signum).name, flush=True)
+        sys.exit(0)
+    signal.signal(signal.SIGTERM, stop)
+    signal.signal(signal.SIGINT, stop)
+print("ready", os.getpid(), flush=True)
+time.sleep(120)
+"""
+
+
+@pytest.mark.parametrize("signum, raised", [(signal.SIGTERM, SystemExit),
+                                            (signal.SIGINT, KeyboardInterrupt)])
+def test_a_stopped_launcher_forwards_the_signal_and_kills_a_child_that_ignores_it(
+        tmp_path, signum, raised):
+    children = [Child(kind, [sys.executable, "-c", CHILD, kind], tmp_path / f"{kind}.log")
+                for kind in ("obeys", "ignores")]
+
+    def signal_once_both_run():  # as `kill` or Ctrl-C would, once the children are up
+        for _ in range(600):
+            logs = [c.log.read_text() if c.log.exists() else "" for c in children]
+            if all("ready" in text for text in logs):
+                os.kill(os.getpid(), signum)
+                return
+            time.sleep(0.05)
+
+    before = signal.getsignal(signum)
+    threading.Thread(target=signal_once_both_run, daemon=True).start()
+    with pytest.raises(raised) as stopped:
+        run_children(children, parallel=2, grace_s=1.0)
+    if raised is SystemExit:
+        assert stopped.value.code == 128 + signum
+    obeys, ignores = (c.log.read_text() for c in children)
+    assert f"stopping on {signal.Signals(signum).name}" in obeys  # forwarded
+    pid = int(ignores.split()[1])
+    with pytest.raises(ProcessLookupError):  # killed (and reaped), not left running
+        os.kill(pid, 0)
+    assert signal.getsignal(signum) == before  # the launcher's handler is gone again
+
+
+def test_a_training_job_is_launched_from_the_params_file_in_its_run_folder(tmp_path):
+    params = load_params(ROOT / "params" / "smoke.yaml", runs_dir=str(tmp_path / "cv"),
+                         run_id="fold0", fold=0, train_minutes=1.0)
+    child = TrainJob("fold0", params).prepare(tmp_path / "logs")
+    run_dir = tmp_path / "cv" / "fold0"
+    assert child.command[child.command.index("--params") + 1] == str(run_dir / "params.yaml")
+    assert "--resume" not in child.command and "--set" not in child.command
+    assert RunDir(run_dir).params() == params  # the file that starts the run is its record
+    # interrupted: relaunched from the same file, a longer budget applied and recorded ...
+    (run_dir / "last.pt").write_bytes(b"state")
+    longer = load_params(ROOT / "params" / "smoke.yaml", runs_dir=str(tmp_path / "cv"),
+                         run_id="fold0", fold=0, train_minutes=3.0)
+    child = TrainJob("fold0", longer).prepare(tmp_path / "logs")
+    assert child.command[-2:] == ["--resume", str(run_dir)]
+    assert RunDir(run_dir).params().train_minutes == 3.0
+    # ... but not a change to what shaped its weights
+    other = load_params(ROOT / "params" / "smoke.yaml", runs_dir=str(tmp_path / "cv"),
+                        run_id="fold0", fold=0, lr=0.5)
+    with pytest.raises(ParamsError, match=r"fold0: cannot change what shaped its weights "
+                                          r"\(lr: run 0.003, given 0.5\)"):
+        TrainJob("fold0", other).prepare(tmp_path / "logs")
+    assert RunDir(run_dir).params().lr == params.lr

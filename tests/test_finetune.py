@@ -10,7 +10,7 @@ from brainseg_lib.cli import main
 from brainseg_lib.inference.predictor import load_model
 from brainseg_lib.model.package import export_model
 from brainseg_lib.training.distributed import DistContext
-from brainseg_lib.training.loop import _Session, train
+from brainseg_lib.training.loop import TrainingSession, train
 from brainseg_lib.training.trainer import validate
 from conftest import ROOT, tiny_params
 
@@ -48,7 +48,7 @@ def test_fine_tuning_starts_from_the_parents_weights(parent, tmp_path, synthetic
     source = folder if which == "model folder" else run
     params = tiny_params(tmp_path, synthetic_root, init_from=str(source), run_id="child",
                          epochs=1)
-    session = _Session.open(params, DistContext(), {})
+    session = TrainingSession.open(params, DistContext(), {})
     p_model = load_model(source, "cpu").model
     args = (session.valid_batches, session.trainer.loss_fn, params, session.device)
     ours, theirs = validate(session.trainer.eval_model, *args), validate(p_model, *args)

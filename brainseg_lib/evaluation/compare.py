@@ -10,6 +10,7 @@ overlap. The first run is the baseline.
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -17,17 +18,15 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from brainseg_lib.config import project_root, read_params_file
 from brainseg_lib.metrics.functional import ConfusionCounts
 from brainseg_lib.metrics.intervals import paired_bootstrap, paired_lesion_bootstrap
 from brainseg_lib.metrics.lesion import FIELDS as LESION_FIELDS
 from brainseg_lib.rundir import (
     BEST_CHECKPOINT,
-    HISTORY_FILE,
     METRICS_FILE,
-    PARAMS_FILE,
     PER_IMAGE_FILE,
-    REPORT_SUMMARY_FILE,
+    RunDir,
+    TrainRecord,
     eval_dir,
 )
 
@@ -38,7 +37,7 @@ class RunResult:
 
     name: str
     run_dir: Path
-    record: dict[str, Any]  # train.json
+    record: TrainRecord | None  # train.json; None for a run that has not finished
     metrics: dict[str, Any]  # eval-test/metrics.json
     per_image: pd.DataFrame  # eval-test/per_image.csv, one row per test image
     history: pd.DataFrame | None
@@ -62,16 +61,16 @@ def _runs_in(folder: Path) -> list[Path]:
     """A run directory, or every run inside a sweep or cross-validation folder."""
     if (folder / BEST_CHECKPOINT).exists():
         return [folder]
-    return sorted(p.parent for p in folder.glob(f"*/{BEST_CHECKPOINT}"))
+    return sorted(best.parent for best in folder.glob(f"*/{BEST_CHECKPOINT}"))
 
 
-def find_runs(names: list[str], runs_dir: Path, reports_dir: Path | None = None,
-              ) -> list[Path]:
+def find_runs(names: list[str], runs_dir: Path, default: Sequence[Path] = ()) -> list[Path]:
     """Run directories to compare, in the order given.
 
     ``names``: run ids under ``runs_dir``, run directories, or sweep / CV folders (their
-    runs). Empty: the runs of the newest day under ``reports_dir`` that exist here; when
-    fewer than two do, the two newest runs under ``runs_dir`` with a test evaluation.
+    runs). Empty: the ``default`` runs that exist here (the caller's choice, e.g. those of
+    the newest report); when fewer than two do, the two newest runs under ``runs_dir`` with
+    a test evaluation.
     """
     found: list[Path] = []
     for name in names:
@@ -83,17 +82,11 @@ def find_runs(names: list[str], runs_dir: Path, reports_dir: Path | None = None,
         found += runs
     if names:
         return found
-    reports_dir = reports_dir or project_root() / "reports"
-    days = sorted(p for p in reports_dir.glob("????-??-??") if p.is_dir())
-    if days:
-        for summary in sorted(days[-1].glob(f"*/{REPORT_SUMMARY_FILE}")):
-            run_dir = runs_dir / json.loads(summary.read_text())["run_id"]
-            if (run_dir / BEST_CHECKPOINT).exists():
-                found.append(run_dir)
+    found = [run_dir for run_dir in default if RunDir(run_dir).has_model]
     if len(found) < 2:
         evaluated = sorted(runs_dir.glob(f"*/{eval_dir(Path(), 'test').name}/{METRICS_FILE}"),
-                           key=lambda p: p.stat().st_mtime)
-        found = [p.parent.parent for p in evaluated[-2:]]
+                           key=lambda metrics: metrics.stat().st_mtime)
+        found = [metrics.parent.parent for metrics in evaluated[-2:]]
     if not found:
         raise FileNotFoundError(f"no evaluated run under {runs_dir}: run notebooks 02 and 03 "
                                 "(or brainseg run) first, or set compare")
@@ -105,7 +98,6 @@ def load_results(run_dirs: list[Path], settings: Any = None, device: str = "auto
     """Each run's results; runs without a per-image table of counts are evaluated on test
     first (with ``settings``, the caller's evaluation settings)."""
     from brainseg_lib.evaluation.evaluate import evaluate_run
-    from brainseg_lib.rundir import training_record
 
     results = []
     for run_dir in run_dirs:
@@ -113,11 +105,12 @@ def load_results(run_dirs: list[Path], settings: Any = None, device: str = "auto
         if not table.exists() or "tp_headline" not in pd.read_csv(table, nrows=1).columns:
             print(f"{run_dir.name}: evaluating on test first (no per-image counts yet)")
             evaluate_run(run_dir, "test", device, verbose=False, settings=settings)
-        history = run_dir / HISTORY_FILE
+        run = RunDir(run_dir)
+        history = run.history()
         results.append(RunResult(
-            run_dir.name, run_dir, training_record(run_dir) or {},
+            run.name, run_dir, run.train_record(),
             json.loads((eval_dir(run_dir, "test") / METRICS_FILE).read_text()),
-            pd.read_csv(table), pd.read_csv(history) if history.exists() else None))
+            pd.read_csv(table), pd.DataFrame(history) if history else None))
     return results
 
 
@@ -125,15 +118,16 @@ def summary_table(results: list[RunResult]) -> pd.DataFrame:
     """One row per run: what it is, how it trained, its test figures (full and clean)."""
     rows = []
     for r in results:
-        params = read_params_file(r.run_dir / PARAMS_FILE)
+        params, record = RunDir(r.run_dir).params(), r.record
+        total = record.train_seconds_total if record else None
         head, clean = r.metrics["headline"]["metrics"], r.metrics.get("headline_clean", {})
         rows.append({
-            "run": r.name, "profile": params.get("profile"),
-            "model": f"{params.get('arch')}/{params.get('encoder')} {params.get('image_size')}px",
-            "epochs": r.record.get("epochs_run"), "device": r.record.get("device"),
-            "train min": round(r.record.get("train_seconds_total", np.nan) / 60, 1),
-            "best val": {k: round(v, 4) for k, v in r.record.items()
-                         if k.startswith("best_val")},
+            "run": r.name, "profile": params.profile,
+            "model": f"{params.arch}/{params.encoder} {params.image_size}px",
+            "epochs": record.epochs_run if record else None,
+            "device": RunDir(r.run_dir).device(),
+            "train min": np.nan if total is None else round(total / 60, 1),
+            "best val": {record.monitor: round(record.best_value, 4)} if record else {},
             "test pooled IoU": head["pooled_iou"], "test image Dice": head["mean_image_dice"],
             "test fg+bg mIoU": head["fg_bg_miou"],
             "clean pooled IoU": clean.get("metrics", {}).get("pooled_iou"),

@@ -25,7 +25,7 @@ from brainseg_lib.evaluation.predictions import SplitPrediction, predict_split
 from brainseg_lib.evaluation.records import Scored, metric_block
 from brainseg_lib.evaluation.result import EvalSettings
 from brainseg_lib.evaluation.selection import counts_at, describe, plain_setting
-from brainseg_lib.experiments.runner import Job, run_jobs
+from brainseg_lib.experiments.launcher import TrainJob, run_jobs
 from brainseg_lib.inference.predictor import LoadedModel, load_model
 from brainseg_lib.io import atomic_write_json
 from brainseg_lib.metrics.functional import hd95, pooled_iou
@@ -70,19 +70,20 @@ def _prepare_folds(params: Params, source: DataSource,
 
 
 def _train_folds(params_file: Path, overrides: dict[str, Any], cv_dir: Path, n_folds: int,
-                 parallel: int, evaluate: bool) -> list[Job]:
+                 parallel: int, evaluate: bool) -> list[TrainJob]:
     """One run per fold (finished ones are kept); RuntimeError when one failed, or is not
     finished and the folds are to be evaluated."""
-    folds_file = cv_dir / FOLDS_FILE
-    jobs = [Job(f"fold{i}", cv_dir / f"fold{i}", params_file,
-                overrides | {"fold": i, "folds_file": str(folds_file.resolve())})
+    folds_file = str((cv_dir / FOLDS_FILE).resolve())
+    jobs = [TrainJob(f"fold{i}", load_params(params_file, **(overrides | {
+                "fold": i, "folds_file": folds_file, "runs_dir": str(cv_dir.resolve()),
+                "run_id": f"fold{i}"})))
             for i in range(n_folds)]
     codes = run_jobs(jobs, parallel, cv_dir / LOGS_DIR)
     failed = [n for n, c in codes.items() if c != 0]
     if failed:
         raise RuntimeError(f"cv {cv_dir}: fold(s) {', '.join(failed)} failed; see "
                            f"{cv_dir / 'logs'}; run the same command again to resume")
-    unfinished = [job.name for job in jobs if not job.finished]
+    unfinished = [job.name for job in jobs if not job.run.is_finished]
     if unfinished and evaluate:
         raise RuntimeError(f"cv {cv_dir}: fold(s) {', '.join(unfinished)} not finished; run "
                            "the same command again to resume")
@@ -127,7 +128,7 @@ def run_cv(params_file: str | Path, k: int = 5, overrides: dict[str, Any] | None
            parallel: int = 0, evaluate: bool = True, verbose: bool = True) -> dict[str, Any]:
     """Train the missing folds, then score OOF and the ensemble; writes ``cv.json``."""
     params_file, overrides = Path(params_file), dict(overrides or {})
-    overrides["model_dir"] = ""  # cross-validation always trains
+    overrides["report_model"] = ""  # cross-validation always trains
     params = load_params(params_file, **overrides)
     source = data_source(params)
     data = load_dataset(source.path, params.image_size, params.cache_path())
@@ -145,7 +146,7 @@ def run_cv(params_file: str | Path, k: int = 5, overrides: dict[str, Any] | None
         if not evaluate:
             return result
         st = EvalSettings.from_params(params)
-        members = [load_model(job.run_dir) for job in jobs]
+        members = [load_model(job.run.path) for job in jobs]
         result["cv"], oof = _score_out_of_fold(members, data, folds, params, st)
         result.update(_score_ensemble(members, cv_dir, source, st, oof, verbose))
         atomic_write_json(cv_dir / CV_FILE, result)

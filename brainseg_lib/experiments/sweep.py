@@ -35,8 +35,6 @@ from __future__ import annotations
 
 import itertools
 import json
-import os
-import subprocess
 import sys
 import time
 import warnings
@@ -46,18 +44,9 @@ from typing import Any
 import pandas as pd
 
 from brainseg_lib.config import PARAM_NAMES, ParamsError, load_params, read_params_file
-from brainseg_lib.experiments.runner import visible_gpus
+from brainseg_lib.experiments.launcher import Child, run_children, visible_gpus
 from brainseg_lib.io import atomic_write, atomic_write_json
-from brainseg_lib.rundir import (
-    BEST_CHECKPOINT,
-    HISTORY_FILE,
-    LAST_CHECKPOINT,
-    LOGS_DIR,
-    STUDY_FILE,
-    SWEEP_FILE,
-    SWEEP_RECORD_FILE,
-    TRAIN_FILE,
-)
+from brainseg_lib.rundir import LOGS_DIR, STUDY_FILE, SWEEP_FILE, SWEEP_RECORD_FILE, RunDir
 from brainseg_lib.tracking import nested_under, parent_run
 
 SELECT_ON = ("val_iou", "val_dice", "val_loss")
@@ -88,15 +77,15 @@ def read_grid(path: Path) -> dict[str, Any]:
     pruner = grid.get("pruner", "median" if space else "none")
     if pruner not in PRUNERS:
         raise ParamsError(f"{path}: pruner must be one of {PRUNERS}")
-    out = {"name": path.stem, "base": base, "parallel": int(grid.get("parallel", 0)),
-           "select_on": select_on, "common": common, "pruner": pruner,
-           "prune_startup": int(grid.get("prune_startup", 2)),
-           "prune_warmup": int(grid.get("prune_warmup", 1))}
+    checked = {"name": path.stem, "base": base, "parallel": int(grid.get("parallel", 0)),
+               "select_on": select_on, "common": common, "pruner": pruner,
+               "prune_startup": int(grid.get("prune_startup", 2)),
+               "prune_warmup": int(grid.get("prune_warmup", 1))}
     if space is not None:
         if grid.get("variants") or grid.get("grid"):
             raise ParamsError(f"{path}: give either 'space' or 'variants'/'grid', not both")
-        return out | {"space": _check_space(path, space, base, common),
-                      "trials": _positive_int(path, grid.get("trials"))}
+        return checked | {"space": _check_space(path, space, base, common),
+                          "trials": _positive_int(path, grid.get("trials"))}
     variants: dict[str, dict[str, Any]] = dict(grid.get("variants") or {})
     product = grid.get("grid") or {}
     for combo in itertools.product(*product.values()) if product else []:
@@ -108,7 +97,7 @@ def read_grid(path: Path) -> dict[str, Any]:
         load_params(base, **(common | (overrides or {})))
         if "/" in name:
             raise ParamsError(f"{path}: variant name {name!r} may not contain '/'")
-    return out | {"variants": {k: v or {} for k, v in variants.items()}}
+    return checked | {"variants": {k: v or {} for k, v in variants.items()}}
 
 
 def _positive_int(path: Path, value: Any) -> int:
@@ -229,9 +218,10 @@ def _train_trial(grid: dict[str, Any], run_dir: Path, overrides: dict[str, Any],
     """Train (or resume, or just read) the run directory of one trial, in this process."""
     from brainseg_lib.training.loop import train
 
-    if (run_dir / TRAIN_FILE).exists() and (run_dir / BEST_CHECKPOINT).exists():
+    run = RunDir(run_dir)
+    if run.is_finished:
         return
-    if (run_dir / LAST_CHECKPOINT).exists():
+    if run.can_resume:
         params = load_params(grid["base"], **(overrides | {"resume": str(run_dir)}))
     else:
         params = load_params(grid["base"], **(overrides | {"runs_dir": str(run_dir.parent),
@@ -272,20 +262,18 @@ def objective(grid: dict[str, Any], sweep_dir: Path) -> Any:
 def run_row(run_dir: Path, select_on: str) -> dict[str, Any]:
     """Validation figures of a run: its best checkpoint's epoch when it has finished, else
     its best epoch so far (a pruned or interrupted run)."""
-    if not (run_dir / HISTORY_FILE).exists():
-        return {}
-    history = pd.read_csv(run_dir / HISTORY_FILE)
+    run = RunDir(run_dir)
+    history = pd.DataFrame(run.history())
     if not len(history):
         return {}
     row: dict[str, Any] = {"epochs": len(history),
                            "img_per_s": round(float(history.train_img_per_s.median()))}
-    record_file = run_dir / TRAIN_FILE
-    if record_file.exists():
-        record = json.loads(record_file.read_text())
-        best = history.loc[history.epoch == record["best_epoch"]].iloc[0]
-        row |= {"epochs": int(record["epochs_run"]),
-                "minutes": round(record["train_seconds_this_session"] / 60, 2),
-                "compile_s": round(record.get("compile_seconds", 0.0), 1)}
+    record = run.train_record()
+    if record is not None:
+        best = history.loc[history.epoch == record.best_epoch].iloc[0]
+        row |= {"epochs": record.epochs_run,
+                "minutes": round(record.train_seconds_this_session / 60, 2),
+                "compile_s": round(record.compile_seconds, 1)}
     else:
         best = history.loc[history[select_on].idxmin() if select_on == "val_loss"
                            else history[select_on].idxmax()]
@@ -313,7 +301,7 @@ def sweep_table(grid: dict[str, Any], sweep_dir: Path, study: Any = None) -> pd.
     for name, overrides in differs.items():
         trial = trials.get(name)
         status = _STATUS[trial.state.name] if trial is not None else (
-            "finished" if (sweep_dir / name / TRAIN_FILE).exists() else "unfinished")
+            "finished" if RunDir(sweep_dir / name).is_finished else "unfinished")
         rows.append({"variant": name, "differs": json.dumps(overrides, sort_keys=True),
                      "trial": trial.number if trial is not None else None, "status": status}
                     | run_row(sweep_dir / name, grid["select_on"]))
@@ -392,30 +380,13 @@ def run_workers(grid_file: Path, grid: dict[str, Any], sweep_dir: Path, parallel
     """``parallel`` worker processes on this machine (default: the grid's ``parallel``, else
     one per GPU, each pinned to one), or this process itself when one is enough (each
     worker runs in that mode)."""
-    gpus = visible_gpus()
-    parallel = parallel or grid["parallel"] or max(gpus, 1)
+    parallel = parallel or grid["parallel"] or max(visible_gpus(), 1)
     if parallel == 1:
         work(grid, sweep_dir, storage)
         return
-    procs = []
-    for i in range(parallel):
-        env = dict(os.environ)
-        if gpus > 1:
-            env["CUDA_VISIBLE_DEVICES"] = str(i % gpus)
-        log_path = sweep_dir / LOGS_DIR / f"worker{i}.log"
-        log_path.parent.mkdir(parents=True, exist_ok=True)
-        log = log_path.open("a")
-        print(f"start worker {i}: log {log_path}", flush=True)
-        procs.append((subprocess.Popen(_worker_command(grid_file, sweep_dir, storage),
-                                       stdout=log, stderr=subprocess.STDOUT, env=env), log))
-    try:
-        for proc, log in procs:
-            proc.wait()
-            log.close()
-    finally:  # stopped: stop the workers too (each run keeps its last checkpoint)
-        for proc, _log in procs:
-            if proc.poll() is None:
-                proc.terminate()
+    run_children([Child(f"worker {i}", _worker_command(grid_file, sweep_dir, storage),
+                        sweep_dir / LOGS_DIR / f"worker{i}.log") for i in range(parallel)],
+                 parallel)
 
 
 def _wait_for_others(study: Any) -> None:

@@ -691,7 +691,7 @@ def _refuse_other_params(model_dir: Path, expected: Params, params: Params) -> N
     if diff:
         listed = "; ".join(f"{k}: given {a!r}, model {b!r}" for k, (a, b) in diff.items())
         raise ArtifactError(f"{model_dir}: trained with other parameters than given "
-                            f"({listed}); unset model_dir to train anew")
+                            f"({listed}); unset report_model to train anew")
 
 
 def _laid_out_from(run_dir: Path, weights_sha256: str) -> bool:

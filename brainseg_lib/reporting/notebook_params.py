@@ -115,7 +115,7 @@ def parameters_reference() -> str:
              "", "Roles (what a parameter shapes):", ""]
     lines += [f"- **{role}**: {what}" for role, what in ROLES.items()]
     lines += ["", "A resumed run may change `label`, `budget`, `execution`, `run` and "
-              "`measurement` parameters only; a shipped model is reused (`model_dir`) only "
+              "`measurement` parameters only; a shipped model is reported on (`report_model`) only "
               "when every `weights` and `budget` parameter agrees."]
     for group in ("label", *GROUPS):  # each parameter under its first group
         group_names = ("profile",) if group == "label" else tuple(

@@ -25,10 +25,10 @@ from brainseg_lib.rundir import (
     ENV_FILE,
     METRICS_FILE,
     REPORT_SUMMARY_FILE,
+    RunDir,
     eval_dir,
     new_run_id,
     target_run_dir,
-    training_record,
 )
 from brainseg_lib.tracking import log_report
 
@@ -47,13 +47,22 @@ def default_reports_dir() -> Path:
     return project_root() / "reports"
 
 
+def newest_report_runs(runs_dir: Path, reports_dir: Path | None = None) -> list[Path]:
+    """The run folders under ``runs_dir`` of the reports of the newest day under
+    ``reports_dir`` (05_compare's default), in report order; [] when there is none."""
+    days = sorted(day for day in (reports_dir or default_reports_dir()).glob("????-??-??")
+                  if day.is_dir())
+    summaries = sorted(days[-1].glob(f"*/{REPORT_SUMMARY_FILE}")) if days else []
+    return [runs_dir / json.loads(summary.read_text())["run_id"] for summary in summaries]
+
+
 def _unique_report_dir(reports_dir: Path, run_id: str) -> Path:
     day = reports_dir / f"{datetime.now():%Y-%m-%d}"
-    out, n = day / run_id, 2
-    while out.exists():
-        out, n = day / f"{run_id}-{n}", n + 1
-    out.mkdir(parents=True)
-    return out
+    report_dir, n = day / run_id, 2
+    while report_dir.exists():
+        report_dir, n = day / f"{run_id}-{n}", n + 1
+    report_dir.mkdir(parents=True)
+    return report_dir
 
 
 def _headline(params: Params, since: float) -> dict[str, Any]:
@@ -81,12 +90,13 @@ def _headline(params: Params, since: float) -> dict[str, Any]:
 
 def _training(params: Params) -> dict[str, Any]:
     """Where and how long the run's model trained (it may predate this report)."""
-    record = training_record(target_run_dir(params))
+    run = RunDir(target_run_dir(params))
+    record = run.train_record()
     if record is None:
         return {}
-    return {"epochs": record["epochs_run"], "stop_reason": record["stop_reason"],
-            "minutes": round(record["train_seconds_this_session"] / 60, 1),
-            "device": record["device"]}
+    return {"epochs": record.epochs_run, "stop_reason": record.stop_reason,
+            "minutes": round(record.train_seconds_this_session / 60, 1),
+            "device": run.device()}
 
 
 def _dataset(params: Params) -> dict[str, Any]:
@@ -113,13 +123,13 @@ def _execute_notebook(nb: str, out_dir: Path, injected: dict[str, Any],
     raised)."""
     import papermill
 
-    out = out_dir / f"{nb}.ipynb"
+    executed = out_dir / f"{nb}.ipynb"
     t0 = time.perf_counter()
-    entry: dict[str, Any] = {"name": nb, "notebook": out.name, "status": "succeeded"}
+    entry: dict[str, Any] = {"name": nb, "notebook": executed.name, "status": "succeeded"}
     print(f"  {nb} ...", end=" ", flush=True)
     try:
         papermill.execute_notebook(
-            notebooks_dir() / f"{nb}.ipynb", out, kernel_name=KERNEL,
+            notebooks_dir() / f"{nb}.ipynb", executed, kernel_name=KERNEL,
             # each notebook gets the parameters its parameters cell declares
             parameters={k: injected[k] for k in ("profile", *NOTEBOOK_PARAMETERS[nb])},
             cwd=str(notebooks_dir()), progress_bar=False, log_output=False,
@@ -129,8 +139,8 @@ def _execute_notebook(nb: str, out_dir: Path, injected: dict[str, Any],
         entry["status"] = "failed"
         entry["error"] = f"{type(err).__name__}: {str(err).strip().splitlines()[-1][:500]}"
     entry["seconds"] = round(time.perf_counter() - t0, 1)
-    if out.exists():
-        entry["html"] = render_html(out, planned).name
+    if executed.exists():
+        entry["html"] = render_html(executed, planned).name
     print(f"{entry['status']} ({entry['seconds']} s)", flush=True)
     return entry
 
@@ -295,7 +305,8 @@ def write_index(reports_dir: str | Path) -> Path:
     """``index.html``: one row per run found under ``reports_dir``, newest first."""
     reports_dir = Path(reports_dir)
     summaries = sorted(reports_dir.glob("*/*/summary.json"),
-                       key=lambda p: json.loads(p.read_text()).get("started", ""), reverse=True)
+                       key=lambda path: json.loads(path.read_text()).get("started", ""),
+                       reverse=True)
     rows = [_index_row(json.loads(path.read_text()),
                        path.parent.relative_to(reports_dir).as_posix()) for path in summaries]
     return atomic_write_text(reports_dir / "index.html", _index_page(rows))

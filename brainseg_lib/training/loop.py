@@ -8,10 +8,9 @@ step itself is :mod:`.trainer`; data parallelism under torchrun, :mod:`.distribu
 
 from __future__ import annotations
 
-import csv
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -19,31 +18,24 @@ import numpy as np
 import torch
 from torch import nn
 
-from brainseg_lib.config import (
-    RESUMABLE_KEYS,
-    Params,
-    params_from_dict,
-    params_from_record,
-    read_params_file,
-    save_params,
-)
+from brainseg_lib.config import Params, ParamsError, save_params
 from brainseg_lib.data.arrays import SplitArrays, load_split_arrays
 from brainseg_lib.data.identity import dataset_record
 from brainseg_lib.data.locate import DataSource, data_source
-from brainseg_lib.io import atomic_write_json, atomic_write_text
+from brainseg_lib.io import atomic_write_json
 from brainseg_lib.model.checkpoint import read_checkpoint, save_checkpoint
 from brainseg_lib.model.device import autocast_dtype, select_device
 from brainseg_lib.model.network import create_model
 from brainseg_lib.rundir import (
     BEST_CHECKPOINT,
     ENV_FILE,
-    HISTORY_FILE,
     LAST_CHECKPOINT,
     PARAMS_FILE,
     TRAIN_FILE,
+    RunDir,
+    TrainRecord,
     environment_info,
     target_run_dir,
-    training_record,
 )
 from brainseg_lib.tracking import Tracker, training_run
 from brainseg_lib.training.batches import ResidentBatches, StreamedBatches, make_batches
@@ -58,8 +50,6 @@ from brainseg_lib.training.distributed import (
 from brainseg_lib.training.trainer import EarlyStopping, Trainer, seed_everything, validate
 
 LAST_EVERY_S = 60.0  # resumable state (last.pt) at most this often, and at the end
-HISTORY_FIELDS = ("epoch", "train_loss", "val_loss", "val_iou", "val_dice", "lr", "seconds",
-                  "train_img_per_s")
 
 
 @dataclass
@@ -89,62 +79,30 @@ def load_training_data(params: Params) -> tuple[DataSource, dict[str, SplitArray
     return source, data
 
 
-def _write_history(path: Path, history: list[dict[str, float]]) -> None:
-    lines = [",".join(HISTORY_FIELDS)]
-    lines += [",".join(f"{row[k]:.6g}" if isinstance(row[k], float) else str(row[k])
-                       for k in HISTORY_FIELDS) for row in history]
-    atomic_write_text(path, "\n".join(lines) + "\n")
+def reuse_trained_run(params: Params) -> TrainResult | None:
+    """The result of ``runs_dir/run_id`` without training it again, else None (train it).
 
-
-def read_history(run_dir: Path) -> list[dict[str, float]]:
-    with (run_dir / HISTORY_FILE).open() as f:
-        return [{k: float(v) for k, v in row.items()} for row in csv.DictReader(f)]
-
-
-def finished_run(params: Params) -> TrainResult | None:
-    """The record of ``runs_dir/run_id`` when that run has finished training, else None.
-
-    With ``model_dir`` set, the exported model is laid out as that run first (its training
-    parameters must match the given ones).
+    With ``report_model`` set, that exported model is first laid out as the run folder
+    (written here; its training parameters must match the given ones); a run that has
+    already finished training (say, on a GPU machine) is shown as it is.
     """
     if not params.run_id:
         return None
-    run_dir = target_run_dir(params)
-    if params.model_dir:
+    run = RunDir(target_run_dir(params))
+    if params.report_model:
         from brainseg_lib.model.package import materialise
 
-        materialise(params.resolve_path(params.model_dir), run_dir, expected=params)
-    record = training_record(run_dir)
-    if record is None or not (run_dir / BEST_CHECKPOINT).exists():
+        materialise(params.resolve_path(params.report_model), run.path, expected=params)
+    record = run.train_record()
+    if record is None:
         return None
-    history = read_history(run_dir)
-    monitor = next(k for k in record if k.startswith("best_val"))
-    print(f"{run_dir.name} has already finished training ({record['epochs_run']} epochs on "
-          f"{record['device']}, stopped by {record['stop_reason']}): showing its record, "
+    print(f"{run.name} has already finished training ({record.epochs_run} epochs on "
+          f"{run.device()}, stopped by {record.stop_reason}): showing its record, "
           "not retraining")
-    if record["trained_on"]:
-        print(f"note: {record['trained_on']}")
-    return TrainResult(run_dir, history, int(record["best_epoch"]), float(record[monitor]),
-                       record["stop_reason"], float(record["train_seconds_this_session"]))
-
-
-def _resume_params(run_dir: Path, overrides: dict[str, Any]) -> Params:
-    """The saved run's parameters with the caller's explicit overrides: the resumable ones
-    (more budget, execution and measurement settings) apply and are announced; one that
-    shaped the weights is refused, listing each difference."""
-    saved = params_from_record(read_params_file(run_dir / PARAMS_FILE),
-                               str(run_dir / PARAMS_FILE)).to_dict()
-    changed = {k: v for k, v in overrides.items()
-               if k not in ("resume", "run_id") and saved.get(k, v) != v}
-    refused = sorted(k for k in changed if k not in RESUMABLE_KEYS)
-    if refused:
-        listed = "; ".join(f"{k}: run {saved.get(k)!r}, given {changed[k]!r}" for k in refused)
-        raise ValueError(f"resume {run_dir}: cannot change what shaped its weights ({listed}); "
-                         "start a new run instead")
-    if changed:
-        print(f"resume: applying {changed}")
-    return params_from_dict(saved | changed | {"resume": str(run_dir)},
-                            source=str(run_dir / PARAMS_FILE))
+    if run.env().get("trained_on"):
+        print(f"note: {run.env()['trained_on']}")
+    return TrainResult(run.path, run.history(), record.best_epoch, record.best_value,
+                       record.stop_reason, record.train_seconds_this_session)
 
 
 def train(params: Params, progress: bool = True,
@@ -161,10 +119,15 @@ def train(params: Params, progress: bool = True,
     sweep reports it to its pruner, and an exception it raises ends the run there, with
     ``last.pt`` and the history kept. Raises TrainingDivergedError on a non-finite loss.
     With ``tracking_uri`` set, the session logs to the run's MLflow run (:mod:`.tracking`).
+    A new run with ``report_model`` set is refused: those parameters report on that model.
     """
+    if params.report_model and not params.resume:
+        raise ParamsError(f"report_model is set ({params.report_model}): these parameters "
+                          "report on that model instead of training one; to train, unset it "
+                          "(--set 'report_model=\"\"')")
     ctx = init_from_env(params.device)  # several processes under torchrun
     try:
-        session = _Session.open(params, ctx, resume_overrides or {})
+        session = TrainingSession.open(params, ctx, resume_overrides or {})
         try:
             return session.run(progress, step_callback, epoch_callback)
         except BaseException as err:  # pruned, interrupted, diverged: the MLflow run says so
@@ -175,9 +138,10 @@ def train(params: Params, progress: bool = True,
         finish(ctx)
 
 
-@dataclass
-class _Session:
-    """One training session of a run: a new run, or a resumed one from its ``last.pt``."""
+@dataclass(kw_only=True)
+class TrainingSession:
+    """One training session of a run: a new run, or a resumed one from its ``last.pt``;
+    :meth:`open` sets it up, :meth:`run` trains it."""
 
     params: Params
     ctx: DistContext
@@ -187,14 +151,15 @@ class _Session:
     stopper: EarlyStopping
     train_batches: ResidentBatches | StreamedBatches
     valid_batches: ResidentBatches | StreamedBatches
-    provenance: str
-    history: list[dict[str, float]]
-    first_epoch: int
+    provenance: str  # where the starting weights came from
+    history: list[dict[str, float]] = field(default_factory=list)  # one row per epoch
+    first_epoch: int = 1  # after a resume, the epoch after the saved one
     parent: dict[str, Any] | None = None  # the model fine-tuned from (init_from)
     tracker: Tracker | None = None  # the run's MLflow run (rank 0, tracking_uri set)
 
     @classmethod
-    def open(cls, params: Params, ctx: DistContext, overrides: dict[str, Any]) -> _Session:
+    def open(cls, params: Params, ctx: DistContext,
+             overrides: dict[str, Any]) -> TrainingSession:
         """Set up the run directory, data, network, trainer and early stopping."""
         params, run_dir, start_state = _open_run_dir(params, ctx, overrides)
         if params.num_threads:
@@ -215,12 +180,14 @@ class _Session:
             model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
         train_batches = make_batches(data["train"], device, params.batch_size, shuffle=True,
                                      seed=params.seed, rank=ctx.rank, world=ctx.world)
-        session = cls(params, ctx, run_dir, device,
-                      Trainer(params, model, device, len(train_batches), ctx),
-                      EarlyStopping("min" if params.monitor == "val_loss" else "max",
-                                    params.patience, params.min_delta),
-                      train_batches, make_batches(data["valid"], device, params.batch_size),
-                      provenance, [], 1, parent[1] if parent else None)
+        session = cls(
+            params=params, ctx=ctx, run_dir=run_dir, device=device,
+            trainer=Trainer(params, model, device, len(train_batches), ctx),
+            stopper=EarlyStopping("min" if params.monitor == "val_loss" else "max",
+                                  params.patience, params.min_delta),
+            train_batches=train_batches,
+            valid_batches=make_batches(data["valid"], device, params.batch_size),
+            provenance=provenance, parent=parent[1] if parent else None)
         if start_state:
             session.restore(start_state)
         elif ctx.is_main:
@@ -250,14 +217,14 @@ class _Session:
             "autocast": str(dtype) if dtype else "fp32", "parent": self.parent})
 
     def announce(self, source: DataSource, data: dict[str, SplitArrays]) -> None:
-        p, trainer = self.params, self.trainer
-        budget = (f"a {p.train_minutes:g}-minute budget (at most {p.epochs} epochs)"
-                  if p.train_minutes else f"{p.epochs} epochs")
+        params, trainer = self.params, self.trainer
+        budget = (f"a {params.train_minutes:g}-minute budget (at most {params.epochs} epochs)"
+                  if params.train_minutes else f"{params.epochs} epochs")
         parallel = f" | {self.ctx.world} data-parallel processes" if self.ctx.enabled else ""
-        dtype = autocast_dtype(p, self.device)
+        dtype = autocast_dtype(params, self.device)
         self.say(f"run {self.run_dir} | {source.kind} data ({len(data['train'])} train / "
-                 f"{len(data['valid'])} valid at {p.image_size}px{_patches(p)}) | "
-                 f"{p.arch}/{p.encoder}, "
+                 f"{len(data['valid'])} valid at {params.image_size}px{_patches(params)}) | "
+                 f"{params.arch}/{params.encoder}, "
                  f"{self.provenance} | {self.device}, {dtype or 'fp32'}"
                  f"{', compiled' if trainer.compiled else ''}{', EMA' if trainer.ema else ''} "
                  f"| {budget}{parallel}", flush=True)
@@ -299,16 +266,16 @@ class _Session:
               ) -> tuple[dict[str, float], bool]:
         """Train one epoch, validate (rank 0, on the whole split); the epoch's history row
         and whether the time budget leaves no room for another."""
-        p, trainer, ctx = self.params, self.trainer, self.ctx
+        params, trainer, ctx = self.params, self.trainer, self.ctx
         epoch_start = time.perf_counter()
-        frozen = epoch <= p.freeze_encoder_epochs
+        frozen = epoch <= params.freeze_encoder_epochs
         for weight in trainer.model.encoder.parameters():  # no gradient: the optimiser skips it
             weight.requires_grad_(not frozen)
-        self.train_batches.generator.manual_seed(p.seed * 1000 + epoch)
+        self.train_batches.generator.manual_seed(params.seed * 1000 + epoch)
         train_loss, seen, train_seconds = trainer.train_epoch(
             self.train_batches, epoch, progress, f" of run {self.run_dir}", step_callback)
         val_start = time.perf_counter()
-        val = validate(trainer.eval_model, self.valid_batches, trainer.loss_fn, p,
+        val = validate(trainer.eval_model, self.valid_batches, trainer.loss_fn, params,
                        self.device) if ctx.is_main else {}
         val_seconds = time.perf_counter() - val_start
         epoch_seconds = time.perf_counter() - epoch_start
@@ -336,7 +303,7 @@ class _Session:
         if save_last:
             save_checkpoint(self.run_dir / LAST_CHECKPOINT, state | self.trainer.state_dict() | {
                 "early_stopping": self.stopper.state_dict(), "history": self.history})
-        _write_history(self.run_dir / HISTORY_FILE, self.history)
+        RunDir(self.run_dir).write_history(self.history)
 
     def report_epoch(self, epoch: int, row: dict[str, float], improved: bool) -> None:
         self.say(f"epoch {epoch:3d} | train {row['train_loss']:.4f} | val loss "
@@ -350,26 +317,27 @@ class _Session:
 
     def finish(self, epoch: int, stop_reason: str, seconds: float) -> TrainResult:
         """``train.json`` (rank 0), then every rank returns the finished run."""
-        p, trainer, stopper = self.params, self.trainer, self.stopper
-        summary = {"best_epoch": stopper.best_epoch, "best_" + p.monitor: stopper.best,
-                   "epochs_run": len(self.history), "stop_reason": stop_reason,
-                   "train_seconds_this_session": seconds,
-                   "compile_seconds": trainer.compile_seconds,
-                   "train_seconds_total": trainer.schedule.elapsed + trainer.compile_seconds,
-                   "ema": trainer.ema is not None}
+        params, trainer, stopper = self.params, self.trainer, self.stopper
+        best = float("nan") if stopper.best is None else stopper.best
+        record = TrainRecord(
+            best_epoch=stopper.best_epoch, monitor=params.monitor, best_value=best,
+            epochs_run=len(self.history), stop_reason=stop_reason,
+            train_seconds_this_session=seconds, compile_seconds=trainer.compile_seconds,
+            train_seconds_total=trainer.schedule.elapsed + trainer.compile_seconds,
+            ema=trainer.ema is not None)
         if self.ctx.is_main:
-            atomic_write_json(self.run_dir / TRAIN_FILE, summary)
+            RunDir(self.run_dir).write_train_record(record)
         if self.tracker:
-            self.tracker.log_metrics({k: v for k, v in summary.items()
+            self.tracker.log_metrics({k: v for k, v in record.to_json().items()
                                       if isinstance(v, int | float) and not isinstance(v, bool)})
             self.tracker.log_artifact(self.run_dir / TRAIN_FILE)
             self.tracker.end()
         barrier(self.ctx)
-        self.say(f"stopped after epoch {epoch} ({stop_reason}); best {p.monitor} "
+        self.say(f"stopped after epoch {epoch} ({stop_reason}); best {params.monitor} "
                  f"{stopper.best:.4f} at epoch {stopper.best_epoch}"
                  + (f"; compile {trainer.compile_seconds:.0f} s" if trainer.compiled else ""))
-        return TrainResult(self.run_dir, self.history, stopper.best_epoch,
-                           float(stopper.best or 0.0), stop_reason, seconds)
+        return TrainResult(self.run_dir, self.history, stopper.best_epoch, best, stop_reason,
+                           seconds)
 
 
 def _parent(params: Params, ctx: DistContext) -> tuple[dict[str, Any], dict[str, Any]] | None:
@@ -385,10 +353,10 @@ def _parent(params: Params, ctx: DistContext) -> tuple[dict[str, Any], dict[str,
     return parent_weights(params.resolve_path(params.init_from), params)
 
 
-def _patches(p: Params) -> str:
-    if not p.crop_size or p.crop_size >= p.image_size:
+def _patches(params: Params) -> str:
+    if not params.crop_size or params.crop_size >= params.image_size:
         return ""
-    return f", trained on {p.crop_size}px patches, {p.fg_oversample:.0%} placed on tumour"
+    return f", trained on {params.crop_size}px patches, {params.fg_oversample:.0%} placed on tumour"
 
 
 def _open_run_dir(params: Params, ctx: DistContext, overrides: dict[str, Any],
@@ -398,7 +366,7 @@ def _open_run_dir(params: Params, ctx: DistContext, overrides: dict[str, Any],
     if params.resume:
         run_dir = params.resolve_path(params.resume)
         state = read_checkpoint(run_dir / LAST_CHECKPOINT)
-        return _resume_params(run_dir, overrides), run_dir, state
+        return RunDir(run_dir).resumed_params(overrides), run_dir, state
     run_dir = Path(from_main(ctx, str(target_run_dir(params))))  # one id for all ranks
     if (run_dir / LAST_CHECKPOINT).exists():
         raise FileExistsError(f"{run_dir} already holds a run: set resume: {run_dir} "
