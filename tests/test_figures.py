@@ -74,7 +74,7 @@ def test_gallery_rows_show_the_image_the_tinted_masks_and_the_zoomed_crop():
     truth = np.stack([_box(10, 14, 40, 44, 64), _box(30, 40, 5, 9, 64)])
     pred = np.stack([_box(12, 16, 40, 44, 64), np.zeros((64, 64), np.uint8)])
     fig = overlay_rows(images, truth, pred, ["first.jpg", "second.jpg"], "Test images")
-    assert fig._suptitle.get_text() == "Test images" and len(fig.axes) == 8
+    assert fig.get_suptitle() == "Test images" and len(fig.axes) == 8
     for row in range(2):
         original, gt_panel, pred_panel, zoom = fig.axes[4 * row:4 * row + 4]
         grey = images[row, 0]
