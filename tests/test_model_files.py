@@ -45,12 +45,12 @@ def malicious_checkpoint(tmp_path):
     return path, marker
 
 
-def test_checkpoints_hold_only_plain_values(trained_run):
+def test_checkpoints_hold_only_plain_values(trained_run, tmp_path):
     for name in ("best.pt", "last.pt"):
         state = read_checkpoint(trained_run / name)  # weights_only=True inside
         assert "model" in state and isinstance(state["params"], dict)
     with pytest.raises(TypeError, match="float64"):
-        save_checkpoint(trained_run.parent / "x.pt", {"value": np.float64(1.0)})
+        save_checkpoint(tmp_path / "x.pt", {"value": np.float64(1.0)})
 
 
 def test_a_malicious_checkpoint_is_refused_and_never_executed(malicious_checkpoint, tmp_path,
@@ -178,11 +178,21 @@ def test_greyscale_input_predicts(trained_run, tmp_path):
     assert mask.shape == (50, 70)
 
 
-@pytest.fixture
+def _contents(folder):
+    return {p.relative_to(folder): p.read_bytes() for p in sorted(folder.rglob("*"))
+            if p.is_file()}
+
+
+@pytest.fixture(scope="module")
 def trained_run(tmp_path_factory, synthetic_root):
+    """One run trained once for the module; the tests only read it (exports, predictions and
+    damaged copies go to their own tmp_path), and teardown checks that none wrote to it."""
     tmp = tmp_path_factory.mktemp("artifacts")
     from brainseg_lib.training.loop import train
 
     params = tiny_params(tmp, synthetic_root, epochs=1, limit_train_images=4, run_id="a",
                          bootstrap=0)
-    return train(params, progress=False).run_dir
+    run_dir = train(params, progress=False).run_dir
+    before = _contents(run_dir)
+    yield run_dir
+    assert _contents(run_dir) == before, "a test changed the module's shared run"

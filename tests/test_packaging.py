@@ -8,9 +8,12 @@ import pytest
 import yaml
 
 from brainseg_lib.config import load_params
+from brainseg_lib.experiments.sweep import read_grid
 from conftest import ROOT
 
 NOTEBOOKS = sorted((ROOT / "notebooks").glob("*.ipynb"))
+PROFILES = sorted((ROOT / "params").glob("*.yaml"))
+GRIDS = sorted((ROOT / "params" / "grids").glob("*.yaml"))
 
 
 def test_environment_yml_pins_match_pyproject():
@@ -39,13 +42,26 @@ def test_notebook_committed_clean_with_one_parameters_cell(path):
     assert nb["metadata"]["kernelspec"]["name"] == "python3"
 
 
-@pytest.mark.parametrize("profile", ["smoke", "quick", "seed", "reference"])
-def test_profiles_load_and_are_flat(profile):
-    path = ROOT / "params" / f"{profile}.yaml"
+def test_every_committed_parameter_file_is_checked():
+    """The globs the two tests below run over find the files (an empty glob would skip)."""
+    assert {p.stem for p in PROFILES} >= {"smoke", "quick", "seed", "seed_imagenet",
+                                          "reference"}
+    assert {p.stem for p in GRIDS} >= {"smoke", "cpu_patches", "gpu_session"}
+
+
+@pytest.mark.parametrize("path", PROFILES, ids=lambda p: p.name)
+def test_profiles_load_validate_and_are_flat(path):
     raw = yaml.safe_load(path.read_text())
     assert all(not isinstance(v, dict) for v in raw.values())
-    params = load_params(path)
-    assert params.profile == profile
+    params = load_params(path)  # every key known, every value of its type and range
+    assert params.profile == path.stem
+
+
+@pytest.mark.parametrize("path", GRIDS, ids=lambda p: p.name)
+def test_grid_files_parse_and_every_variant_validates(path):
+    grid = read_grid(path)  # loads base + common + each variant: unknown keys, bad values
+    assert grid["base"].resolve() in {p.resolve() for p in PROFILES}  # a committed profile
+    assert grid.get("variants") or grid.get("space")
 
 
 def test_seed_profile_is_the_reference_method():

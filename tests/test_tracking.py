@@ -1,15 +1,19 @@
-"""Optional MLflow tracking: off, nothing imports MLflow; on, a local store holds the run's
-parameters, per-epoch and final metrics and artefacts, with sweep trials nested."""
+"""Optional MLflow tracking: off, nothing imports MLflow (and it need not be installed); on,
+a local store holds the run's parameters, per-epoch and final metrics and artefacts, with
+sweep trials nested."""
 
 from __future__ import annotations
 
+import ast
+import importlib.abc
 import json
-import os
-import subprocess
 import sys
+from collections.abc import Iterator
+from pathlib import Path
 
 import yaml
 
+from brainseg_lib import tracking
 from brainseg_lib.cli import main
 from brainseg_lib.evaluation.evaluate import evaluate_run
 from brainseg_lib.tracking import log_report
@@ -31,25 +35,55 @@ def _artifacts(client, run_id: str, path: str = "") -> set[str]:
     return out
 
 
-def test_tracking_off_never_imports_mlflow(tmp_path, synthetic_root):
-    script = f"""
-import sys
-from conftest import tiny_params
-from brainseg_lib.evaluation.evaluate import evaluate_run
-from brainseg_lib.training.loop import train
-from pathlib import Path
-params = tiny_params(Path({str(tmp_path)!r}), Path({str(synthetic_root)!r}), epochs=1,
-                     bootstrap=0, eval_original_size=False)
-assert params.tracking_uri == ""
-evaluate_run(train(params, progress=False).run_dir, "test", verbose=False)
-print("mlflow" in sys.modules)
-"""
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT), str(ROOT / "tests")]))
-    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
-                          env=env, cwd=tmp_path, timeout=300)
-    assert done.returncode == 0, done.stderr
-    assert done.stdout.strip().splitlines()[-1] == "False"
+class _NoMlflow(importlib.abc.MetaPathFinder):
+    """An import hook that refuses MLflow and remembers who asked for it."""
+
+    def __init__(self) -> None:
+        self.asked: list[str] = []
+
+    def find_spec(self, name, path=None, target=None):
+        if name.split(".")[0] == "mlflow":
+            self.asked.append(name)
+            raise ImportError(f"{name}: MLflow imported with tracking off")
+        return None
+
+
+def test_tracking_off_never_imports_mlflow(tmp_path, synthetic_root, monkeypatch):
+    """Train and evaluate with tracking off and MLflow unimportable (as without the extra):
+    nothing asks for it. Which modules may import it at all is the import-linter contract
+    (tests/test_layers.py); this checks that tracking.py's own imports wait until it is on."""
+    for name in [m for m in sys.modules if m.split(".")[0] == "mlflow"]:
+        monkeypatch.delitem(sys.modules, name)  # imported by an earlier test: forgotten here
+    hook = _NoMlflow()
+    monkeypatch.setattr(sys, "meta_path", [hook, *sys.meta_path])
+    params = tiny_params(tmp_path, synthetic_root, epochs=1, limit_train_images=4,
+                         bootstrap=0, eval_original_size=False, run_id="untracked")
+    assert params.tracking_uri == ""
+    run_dir = train(params, progress=False).run_dir
+    evaluate_run(run_dir, "test", verbose=False)
+    assert main(["export", str(run_dir), "--out", str(tmp_path / "model"), "--fp32"]) == 0
+    log_report(run_dir, params, tmp_path)
+    assert hook.asked == [] and not any(m.split(".")[0] == "mlflow" for m in sys.modules)
     assert not list((tmp_path / "runs").glob("*/tracking.json"))
+    assert (run_dir / "metrics.json").is_file()  # the evaluation did run
+
+
+def _imports_at_import_time(node: ast.AST) -> Iterator[str]:
+    """Modules a file imports when it is itself imported: not those inside functions."""
+    for child in ast.iter_child_nodes(node):
+        if isinstance(child, ast.Import):
+            yield from (alias.name for alias in child.names)
+        elif isinstance(child, ast.ImportFrom):
+            yield child.module or ""
+        elif not isinstance(child, (ast.FunctionDef, ast.AsyncFunctionDef, ast.Lambda)):
+            yield from _imports_at_import_time(child)
+
+
+def test_tracking_imports_mlflow_only_inside_the_functions_that_log():
+    tree = ast.parse(Path(tracking.__file__).read_text())
+    everywhere = {n.module for n in ast.walk(tree) if isinstance(n, ast.ImportFrom)}
+    assert "mlflow.tracking" in everywhere  # it does use MLflow, when on
+    assert not [m for m in _imports_at_import_time(tree) if m.split(".")[0] == "mlflow"]
 
 
 def test_a_tracked_run_logs_params_epochs_figures_and_artifacts(tmp_path, synthetic_root):
