@@ -1,7 +1,6 @@
 """05_compare: runs found, aligned on the same images, paired differences that add up, and a
 verdict that follows the evidence (better, no clear difference, worse)."""
 
-import json
 import shutil
 from pathlib import Path
 
@@ -122,20 +121,16 @@ def test_paired_bootstrap_of_a_run_against_itself_is_exactly_zero():
         paired_bootstrap(c, c.take(np.arange(10)))
 
 
-def test_runs_are_found_by_id_folder_or_latest_report(two_runs, tmp_path):
+def test_runs_are_found_by_id_folder_or_the_callers_default(two_runs, tmp_path):
     runs_dir = two_runs[0].parent
     assert find_runs(["b-longer", str(two_runs[0])], runs_dir) == [two_runs[1], two_runs[0]]
     assert find_runs([str(runs_dir)], runs_dir) == sorted(two_runs)  # a sweep-like folder
-    day = tmp_path / "reports" / "2026-01-02"
-    for run_dir in two_runs:
-        (day / run_dir.name).mkdir(parents=True)
-        (day / run_dir.name / "summary.json").write_text(json.dumps({"run_id": run_dir.name}))
-    (tmp_path / "reports" / "2026-01-01").mkdir()  # an older day: not taken
-    assert find_runs([], runs_dir, tmp_path / "reports") == sorted(two_runs)
+    default = [two_runs[1], tmp_path / "gone", two_runs[0]]  # e.g. the newest report's runs
+    assert find_runs([], runs_dir, default) == [two_runs[1], two_runs[0]]
     with pytest.raises(FileNotFoundError, match="no-such-run"):
         find_runs(["no-such-run"], runs_dir)
     with pytest.raises(FileNotFoundError, match="no evaluated run"):
-        find_runs([], tmp_path / "empty", tmp_path / "reports-none")
+        find_runs([], tmp_path / "empty", [tmp_path / "gone"])
 
 
 def test_differences_match_each_runs_own_metrics_whatever_the_row_order(two_runs):
