@@ -47,5 +47,6 @@ fi
 "$venv/bin/python" -m pip install --quiet --upgrade pip
 "$venv/bin/python" -m pip install "${packages[@]}"
 "$venv/bin/python" -m pip freeze > "$venv/pip-freeze.txt"
-echo "make_venv.sh: $venv ready ($(grep -icE '^(torch|nnunetv2|monai)==' "$venv/pip-freeze.txt") key packages; versions in $venv/pip-freeze.txt):"
-grep -iE '^(torch|numpy|nnunetv2|monai|dynamic-network-architectures|batchgenerators|batchgeneratorsv2)==' "$venv/pip-freeze.txt" || true
+echo "make_venv.sh: $venv ready; every version in $venv/pip-freeze.txt; the main ones:"
+grep -iE '^(torch|numpy|nnunetv2|monai|dynamic[-_]network[-_]architectures|batchgenerators(v2)?)==' \
+  "$venv/pip-freeze.txt" || true
