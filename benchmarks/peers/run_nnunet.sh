@@ -76,7 +76,14 @@ timed() {  # timed NAME COMMAND...: run it, append "NAME<TAB>seconds" to timings
 }
 
 dataset=$(printf 'Dataset%03d_BrainsegTumour' "$dataset_id")
-if [ ! -d "$nnUNet_raw/$dataset" ]; then
+if [ -d "$nnUNet_raw/$dataset" ]; then  # reused: it must be the size asked for
+  have=$(python3 -c 'import json, sys; print(json.load(open(sys.argv[1]))["size"])' \
+    "$nnUNet_raw/$dataset/case_map.json")
+  want=$size; [ "$size" = 0 ] && want=source
+  [ "$have" = "$want" ] || {
+    echo "run_nnunet.sh: $nnUNet_raw/$dataset was converted at size $have, not $want: use another --out" >&2
+    exit 2; }
+else
   timed convert "$brainseg_python" "$here/nnunet_convert.py" --data "$data" \
     --out "$nnUNet_raw" --size "$size" --dataset-id "$dataset_id"
 fi
