@@ -56,10 +56,14 @@ mkdir -p "$run"
 export nnUNet_raw="$out/nnUNet_raw" nnUNet_preprocessed="$out/nnUNet_preprocessed"
 export nnUNet_results="$run/nnUNet_results" nnUNet_extTrainer="$here/nnunet_ext"
 export BRAINSEG_PEER_MINUTES="$minutes"
+# n_proc_DA is set for the training only: nnU-Net 2.8.1's planner passes it to
+# torch.set_num_threads, which refuses 0
+proc_da=${nnUNet_n_proc_DA:-}
 if [ "$device" = cpu ]; then
-  export nnUNet_n_proc_DA=${nnUNet_n_proc_DA:-0} nnUNet_compile=${nnUNet_compile:-f}
-  export nnUNet_def_n_proc=${nnUNet_def_n_proc:-$(nproc)}
+  proc_da=${nnUNet_n_proc_DA:-0}
+  export nnUNet_compile=${nnUNet_compile:-f} nnUNet_def_n_proc=${nnUNet_def_n_proc:-$(nproc)}
 fi
+unset nnUNet_n_proc_DA
 export PYTHONPATH="$root${PYTHONPATH:+:$PYTHONPATH}"
 timings="$run/timings.tsv"
 : > "$timings"
@@ -92,7 +96,8 @@ if [ ! -f "$nnUNet_preprocessed/$dataset/splits_final.json" ]; then
     -np "${nnUNet_def_n_proc:-2}" --verify_dataset_integrity
   cp "$nnUNet_raw/$dataset/splits_final.json" "$nnUNet_preprocessed/$dataset/splits_final.json"
 fi
-timed train "$venv/bin/nnUNetv2_train" "$dataset_id" 2d 0 -tr nnUNetTrainerBudget -device "$device"
+da_env=(); [ -n "$proc_da" ] && da_env=(env "nnUNet_n_proc_DA=$proc_da")
+timed train "${da_env[@]}" "$venv/bin/nnUNetv2_train" "$dataset_id" 2d 0 -tr nnUNetTrainerBudget -device "$device"
 for tta in tta notta; do
   flag=(); [ "$tta" = notta ] && flag=(--disable_tta)
   timed "predict_$tta" "$venv/bin/nnUNetv2_predict" -i "$nnUNet_raw/$dataset/imagesTs" \
