@@ -99,7 +99,7 @@ def train(
     clock; the best validation IoU's weights are loaded back at the end."""
     loss_fn = DiceCELoss(sigmoid=True)
     optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
-    start, best, epochs, iterations = time.monotonic(), (-1.0, 0, None), 0, 0
+    start, best, epochs, iterations, images = time.monotonic(), (-1.0, 0, None), 0, 0, 0
     while time.monotonic() - start < budget_s:
         for batch in train_loader:
             spent = min(1.0, (time.monotonic() - start) / budget_s)
@@ -111,6 +111,7 @@ def train(
             loss_fn(model(batch["image"]), batch["label"]).backward()
             optimizer.step()
             iterations += 1
+            images += len(batch["image"])
         epochs += 1
         score = iou_of(model, valid_loader)
         if score > best[0]:
@@ -120,6 +121,7 @@ def train(
         "train_seconds": time.monotonic() - start,
         "epochs": epochs,
         "iterations": iterations,
+        "train_images": images,
         "best_valid_iou": best[0],
         "best_epoch": best[1],
     }
@@ -177,7 +179,7 @@ def run(args: argparse.Namespace) -> dict:
         "threads": args.threads,
         "seconds": seconds,
         **record,
-        "train_images_per_s": record["iterations"] * 16 / seconds["train"],
+        "train_images_per_s": record["train_images"] / seconds["train"],
         "test_images": n_test,
         "predict_notta_images_per_s": n_test / seconds["predict_notta"],
         "predict_tta_images_per_s": n_test / seconds["predict_tta"],
