@@ -19,12 +19,11 @@ at their own size with masks rasterised from the annotations (``CocoSplit.mask``
 from __future__ import annotations
 
 import argparse
-import json
 import shutil
 import sys
 import tempfile
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
@@ -154,20 +153,9 @@ def _write_dataset(data_dir: Path, folder: Path, size: int, name: str) -> None:
             "data_dir": str(data_dir),
             "annotations_sha256": dataset_hash(data_dir),
             "size": size or "source",
-            "cases": [c.__dict__ for split in SPLITS for c in cases[split]],
+            "cases": [asdict(c) for split in SPLITS for c in cases[split]],
         },
     )
-
-
-def read_case_map(path: Path) -> dict[str, Case]:
-    """The converter's case map by case id; a clear error for anything else."""
-    try:
-        cases = json.loads(path.read_text())["cases"]
-        return {c["case"]: Case(c["case"], c["split"], c["file"]) for c in cases}
-    except FileNotFoundError:
-        raise BrainsegError(f"{path}: no case map there (made by nnunet_convert.py)") from None
-    except (json.JSONDecodeError, KeyError, TypeError):
-        raise BrainsegError(f"{path}: not a case map (expected {{'cases': [...]}})") from None
 
 
 def main(argv: list[str] | None = None) -> int:
