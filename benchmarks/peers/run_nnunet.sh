@@ -93,7 +93,8 @@ else
 fi
 if [ ! -f "$nnUNet_preprocessed/$dataset/splits_final.json" ]; then
   timed plan_and_preprocess "$venv/bin/nnUNetv2_plan_and_preprocess" -d "$dataset_id" -c 2d \
-    -np "${nnUNet_def_n_proc:-2}" --verify_dataset_integrity
+    -np "${nnUNet_def_n_proc:-$(nproc)}" -npfp "${nnUNet_def_n_proc:-$(nproc)}" \
+    --verify_dataset_integrity
   cp "$nnUNet_raw/$dataset/splits_final.json" "$nnUNet_preprocessed/$dataset/splits_final.json"
 fi
 da_env=(); [ -n "$proc_da" ] && da_env=(env "nnUNet_n_proc_DA=$proc_da")
