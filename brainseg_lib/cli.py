@@ -138,7 +138,7 @@ def _predict(args: argparse.Namespace) -> int:
 
 
 def _export(args: argparse.Namespace) -> int:
-    from brainseg_lib.model.package import add_onnx, export_model, is_model_dir
+    from brainseg_lib.model.package import DataCredit, add_onnx, export_model, is_model_dir
 
     if args.int8 and not args.onnx:
         raise ParamsError("export: --int8 needs --onnx (it quantises the verified model.onnx)")
@@ -150,9 +150,9 @@ def _export(args: argparse.Namespace) -> int:
     else:
         if not args.out:
             raise ParamsError("export: give --out MODEL_DIR")
+        given = DataCredit(args.dataset_name, args.dataset_licence)  # both needed off Kaggle
         out = export_model([Path(r) for r in args.run_dirs], Path(args.out),
-                           fp16=not args.fp32, dataset_name=args.dataset_name, onnx=args.onnx,
-                           int8=args.int8)
+                           fp16=not args.fp32, given=given, onnx=args.onnx, int8=args.int8)
         size = sum(f.stat().st_size for f in out.iterdir()) / 2**20
         print(f"exported {len(args.run_dirs)} run(s) to {out} ({size:.1f} MiB)")
         _track_export([Path(r) for r in args.run_dirs], out)
@@ -338,8 +338,11 @@ def _add_export_parser(sub: argparse._SubParsersAction) -> None:
     export.add_argument("--fp32", action="store_true",
                         help="keep float32 weights (default fp16)")
     export.add_argument("--dataset-name", default="",
-                        help="the training data's name for the model card (default: this "
-                        "project's dataset)")
+                        help="the training data's name for the model card; needed (with "
+                        "--dataset-licence) unless the runs trained on the Kaggle dataset")
+    export.add_argument("--dataset-licence", default="",
+                        help="the training data's licence, e.g. 'CC BY 4.0' or 'unknown' "
+                        "(the Kaggle dataset's is known: CC BY 4.0)")
     export.set_defaults(func=_export)
 
 

@@ -14,6 +14,7 @@ import tempfile
 import warnings
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -30,6 +31,7 @@ from brainseg_lib.config import (
     params_from_record,
     save_params,
 )
+from brainseg_lib.data.locate import KAGGLE_ID
 from brainseg_lib.io import atomic_write_json, atomic_write_text, file_sha256
 from brainseg_lib.model.checkpoint import (
     ArtifactError,
@@ -201,7 +203,7 @@ def _save_weights(folder: Path, models: list[nn.Module], fp16: bool) -> list[str
 
 
 def _model_info(run_dirs: list[Path], members: list[str], params: Params,
-                states: list[dict[str, Any]], fp16: bool, dataset_name: str) -> dict[str, Any]:
+                states: list[dict[str, Any]], fp16: bool, credit: DataCredit) -> dict[str, Any]:
     """``brainseg.json``: how the model was trained, on what data, and what it scored."""
     run0 = run_dirs[0]
     env = read_env(run0)
@@ -217,7 +219,7 @@ def _model_info(run_dirs: list[Path], members: list[str], params: Params,
         "training": [training_record(r) or {} for r in run_dirs],
         "environment": {k: env.get(k) for k in ("device", "gpu", "git_commit", "created",
                                                 "packages", "cuda") if k in env},
-        "dataset": env.get("dataset", {}) | ({"name": dataset_name} if dataset_name else {}),
+        "dataset": env.get("dataset", {}) | {"name": credit.name, "licence": credit.licence},
         "weights_init": env.get("weights", states[0].get("weights", "")),
         "checkpoint_epochs": [int(s.get("epoch", 0)) for s in states],
         "parent": env.get("parent"),  # the model it was fine-tuned from (init_from), or None
@@ -227,22 +229,26 @@ def _model_info(run_dirs: list[Path], members: list[str], params: Params,
 
 
 def export_model(run_dirs: list[Path], out_dir: Path, fp16: bool = True,
-                 dataset_name: str = "", onnx: bool = False, int8: bool = False) -> Path:
+                 given: DataCredit | None = None, onnx: bool = False,
+                 int8: bool = False) -> Path:
     """Write smp's ``save_pretrained`` folder for one run (or several: a fold ensemble),
     with the sha256 of each weight file, a licence and, with ``onnx``, verified ONNX files.
 
+    ``given``: the training data's name and licence from the caller, checked and completed
+    by :func:`data_credit` against the runs' own data records.
     Files are written to a temporary folder and renamed, so a failed export leaves nothing.
     """
     models, params, states = _load_members(run_dirs)
+    credit = data_credit(run_dirs, given)
     out_dir = Path(out_dir)
     with _atomic_folder(out_dir) as folder:
         members = _save_weights(folder, models, fp16)
-        info = _model_info(run_dirs, members, params, states, fp16, dataset_name)
+        info = _model_info(run_dirs, members, params, states, fp16, credit)
         info["sha256"] = {name: file_sha256(folder / name) for name in members}
         atomic_write_json(folder / INFO_FILE, info)
         if (run_dirs[0] / HISTORY_FILE).exists() and len(run_dirs) == 1:
             shutil.copy(run_dirs[0] / HISTORY_FILE, folder / HISTORY_FILE)
-        atomic_write_text(folder / LICENSE_FILE, MODEL_LICENSE_TEXT)
+        atomic_write_text(folder / LICENSE_FILE, licence_text(info))
         atomic_write_text(folder / "README.md", model_card(info, out_dir.name))
         if onnx:
             add_onnx(folder, out_dir.name, int8)
@@ -426,8 +432,8 @@ def _card_title(name: str) -> list[str]:
     return [
         f"# brainseg model `{name}`", "",
         "**A research model, not a medical device.** It segments brain-tumour regions in "
-        "single 2D MRI slices of one public dataset; it has not been validated for, and must "
-        "not be used in, diagnosis or treatment.", "",
+        "single 2D MRI slices like those it was trained on; it has not been validated for, "
+        "and must not be used in, diagnosis or treatment.", "",
     ]
 
 
@@ -452,10 +458,12 @@ def _card_training(info: dict[str, Any]) -> list[str]:
     """The data, the recipe, each member run and the code commit."""
     p = info["params"]
     ds = info.get("dataset", {})
+    credit = credit_of(ds)
     lines = [
         "## Training", "",
-        f"- data: {ds.get('name') or 'Brain Tumor Image DataSet: Semantic Segmentation'} "
-        "(Kaggle pkdarabi / Roboflow COCO export), licence CC BY 4.0; annotations sha256 "
+        f"- data: {credit.name}"
+        + (" (Kaggle pkdarabi / Roboflow COCO export)" if credit.kaggle else "")
+        + f", licence {credit.licence}; annotations sha256 "
         f"{ds.get('annotations_sha256', '?')}; images {ds.get('images', '?')}"
         + (f"; {ds['provenance']}" if ds.get("provenance") else ""),
         f"- recipe: loss {p['loss']}, {p['optimizer']} lr {p['lr']} (weight decay "
@@ -555,6 +563,11 @@ _CARD_INTENDED_USE = [
 
 
 MODEL_LICENSE = "cc-by-4.0"
+_NOT_A_DEVICE = """\
+A research model, not a medical device: it has not been validated for, and must not be
+used in, diagnosis or treatment. The brainseg code that made it is MIT-licensed (see the
+repository's LICENSE).
+"""
 MODEL_LICENSE_TEXT = """\
 The weights, model card and records in this folder are licensed under the Creative Commons
 Attribution 4.0 International licence (CC BY 4.0): https://creativecommons.org/licenses/by/4.0/
@@ -564,10 +577,76 @@ They were trained on the "Brain Tumor Image DataSet: Semantic Segmentation" (Kag
 pkdarabi / Roboflow, https://www.kaggle.com/datasets/pkdarabi/brain-tumor-image-dataset-semantic-segmentation),
 itself licensed CC BY 4.0; reuse must credit that dataset and brainseg.
 
-A research model, not a medical device: it has not been validated for, and must not be
-used in, diagnosis or treatment. The brainseg code that made it is MIT-licensed (see the
-repository's LICENSE).
-"""
+""" + _NOT_A_DEVICE
+
+KAGGLE_DATASET = "Brain Tumor Image DataSet: Semantic Segmentation"
+KAGGLE_LICENCE = "CC BY 4.0"
+# dataset_hash of the Kaggle download: the one dataset whose licence brainseg may state itself
+KAGGLE_ANNOTATIONS_SHA256 = "f5ad933edb55cdc5"
+UNKNOWN = "unknown"
+
+
+@dataclass(frozen=True)
+class DataCredit:
+    """The data a model was trained on and its licence: what its card and LICENSE credit."""
+
+    name: str
+    licence: str
+
+    @property
+    def kaggle(self) -> bool:
+        return self.licence == KAGGLE_LICENCE and self.name.startswith(KAGGLE_DATASET)
+
+
+def is_kaggle_data(dataset: dict[str, Any]) -> bool:
+    """Whether a run's data record (``env.json``'s ``dataset``) is the Kaggle dataset or a
+    resized copy of it, by the annotations' hash."""
+    return KAGGLE_ANNOTATIONS_SHA256 in (
+        dataset.get("annotations_sha256"),
+        (dataset.get("derived_from") or {}).get("source_annotations_sha256"))
+
+
+def data_credit(run_dirs: list[Path], given: DataCredit | None = None) -> DataCredit:
+    """What to credit for the runs' training data, from their own data records: the Kaggle
+    dataset (CC BY 4.0) only when every run's annotations are that dataset's. Other data
+    needs ``given`` with both name and licence (``unknown`` allowed), else a ParamsError, so
+    an export never credits data it was not trained on; without ``given`` at all (a library
+    call) its name and licence are recorded as ``unknown``."""
+    records = [read_env(r).get("dataset") or {} for r in run_dirs]
+    name, licence = (given.name, given.licence) if given else ("", "")
+    if all(is_kaggle_data(d) for d in records):
+        return DataCredit(name or KAGGLE_DATASET, licence or KAGGLE_LICENCE)
+    if given and not (name and licence):
+        d = records[0]
+        raise ParamsError(
+            f"{run_dirs[0] / ENV_FILE}: trained on {d.get('path', 'unrecorded data')} "
+            f"(annotations {d.get('annotations_sha256', '?')}), not the Kaggle dataset: give "
+            f"--dataset-name and --dataset-licence ('{UNKNOWN}' where you do not know)")
+    return DataCredit(name or UNKNOWN, licence or UNKNOWN)
+
+
+def credit_of(dataset: dict[str, Any]) -> DataCredit:
+    """The credit a model folder's ``dataset`` record holds; an older record without a
+    licence is the Kaggle dataset's only when its hash says so."""
+    if dataset.get("licence"):
+        return DataCredit(dataset.get("name") or UNKNOWN, dataset["licence"])
+    if is_kaggle_data(dataset):
+        return DataCredit(dataset.get("name") or KAGGLE_DATASET, KAGGLE_LICENCE)
+    return DataCredit(dataset.get("name") or UNKNOWN, UNKNOWN)
+
+
+def licence_text(info: dict[str, Any]) -> str:
+    """The folder's LICENSE: CC BY 4.0 crediting the Kaggle dataset when trained on it; else
+    the training data's own licence governs the weights (and a parent's, when fine-tuned)."""
+    credit = credit_of(info.get("dataset") or {})
+    if credit.kaggle and not info.get("parent"):
+        return MODEL_LICENSE_TEXT
+    parent = info.get("parent")
+    return (f"The weights in this folder were trained on {credit.name} (licence: "
+            f"{credit.licence}); that licence governs their reuse"
+            + (f", together with the licence of the model they were fine-tuned from "
+               f"({parent['path']}, see its LICENSE)" if parent else "")
+            + ". brainseg adds no licence of its own to them.\n\n" + _NOT_A_DEVICE)
 # the test figures a hub shows in its results widget (model-index), plain setting
 _HUB_METRICS = {"pooled_iou": "pooled foreground IoU", "mean_image_dice": "mean image Dice",
                 "fg_bg_miou": "foreground+background mIoU",
@@ -582,18 +661,17 @@ def card_metadata(info: dict[str, Any], name: str) -> str:
     from huggingface_hub import EvalResult, ModelCardData
 
     p, m = info["params"], info.get("test_metrics")
-    dataset = (info.get("dataset") or {}).get("name") or \
-        "Brain Tumor Image DataSet: Semantic Segmentation"
+    credit = credit_of(info.get("dataset") or {})
     results = [EvalResult(task_type="image-segmentation", task_name="Brain tumour segmentation",
-                          dataset_type="pkdarabi/brain-tumor-image-dataset-semantic-"
-                                       "segmentation",
-                          dataset_name=dataset, dataset_split=m["split"], metric_type=key,
+                          dataset_type=KAGGLE_ID if credit.kaggle else credit.name,
+                          dataset_name=credit.name, dataset_split=m["split"], metric_type=key,
                           metric_name=label,
                           metric_value=round(float(m["headline"]["metrics"][key]), 4))
                for key, label in _HUB_METRICS.items()
                if m and key in m["headline"]["metrics"]]
     data = ModelCardData(
-        license=MODEL_LICENSE, library_name="segmentation-models-pytorch",
+        license=MODEL_LICENSE if credit.kaggle else "other",
+        library_name="segmentation-models-pytorch",
         pipeline_tag="image-segmentation", model_name=f"brainseg-{name}",
         tags=["segmentation-models-pytorch", "semantic-segmentation", "medical-imaging",
               "mri", "brain-tumor", p["arch"].lower(), p["encoder"], "brainseg"]
@@ -656,6 +734,12 @@ def _network_shape(p: Params) -> str:
             f"{list(p.decoder_channels) or 'default'}")
 
 
+def _network_input(p: Params) -> str:
+    """What the weights learnt to see: the resolution and the normalisation of its input."""
+    return (f"image_size {p.image_size} normalised with mean {list(p.normalize_mean)} std "
+            f"{list(p.normalize_std)}")
+
+
 def parent_weights(path: Path, params: Params) -> tuple[dict[str, torch.Tensor],
                                                          dict[str, Any]]:
     """The weights a fine-tuning run starts from (``init_from``): a single-member model
@@ -679,6 +763,10 @@ def parent_weights(path: Path, params: Params) -> tuple[dict[str, torch.Tensor],
     if _network_shape(theirs) != _network_shape(params):
         raise ArtifactError(f"init_from {path}: the parent is {_network_shape(theirs)}; this "
                             f"run is {_network_shape(params)}")
+    if _network_input(theirs) != _network_input(params):
+        raise ArtifactError(f"init_from {path}: the parent takes {_network_input(theirs)}; "
+                            f"this run feeds {_network_input(params)} (set them as the "
+                            "parent's)")
     record = {"path": str(path), "file": weights.name, "sha256": file_sha256(weights)}
     return models[0].state_dict(), record
 

@@ -196,12 +196,13 @@ class _Session:
     @classmethod
     def open(cls, params: Params, ctx: DistContext, overrides: dict[str, Any]) -> _Session:
         """Set up the run directory, data, network, trainer and early stopping."""
+        # the parent is checked before the run folder exists: a refusal leaves none behind
+        parent = None if params.resume else _parent(params, ctx)
         params, run_dir, start_state = _open_run_dir(params, ctx, overrides)
         if params.num_threads:
             torch.set_num_threads(params.num_threads)
         seed_everything(params.seed, params.deterministic)
         device = device_for(ctx, select_device(params.device))
-        parent = None if start_state else _parent(params, ctx)  # before minutes of loading
         source, data = load_training_data(params)
         model, provenance = create_model(params.arch, params.encoder,
                                          "none" if parent else params.encoder_weights,
