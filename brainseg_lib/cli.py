@@ -97,7 +97,8 @@ def _train(args: argparse.Namespace) -> int:
 
 def _evaluate(args: argparse.Namespace) -> int:
     from brainseg_lib.evaluation.evaluate import evaluate_run
-    from brainseg_lib.model.package import is_model_dir, materialise
+    from brainseg_lib.model.folder import is_model_dir
+    from brainseg_lib.model.run_folder import run_folder_from_model
 
     target = Path(args.model or args.run_dir or "")
     if not args.model and not args.run_dir:
@@ -112,12 +113,12 @@ def _evaluate(args: argparse.Namespace) -> int:
     if args.record and (not model_dir or args.split != "test"):  # before minutes of work
         raise ParamsError("--record needs --model DIR and the test split")
     if model_dir:  # a shipped model: laid out as a run under runs_dir (the project's runs/)
-        target = materialise(target, runs_dir / f"model-{target.resolve().name}")
+        target = run_folder_from_model(target, runs_dir / f"model-{target.resolve().name}")
     metrics = evaluate_run(target, args.split, args.device, settings=settings,
                            backend=args.backend)
     print(f"wrote {eval_dir(target, args.split)}")
     if args.record:
-        from brainseg_lib.model.package import record_metrics
+        from brainseg_lib.model.folder import record_metrics
 
         record_metrics(model_dir, metrics)
         print(f"recorded the test metrics in {model_dir / 'README.md'}")
@@ -138,7 +139,10 @@ def _predict(args: argparse.Namespace) -> int:
 
 
 def _export(args: argparse.Namespace) -> int:
-    from brainseg_lib.model.package import DataCredit, add_onnx, export_model, is_model_dir
+    from brainseg_lib.model.card import DataCredit
+    from brainseg_lib.model.export import export_model
+    from brainseg_lib.model.folder import is_model_dir
+    from brainseg_lib.model.onnx_files import add_onnx
 
     if args.int8 and not args.onnx:
         raise ParamsError("export: --int8 needs --onnx (it quantises the verified model.onnx)")

@@ -8,7 +8,7 @@ import torch
 
 from brainseg_lib.cli import main
 from brainseg_lib.inference.predictor import load_model
-from brainseg_lib.model.package import export_model
+from brainseg_lib.model.export import export_model
 from brainseg_lib.training.distributed import DistContext
 from brainseg_lib.training.loop import _Session, train
 from brainseg_lib.training.trainer import validate

@@ -8,7 +8,7 @@ import pytest
 from huggingface_hub import ModelCard
 
 from brainseg_lib.cli import main
-from brainseg_lib.model.package import export_model
+from brainseg_lib.model.export import export_model
 from conftest import ROOT, tiny_params
 
 

@@ -15,7 +15,9 @@ from PIL import Image
 from brainseg_lib.cli import main
 from brainseg_lib.inference.predictor import load_model, predict_logits
 from brainseg_lib.model.checkpoint import ArtifactError, read_checkpoint, save_checkpoint
-from brainseg_lib.model.package import export_model, materialise, networks_from_model_dir
+from brainseg_lib.model.export import export_model
+from brainseg_lib.model.folder import networks_from_model_dir
+from brainseg_lib.model.run_folder import run_folder_from_model
 from conftest import tiny_params
 
 
@@ -149,16 +151,16 @@ def test_broken_model_folders_are_one_line_errors(trained_run, tmp_path, capsys,
     assert not (tmp_path / "out").exists()
 
 
-def test_materialise_refuses_other_training_parameters(trained_run, tmp_path):
+def test_a_run_folder_from_a_model_refuses_other_training_parameters(trained_run, tmp_path):
     model_dir = export_model([trained_run], tmp_path / "m")
     params = json.loads((model_dir / "brainseg.json").read_text())["params"]
     from brainseg_lib.config import params_from_dict
 
     same = params_from_dict(params)
-    run = materialise(model_dir, tmp_path / "runs" / "r", expected=same)
+    run = run_folder_from_model(model_dir, tmp_path / "runs" / "r", expected=same)
     assert (run / "best.pt").exists() and (run / "train.json").exists()
     with pytest.raises(ArtifactError, match="lr: given 0.5"):
-        materialise(model_dir, tmp_path / "runs" / "r2",
+        run_folder_from_model(model_dir, tmp_path / "runs" / "r2",
                     expected=params_from_dict(params | {"lr": 0.5}))
 
 

@@ -13,7 +13,9 @@ from brainseg_lib.cli import main
 from brainseg_lib.inference.predictor import load_model, predict_images
 from brainseg_lib.model import onnx_export
 from brainseg_lib.model.checkpoint import ArtifactError
-from brainseg_lib.model.package import add_onnx, export_model, networks_from_model_dir
+from brainseg_lib.model.export import export_model
+from brainseg_lib.model.folder import networks_from_model_dir
+from brainseg_lib.model.onnx_files import add_onnx
 from conftest import tiny_params
 
 

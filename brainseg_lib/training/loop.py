@@ -111,9 +111,9 @@ def finished_run(params: Params) -> TrainResult | None:
         return None
     run_dir = target_run_dir(params)
     if params.model_dir:
-        from brainseg_lib.model.package import materialise
+        from brainseg_lib.model.run_folder import run_folder_from_model
 
-        materialise(params.resolve_path(params.model_dir), run_dir, expected=params)
+        run_folder_from_model(params.resolve_path(params.model_dir), run_dir, expected=params)
     record = training_record(run_dir)
     if record is None or not (run_dir / BEST_CHECKPOINT).exists():
         return None
@@ -376,7 +376,7 @@ class _Session:
 def _parent(params: Params, ctx: DistContext) -> tuple[dict[str, Any], dict[str, Any]] | None:
     """The weights and record of the model ``init_from`` names, its network checked against
     this run's; None without ``init_from``."""
-    from brainseg_lib.model.package import parent_weights
+    from brainseg_lib.model.parent import parent_weights
 
     if params.freeze_encoder_epochs and ctx.enabled:
         raise ValueError("freeze_encoder_epochs: not under torchrun (DistributedDataParallel "
