@@ -29,7 +29,7 @@ def test_the_shipped_models_card_parses_with_its_test_figures():
     assert figures["mean_image_dice"] == round(headline["mean_image_dice"], 4)
     assert {r.dataset_split for r in card.data.eval_results} == {"test"}
     assert "CC BY 4.0" in (folder / "LICENSE").read_text()
-    assert set(info["sha256"]) == {"model.safetensors"}
+    assert set(info["sha256"]) == {"model.safetensors", "config.json"}
 
 
 @pytest.fixture(scope="module")

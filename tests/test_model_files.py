@@ -132,7 +132,7 @@ def test_predict_and_evaluate_with_a_model_folder(trained_run, tmp_path, synthet
 
 @pytest.mark.parametrize("damage, message", [
     (lambda d: (d / "model.safetensors").unlink(), "weights missing"),
-    (lambda d: (d / "config.json").write_text('{"model_type": "bert"}'), "another library"),
+    (lambda d: (d / "config.json").write_text('{"model_type": "bert"}'), "config.json: sha256"),
     (lambda d: (d / "model.safetensors").write_bytes(b"\0" * 100), "differs from"),
     (lambda d: shutil.rmtree(d), "not found"),
 ])

@@ -25,7 +25,7 @@ from brainseg_lib.model.card import (
     is_kaggle_data,
 )
 from brainseg_lib.model.checkpoint import ArtifactError, network_from_checkpoint
-from brainseg_lib.model.folder import WEIGHTS_FILE, ModelInfo
+from brainseg_lib.model.folder import CONFIG_FILE, WEIGHTS_FILE, ModelInfo
 from brainseg_lib.rundir import (
     BEST_CHECKPOINT,
     ENV_FILE,
@@ -145,7 +145,8 @@ def export_model(run_dirs: list[Path], out_dir: Path, fp16: bool = True,
     with _atomic_folder(out_dir) as folder:
         members = _save_weights(folder, models, fp16)
         info = _model_info(run_dirs, members, params, states, fp16, credit)
-        info.sha256 = {name: file_sha256(folder / name) for name in members}
+        # config.json too: it shapes the network as much as the weights do
+        info.sha256 = {name: file_sha256(folder / name) for name in [*members, CONFIG_FILE]}
         info.save(folder, out_dir.name)
         info.save_licence(folder)
         if (run_dirs[0] / HISTORY_FILE).exists() and len(run_dirs) == 1:

@@ -3,13 +3,15 @@
 what data, what it scored, the sha256 of every file) and a model card ``README.md``. A fold
 ensemble is one folder with one weight file per member and the same config.
 
-Every network is loaded after its weight file's hash matched the recorded one, without
-running code (safetensors), and every failure is one line naming the file.
+A folder is untrusted input: ``brainseg.json`` is checked against its schema before
+anything else is read (:mod:`brainseg_lib.model.schema`), every file it names is a plain file
+of the folder, ``config.json`` and each weight file are hashed against the record before
+they are read, smp builds only its own architectures, and every failure is one line naming
+the file. Nothing runs code (safetensors).
 """
 
 from __future__ import annotations
 
-import json
 import warnings
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
@@ -22,13 +24,14 @@ from brainseg_lib.config import Params, ParamsError, params_from_record
 from brainseg_lib.io import atomic_write_json, atomic_write_text, file_sha256
 from brainseg_lib.model.card import licence_text, model_card
 from brainseg_lib.model.checkpoint import ArtifactError, load_weights
+from brainseg_lib.model.network import SMP_ARCHITECTURES
+from brainseg_lib.model.schema import FORMAT, check_record, file_in, read_json_object
 
 WEIGHTS_FILE = "model.safetensors"
 CONFIG_FILE = "config.json"
 INFO_FILE = "brainseg.json"
 CARD_FILE = "README.md"
 LICENSE_FILE = "LICENSE"
-FORMAT = "brainseg model 1"
 
 
 @dataclass
@@ -37,10 +40,10 @@ class ModelInfo:
     sha256 of each file (None in an export older than hashes). Keys it does not know are
     kept as they are in ``extra``."""
 
-    params: dict[str, Any]
-    members: list[str] = field(default_factory=lambda: [WEIGHTS_FILE])
     format: str = FORMAT
+    members: list[str] = field(default_factory=lambda: [WEIGHTS_FILE])
     stored_as: str = "float32"
+    params: dict[str, Any] = field(default_factory=dict)  # required in a file (the schema)
     runs: list[str] = field(default_factory=list)
     training: list[dict[str, Any]] = field(default_factory=list)
     environment: dict[str, Any] = field(default_factory=dict)
@@ -67,17 +70,13 @@ class ModelInfo:
 
     @classmethod
     def load(cls, model_dir: Path) -> ModelInfo:
-        """``brainseg.json`` of ``model_dir``, read as JSON and nothing else."""
+        """``brainseg.json`` of ``model_dir``, checked against its schema."""
         path = model_dir / INFO_FILE
-        if not path.is_file():
+        if not path.exists():
             raise ArtifactError(f"{path}: missing; a brainseg model folder holds {CONFIG_FILE}, "
                                 f"{INFO_FILE} and weights (made by brainseg export)")
-        try:
-            record = json.loads(path.read_text())
-        except (json.JSONDecodeError, UnicodeDecodeError) as err:
-            raise ArtifactError(f"{path}: unreadable JSON ({err})") from None
-        if not isinstance(record, dict):
-            raise ArtifactError(f"{path}: not a JSON object")
+        record = read_json_object(file_in(model_dir, INFO_FILE))
+        check_record(path, record)
         return cls.from_dict(record)
 
     def save(self, model_dir: Path, name: str = "") -> None:
@@ -89,10 +88,16 @@ class ModelInfo:
         atomic_write_text(model_dir / LICENSE_FILE, licence_text(self))
 
     def training_params(self, model_dir: Path) -> Params:
+        """The parameters the model was trained with, naming one of smp's architectures."""
+        path = model_dir / INFO_FILE
         try:
-            return params_from_record(self.params, source=str(model_dir / INFO_FILE))
-        except (ParamsError, KeyError, TypeError) as err:
-            raise ArtifactError(f"{model_dir / INFO_FILE}: invalid parameters ({err})") from None
+            params = params_from_record(self.params, source=str(path))
+        except (ParamsError, KeyError, TypeError, ValueError) as err:
+            raise ArtifactError(f"{path}: key 'params': invalid parameters ({err})") from None
+        if params.arch.lower() not in {a.lower() for a in SMP_ARCHITECTURES}:  # smp's own rule
+            raise ArtifactError(f"{path}: key 'params.arch': {params.arch!r} is none of smp's "
+                                f"architectures ({', '.join(sorted(SMP_ARCHITECTURES))})")
+        return params
 
 
 def is_model_dir(path: str | Path) -> bool:
@@ -111,58 +116,77 @@ class ModelFolder:
 
 
 def open_model_folder(model_dir: str | Path) -> ModelFolder:
-    """The folder's record and smp config, cross-checked, and its member weights' hashes
-    verified against the record."""
+    """The folder's record (checked first), its smp config (hashed, then read and
+    cross-checked against the record) and its member weight files (hashed)."""
     model_dir = Path(model_dir)
     if not model_dir.is_dir():
         raise ArtifactError(f"{model_dir}: model folder not found")
     info = ModelInfo.load(model_dir)
-    config = _read_config(model_dir)
     params = info.training_params(model_dir)
-    expected = f"{params.arch}/{params.encoder}"
-    found = f"{config['_model_class']}/{config.get('encoder_name')}"
-    if found.lower() != expected.lower():
-        raise ArtifactError(f"{model_dir}: config.json describes {found}, brainseg.json "
-                            f"{expected}")
+    if info.sha256 is not None and CONFIG_FILE not in info.sha256:
+        warnings.warn(f"{model_dir / INFO_FILE}: records no sha256 of {CONFIG_FILE} (an "
+                      f"older export); it is checked against {INFO_FILE} only", stacklevel=2)
+    verify_hashes(model_dir, info, [CONFIG_FILE] if CONFIG_FILE in (info.sha256 or {}) else [])
+    config = _read_config(model_dir, params)
     for name in info.members:
-        if not (model_dir / name).is_file():
+        if not (model_dir / name).exists():
             raise ArtifactError(f"{model_dir / name}: weights missing (the folder has a model "
                                 "card but no weights)")
     verify_hashes(model_dir, info, info.members)
     return ModelFolder(model_dir, info, config, params)
 
 
-def _read_config(model_dir: Path) -> dict[str, Any]:
-    """smp's ``config.json``, naming a model class smp has."""
+def _read_config(model_dir: Path, params: Params) -> dict[str, Any]:
+    """smp's ``config.json``: one of smp's architectures, describing the network the record
+    says was trained (architecture, encoder, input channels, one class of logits)."""
     path = model_dir / CONFIG_FILE
-    if not path.is_file():
+    if not path.exists():
         raise ArtifactError(f"{path}: missing; a brainseg model folder holds {CONFIG_FILE}, "
                             f"{INFO_FILE} and weights (made by brainseg export)")
-    try:
-        config = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise ArtifactError(f"{path}: unreadable JSON ({err})") from None
-    if not isinstance(config, dict) or "_model_class" not in config:
+    config = read_json_object(file_in(model_dir, CONFIG_FILE))
+    if "_model_class" not in config:
         raise ArtifactError(f"{path}: not a segmentation_models_pytorch config (no "
                             "_model_class; is it from another library?)")
-    if not hasattr(smp, str(config["_model_class"])):
-        raise ArtifactError(f"{path}: unknown smp model class {config['_model_class']}")
+    model_class = config["_model_class"]
+    if not isinstance(model_class, str) or model_class not in SMP_ARCHITECTURES:
+        raise ArtifactError(f"{path}: key '_model_class': {_short(model_class)} is none of "
+                            "smp's architectures")
+    if model_class.lower() != params.arch.lower():
+        raise ArtifactError(f"{path}: key '_model_class' is {model_class!r}, {INFO_FILE} says "
+                            f"{params.arch!r}; refused")
+    expected = {"encoder_name": params.encoder, "in_channels": params.in_channels,
+                "classes": 1, "activation": None, "aux_params": None}
+    if params.decoder_channels:
+        expected["decoder_channels"] = list(params.decoder_channels)
+    for key, value in expected.items():
+        found = config.get(key, None if value is None else "(absent)")
+        if found != value or type(found) is not type(value):
+            raise ArtifactError(f"{path}: key '{key}' is {_short(found)}, {INFO_FILE} says "
+                                f"{value!r}; refused")
     return config
 
 
+def _short(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
 def verify_hashes(model_dir: Path, info: ModelInfo, names: list[str]) -> None:
-    """Each file's sha256 against the one ``brainseg.json`` recorded at export: weights
-    changed afterwards (damaged, or swapped) are refused with one line.
+    """Each file's sha256 against the one ``brainseg.json`` recorded at export: a file
+    changed afterwards (damaged, or swapped) is refused with one line, as is one that is not
+    a plain file of the folder.
 
     A folder exported before hashes were recorded is read with a warning, not refused: its
     owner can add them by exporting again, and refusing would strand every older export.
     """
     if info.sha256 is None:
+        for name in names:
+            file_in(model_dir, name)
         warnings.warn(f"{model_dir / INFO_FILE}: records no sha256 of the weights (an older "
                       "export); their integrity is not checked", stacklevel=3)
         return
     for name in names:
-        found = file_sha256(model_dir / name)
+        found = file_sha256(file_in(model_dir, name))
         if info.sha256.get(name) != found:
             raise ArtifactError(f"{model_dir / name}: sha256 {found} differs from "
                                 f"{info.sha256.get(name)} recorded in {INFO_FILE} (changed "
@@ -180,8 +204,7 @@ def member_networks(folder: ModelFolder) -> list[nn.Module]:
     expected = f"{folder.params.arch}/{folder.params.encoder}"
     members = []
     for name in folder.info.members:
-        model = getattr(smp, folder.config["_model_class"])(**(config | {
-            "encoder_weights": None}))
+        model = _build(folder, config)
         try:
             state = load_file(folder.path / name, device="cpu")
         except (SafetensorError, OSError) as err:
@@ -190,6 +213,17 @@ def member_networks(folder: ModelFolder) -> list[nn.Module]:
         load_weights(model, state, folder.path / name, expected)
         members.append(model)
     return members
+
+
+def _build(folder: ModelFolder, config: dict[str, Any]) -> nn.Module:
+    """smp's architecture built from the folder's config, never fetching weights."""
+    try:
+        return getattr(smp, folder.config["_model_class"])(**(config | {
+            "encoder_weights": None}))
+    except Exception as err:  # smp's own checks of an untrusted config, whatever they raise
+        raise ArtifactError(f"{folder.path / CONFIG_FILE}: smp cannot build "
+                            f"{folder.config['_model_class']} from it ({type(err).__name__}: "
+                            f"{str(err)[:120]})") from None
 
 
 def networks_from_model_dir(model_dir: str | Path,

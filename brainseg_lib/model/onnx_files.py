@@ -19,6 +19,7 @@ from brainseg_lib.config import Params
 from brainseg_lib.io import file_sha256
 from brainseg_lib.model.checkpoint import ArtifactError
 from brainseg_lib.model.folder import (
+    CONFIG_FILE,
     WEIGHTS_FILE,
     ModelInfo,
     member_networks,
@@ -121,8 +122,9 @@ def add_onnx(model_dir: str | Path, name: str = "", int8: bool = False) -> dict[
     stale = int8_names(info.members)  # made from the ONNX files just replaced
     for file in stale:
         (folder.path / file).unlink(missing_ok=True)
-    # an older folder gets its weights' hashes too: they just loaded, finite and whole
-    info.sha256 = {m: file_sha256(folder.path / m) for m in info.members} | {
+    # an older folder gets its weights' and config's hashes too: they just loaded, finite,
+    # whole and matching the record
+    info.sha256 = {m: file_sha256(folder.path / m) for m in [*info.members, CONFIG_FILE]} | {
         k: v for k, v in (info.sha256 or {}).items() if k not in stale} | {
         f: file_sha256(folder.path / f) for f in files}
     info.onnx = {
@@ -181,7 +183,8 @@ def verified_onnx(model_dir: str | Path, int8: bool = False) -> list[Path] | Non
         return None
     if record and int8:
         record = record.get("int8")
-    if not record or not all((model_dir / f).is_file() for f in record["files"]):
+    if not record or not all((model_dir / f).is_file() and not (model_dir / f).is_symlink()
+                             for f in record["files"]):
         return None
     return [model_dir / f for f in record["files"]]
 

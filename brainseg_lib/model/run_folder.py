@@ -11,6 +11,7 @@ from brainseg_lib.config import IDENTITY_KEYS, Params, save_params
 from brainseg_lib.io import atomic_write_json, file_sha256
 from brainseg_lib.model.checkpoint import ArtifactError, save_checkpoint
 from brainseg_lib.model.folder import ModelFolder, ModelInfo, member_networks, open_model_folder
+from brainseg_lib.model.schema import file_in
 from brainseg_lib.rundir import (
     BEST_CHECKPOINT,
     ENV_FILE,
@@ -83,7 +84,7 @@ def run_folder_from_model(model_dir: str | Path, run_dir: Path,
         _refuse_other_params(model_dir, expected, params)
     # the recorded hash names the weights; it is verified below before anything is written
     weights_sha256 = (info.sha256 or {}).get(info.members[0]) or file_sha256(
-        model_dir / info.members[0])
+        file_in(model_dir, info.members[0]))
     if _laid_out_from(run_dir, weights_sha256):
         return run_dir
     _write_run_files(open_model_folder(model_dir), run_dir)
