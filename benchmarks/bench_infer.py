@@ -40,7 +40,7 @@ from brainseg_lib.data.locate import find_real_dataset
 from brainseg_lib.inference.predictor import LoadedModel, load_model, predict_logits
 from brainseg_lib.model.checkpoint import ArtifactError
 from brainseg_lib.model.onnx_export import OnnxMember, torch_threads
-from brainseg_lib.model.package import add_onnx, verified_onnx
+from brainseg_lib.model.onnx_files import add_onnx, verified_onnx
 
 
 class OpenVinoMember:

@@ -97,7 +97,8 @@ def _train(args: argparse.Namespace) -> int:
 
 def _evaluate(args: argparse.Namespace) -> int:
     from brainseg_lib.evaluation.evaluate import evaluate_run
-    from brainseg_lib.model.package import is_model_dir, materialise
+    from brainseg_lib.model.folder import is_model_dir
+    from brainseg_lib.model.run_folder import run_folder_from_model
 
     target = Path(args.model or args.run_dir or "")
     if not args.model and not args.run_dir:
@@ -112,12 +113,12 @@ def _evaluate(args: argparse.Namespace) -> int:
     if args.record and (not model_dir or args.split != "test"):  # before minutes of work
         raise ParamsError("--record needs --model DIR and the test split")
     if model_dir:  # a shipped model: laid out as a run under runs_dir (the project's runs/)
-        target = materialise(target, runs_dir / f"model-{target.resolve().name}")
+        target = run_folder_from_model(target, runs_dir / f"model-{target.resolve().name}")
     metrics = evaluate_run(target, args.split, args.device, settings=settings,
                            backend=args.backend)
     print(f"wrote {eval_dir(target, args.split)}")
     if args.record:
-        from brainseg_lib.model.package import record_metrics
+        from brainseg_lib.model.folder import record_metrics
 
         record_metrics(model_dir, metrics)
         print(f"recorded the test metrics in {model_dir / 'README.md'}")
@@ -138,7 +139,10 @@ def _predict(args: argparse.Namespace) -> int:
 
 
 def _export(args: argparse.Namespace) -> int:
-    from brainseg_lib.model.package import add_onnx, export_model, is_model_dir
+    from brainseg_lib.model.card import DataCredit
+    from brainseg_lib.model.export import export_model
+    from brainseg_lib.model.folder import is_model_dir
+    from brainseg_lib.model.onnx_files import add_onnx
 
     if args.int8 and not args.onnx:
         raise ParamsError("export: --int8 needs --onnx (it quantises the verified model.onnx)")
@@ -150,9 +154,9 @@ def _export(args: argparse.Namespace) -> int:
     else:
         if not args.out:
             raise ParamsError("export: give --out MODEL_DIR")
+        given = DataCredit(args.dataset_name, args.dataset_licence)  # both needed off Kaggle
         out = export_model([Path(r) for r in args.run_dirs], Path(args.out),
-                           fp16=not args.fp32, dataset_name=args.dataset_name, onnx=args.onnx,
-                           int8=args.int8)
+                           fp16=not args.fp32, given=given, onnx=args.onnx, int8=args.int8)
         size = sum(f.stat().st_size for f in out.iterdir()) / 2**20
         print(f"exported {len(args.run_dirs)} run(s) to {out} ({size:.1f} MiB)")
         _track_export([Path(r) for r in args.run_dirs], out)
@@ -338,8 +342,11 @@ def _add_export_parser(sub: argparse._SubParsersAction) -> None:
     export.add_argument("--fp32", action="store_true",
                         help="keep float32 weights (default fp16)")
     export.add_argument("--dataset-name", default="",
-                        help="the training data's name for the model card (default: this "
-                        "project's dataset)")
+                        help="the training data's name for the model card; needed (with "
+                        "--dataset-licence) unless the runs trained on the Kaggle dataset")
+    export.add_argument("--dataset-licence", default="",
+                        help="the training data's licence, e.g. 'CC BY 4.0' or 'unknown' "
+                        "(the Kaggle dataset's is known: CC BY 4.0)")
     export.set_defaults(func=_export)
 
 

@@ -18,7 +18,8 @@ from brainseg_lib.evaluation.result import Evaluation, Setting
 from brainseg_lib.inference.predictor import load_model
 from brainseg_lib.metrics.functional import ConfusionCounts, hd95, per_image_dice, per_image_iou
 from brainseg_lib.metrics.lesion import image_lesions, label_components
-from brainseg_lib.model.package import export_model, record_metrics
+from brainseg_lib.model.export import export_model
+from brainseg_lib.model.folder import record_metrics
 from brainseg_lib.reporting.notebook import calibration_table, group_table, lesion_wise_table
 from brainseg_lib.training.loop import train
 from conftest import ROOT, tiny_params

@@ -8,7 +8,7 @@ import torch
 
 from brainseg_lib.cli import main
 from brainseg_lib.inference.predictor import load_model
-from brainseg_lib.model.package import export_model
+from brainseg_lib.model.export import export_model
 from brainseg_lib.training.distributed import DistContext
 from brainseg_lib.training.loop import TrainingSession, train
 from brainseg_lib.training.trainer import validate
@@ -39,7 +39,28 @@ def test_a_parent_of_another_encoder_fails_before_training(parent, tmp_path, syn
     assert "the parent is Unet/resnet18" in err[0] and "this run is Unet/resnet34" in err[0]
     assert str(run) in err[0]
     assert "epoch" not in out.out  # nothing trained
-    assert not list((tmp_path / "runs").glob("*/*.pt"))
+    assert not (tmp_path / "runs" / "child").exists()  # not even an empty run folder
+
+
+@pytest.mark.parametrize("change, theirs, ours", [
+    (["image_size=96"], "image_size 64", "image_size 96"),
+    (["normalize_mean=[0.5,0.5,0.5]", "normalize_std=[0.25,0.25,0.25]"],
+     "mean [0.485, 0.456, 0.406] std [0.229, 0.224, 0.225]",
+     "mean [0.5, 0.5, 0.5] std [0.25, 0.25, 0.25]"),
+])
+def test_a_parent_fed_other_input_is_refused_leaving_no_run_folder(parent, tmp_path,
+                                                                   synthetic_root, capsys,
+                                                                   change, theirs, ours):
+    _, folder = parent
+    sets = [f"data_dir={synthetic_root}", "synthetic=false", "image_size=64",
+            f"runs_dir={tmp_path / 'runs'}", f"cache_dir={tmp_path / 'cache'}",
+            "encoder=resnet18", f"init_from={folder}", *change]
+    code = main(["train", "--params", str(ROOT / "params" / "smoke.yaml"), "--no-progress",
+                 "--run-id", "child", *[a for s in sets for a in ("--set", s)]])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1, err
+    assert str(folder) in err[0] and theirs in err[0] and ours in err[0]
+    assert not (tmp_path / "runs" / "child").exists()
 
 
 @pytest.mark.parametrize("which", ["model folder", "run directory"])

@@ -17,7 +17,8 @@ from brainseg_lib.inference.predictor import load_model
 from brainseg_lib.metrics.functional import ConfusionCounts, summarise
 from brainseg_lib.metrics.lesion import image_lesions, lesion_table, summarise_lesions
 from brainseg_lib.model.checkpoint import ArtifactError
-from brainseg_lib.model.package import export_model, materialise
+from brainseg_lib.model.export import export_model
+from brainseg_lib.model.run_folder import run_folder_from_model
 from brainseg_lib.training.loop import train
 from conftest import ROOT, tiny_params
 
@@ -81,8 +82,8 @@ def test_a_model_reused_with_another_training_key_is_refused_naming_it(finished_
                                                                        key, value):
     params, run_dir = finished_run
     model_dir = export_model([run_dir], tmp_path / "model")
-    assert materialise(model_dir, tmp_path / "runs" / "same", expected=params).is_dir()
+    assert run_folder_from_model(model_dir, tmp_path / "runs" / "same", expected=params).is_dir()
     assert getattr(params, key) != value
     other = params_from_dict(params.to_dict() | {key: value}, "test")
     with pytest.raises(ArtifactError, match=key):
-        materialise(model_dir, tmp_path / "runs" / "other", expected=other)
+        run_folder_from_model(model_dir, tmp_path / "runs" / "other", expected=other)

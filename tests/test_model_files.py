@@ -15,7 +15,9 @@ from PIL import Image
 from brainseg_lib.cli import main
 from brainseg_lib.inference.predictor import load_model, predict_logits
 from brainseg_lib.model.checkpoint import ArtifactError, read_checkpoint, save_checkpoint
-from brainseg_lib.model.package import export_model, materialise, networks_from_model_dir
+from brainseg_lib.model.export import export_model
+from brainseg_lib.model.folder import networks_from_model_dir
+from brainseg_lib.model.run_folder import run_folder_from_model
 from conftest import tiny_params
 
 
@@ -98,9 +100,10 @@ def test_export_roundtrip_smp_format_and_model_card(trained_run, tmp_path):
     assert {p.name for p in out.iterdir()} >= {"config.json", "model.safetensors",
                                               "brainseg.json", "README.md"}
     card = (out / "README.md").read_text()
-    for needed in ("not a medical device", "CC BY 4.0", "annotations sha256", "Intended use",
-                   "epochs on"):
+    for needed in ("not a medical device", "licence unknown", "annotations sha256",
+                   "Intended use", "epochs on"):
         assert needed in card
+    assert "Kaggle" not in card  # trained on the synthetic set, not the Kaggle dataset
     # smp itself reads it (fp16 weights), and so do we, offline and fast
     by_smp = smp.from_pretrained(str(out))
     members, params, info = networks_from_model_dir(out)
@@ -129,7 +132,7 @@ def test_predict_and_evaluate_with_a_model_folder(trained_run, tmp_path, synthet
 
 @pytest.mark.parametrize("damage, message", [
     (lambda d: (d / "model.safetensors").unlink(), "weights missing"),
-    (lambda d: (d / "config.json").write_text('{"model_type": "bert"}'), "another library"),
+    (lambda d: (d / "config.json").write_text('{"model_type": "bert"}'), "config.json: sha256"),
     (lambda d: (d / "model.safetensors").write_bytes(b"\0" * 100), "differs from"),
     (lambda d: shutil.rmtree(d), "not found"),
 ])
@@ -148,16 +151,16 @@ def test_broken_model_folders_are_one_line_errors(trained_run, tmp_path, capsys,
     assert not (tmp_path / "out").exists()
 
 
-def test_materialise_refuses_other_training_parameters(trained_run, tmp_path):
+def test_a_run_folder_from_a_model_refuses_other_training_parameters(trained_run, tmp_path):
     model_dir = export_model([trained_run], tmp_path / "m")
     params = json.loads((model_dir / "brainseg.json").read_text())["params"]
     from brainseg_lib.config import params_from_dict
 
     same = params_from_dict(params)
-    run = materialise(model_dir, tmp_path / "runs" / "r", expected=same)
+    run = run_folder_from_model(model_dir, tmp_path / "runs" / "r", expected=same)
     assert (run / "best.pt").exists() and (run / "train.json").exists()
     with pytest.raises(ArtifactError, match="lr: given 0.5"):
-        materialise(model_dir, tmp_path / "runs" / "r2",
+        run_folder_from_model(model_dir, tmp_path / "runs" / "r2",
                     expected=params_from_dict(params | {"lr": 0.5}))
 
 

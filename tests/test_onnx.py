@@ -13,7 +13,9 @@ from brainseg_lib.cli import main
 from brainseg_lib.inference.predictor import load_model, predict_images
 from brainseg_lib.model import onnx_export
 from brainseg_lib.model.checkpoint import ArtifactError
-from brainseg_lib.model.package import add_onnx, export_model, networks_from_model_dir
+from brainseg_lib.model.export import export_model
+from brainseg_lib.model.folder import networks_from_model_dir
+from brainseg_lib.model.onnx_files import add_onnx
 from conftest import tiny_params
 
 
@@ -44,7 +46,7 @@ def test_export_writes_a_verified_onnx_file(onnx_model):
     assert record["files"] == ["model.onnx"] and (onnx_model / "model.onnx").is_file()
     assert record["mask_agreement"] >= 0.999 and record["max_abs_prob_diff"] <= 1e-3
     assert "real validation images at 64 px and 2 at 32 px" in record["verified_on"]
-    assert set(info["sha256"]) == {"model.safetensors", "model.onnx"}
+    assert set(info["sha256"]) == {"model.safetensors", "config.json", "model.onnx"}
     assert "## ONNX" in (onnx_model / "README.md").read_text()
 
 
@@ -144,7 +146,7 @@ def test_an_older_folder_without_hashes_loads_with_a_warning(trained, tmp_path):
     with pytest.warns(UserWarning):
         add_onnx(model_dir)  # records the hashes it lacked
     assert set(json.loads((model_dir / "brainseg.json").read_text())["sha256"]) == {
-        "model.safetensors", "model.onnx"}
+        "model.safetensors", "config.json", "model.onnx"}
     _nan_in_one_convolution(model_dir / "model.safetensors")
     with pytest.raises(ArtifactError, match="differs from"):
         networks_from_model_dir(model_dir)
@@ -183,7 +185,8 @@ def test_int8_export_is_verified_recorded_and_used_by_name(trained, tmp_path, sy
     assert q["bounds"]["min_mask_agreement"] == 0.95
     assert 0.95 <= q["mask_agreement"] < 1 and 0 < q["max_abs_prob_diff"] <= 0.25
     assert "validation images 0–5 at 64 px" in q["calibrated_on"]  # all 6 (no more than 32)
-    assert set(info["sha256"]) == {"model.safetensors", "model.onnx", "model.int8.onnx"}
+    assert set(info["sha256"]) == {"model.safetensors", "config.json", "model.onnx",
+                                   "model.int8.onnx"}
     assert "--backend onnxruntime-int8" in (model_dir / "README.md").read_text()
     assert load_model(model_dir, "cpu", "auto").backend == "onnxruntime"  # int8 by name only
     by_int8 = load_model(model_dir, "cpu", "onnxruntime-int8")

@@ -92,7 +92,8 @@ def test_a_tracked_run_logs_params_epochs_figures_and_artifacts(tmp_path, synthe
                          eval_original_size=False, run_id="tracked", tracking_uri=uri)
     run_dir = train(params, progress=False).run_dir
     evaluate_run(run_dir, "test", verbose=False)
-    assert main(["export", str(run_dir), "--out", str(tmp_path / "model"), "--fp32"]) == 0
+    assert main(["export", str(run_dir), "--out", str(tmp_path / "model"), "--fp32",
+                 "--dataset-name", "synthetic", "--dataset-licence", "unknown"]) == 0
     report = tmp_path / "report"
     report.mkdir()
     (report / "02_train.html").write_text("<html>report</html>")

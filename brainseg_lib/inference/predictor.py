@@ -26,13 +26,9 @@ from brainseg_lib.config import Params
 from brainseg_lib.data.arrays import resize_image
 from brainseg_lib.model.checkpoint import ArtifactError, network_from_checkpoint
 from brainseg_lib.model.device import autocast_dtype, select_device
+from brainseg_lib.model.folder import is_model_dir, networks_from_model_dir
 from brainseg_lib.model.network import Normalizer
-from brainseg_lib.model.package import (
-    is_model_dir,
-    networks_from_model_dir,
-    onnx_members_from_model_dir,
-    verified_onnx,
-)
+from brainseg_lib.model.onnx_files import onnx_members_from_model_dir, verified_onnx
 from brainseg_lib.rundir import BEST_CHECKPOINT, SOURCE_MODEL_FILE
 
 Backend = Literal["auto", "torch", "onnxruntime", "onnxruntime-int8"]

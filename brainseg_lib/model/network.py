@@ -20,6 +20,10 @@ from torch import nn
 from brainseg_lib.errors import BrainsegError
 
 HUB_HOST = "huggingface.co"
+# smp's architectures (its model classes): the only names a model folder may ask it to build
+SMP_ARCHITECTURES = frozenset(
+    name for name in smp.__all__
+    if isinstance(getattr(smp, name), type) and issubclass(getattr(smp, name), nn.Module))
 
 
 class PretrainedWeightsError(BrainsegError, RuntimeError):

@@ -23,6 +23,7 @@ import torch
 from torch import nn
 
 from brainseg_lib.io import atomic_write
+from brainseg_lib.model.checkpoint import ArtifactError
 
 INPUT_NAME, OUTPUT_NAME = "images", "logits"
 # a verified export must give the same masks as torch on >= this fraction of pixels, and
@@ -82,13 +83,42 @@ class OnnxMember:
         if threads:
             options.intra_op_num_threads = threads
         self.path = Path(path)
-        self.session = ort.InferenceSession(str(path), options,
-                                            providers=["CPUExecutionProvider"])
+        try:
+            self.session = ort.InferenceSession(str(path), options,
+                                                providers=["CPUExecutionProvider"])
+        except Exception as err:  # onnxruntime's own exception types, per failure
+            raise ArtifactError(f"{path}: not a readable ONNX file ({type(err).__name__}: "
+                                f"{str(err).strip()[:120]})") from None
+        self.channels = self._check_signature()
+
+    def _check_signature(self) -> int | str:
+        """The input's channel count, after checking the graph takes what the predictor
+        feeds (one float ``images`` batch (B,C,H,W)) and gives what it reads (``logits``
+        (B,1,H,W)); an ArtifactError naming the file otherwise."""
+        inputs, outputs = self.session.get_inputs(), self.session.get_outputs()
+        found = (f"inputs {[(i.name, i.type, i.shape) for i in inputs]}, outputs "
+                 f"{[(o.name, o.type, o.shape) for o in outputs]}")
+        out = next((o for o in outputs if o.name == OUTPUT_NAME), None)
+        if (len(inputs) != 1 or inputs[0].name != INPUT_NAME or out is None
+                or inputs[0].type != "tensor(float)" or out.type != "tensor(float)"
+                or len(inputs[0].shape) != 4 or len(out.shape) != 4
+                or out.shape[1] not in (1, None) and not isinstance(out.shape[1], str)):
+            raise ArtifactError(f"{self.path}: not the graph brainseg feeds: expected input "
+                                f"'{INPUT_NAME}' float (B,C,H,W) and output '{OUTPUT_NAME}' "
+                                f"float (B,1,H,W); found {found}"[:400])
+        return inputs[0].shape[1]
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        if isinstance(self.channels, int) and x.shape[1] != self.channels:
+            raise ArtifactError(f"{self.path}: takes {self.channels} input channel(s); the "
+                                f"model's parameters feed {x.shape[1]}")
         batch = np.ascontiguousarray(x.detach().cpu().numpy(), dtype=np.float32)
         with torch_threads(1):
             out = self.session.run([OUTPUT_NAME], {INPUT_NAME: batch})[0]
+        if out.shape != (x.shape[0], 1, *x.shape[2:]):
+            raise ArtifactError(f"{self.path}: gave logits of shape {tuple(out.shape)} for a "
+                                f"batch of shape {tuple(x.shape)}; expected "
+                                f"{(x.shape[0], 1, *x.shape[2:])}")
         return torch.from_numpy(out)
 
 

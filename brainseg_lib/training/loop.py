@@ -90,9 +90,10 @@ def reuse_trained_run(params: Params) -> TrainResult | None:
         return None
     run = RunDir(target_run_dir(params))
     if params.report_model:
-        from brainseg_lib.model.package import materialise
+        from brainseg_lib.model.run_folder import run_folder_from_model
 
-        materialise(params.resolve_path(params.report_model), run.path, expected=params)
+        run_folder_from_model(params.resolve_path(params.report_model), run.path,
+                              expected=params)
     record = run.train_record()
     if record is None:
         return None
@@ -161,12 +162,13 @@ class TrainingSession:
     def open(cls, params: Params, ctx: DistContext,
              overrides: dict[str, Any]) -> TrainingSession:
         """Set up the run directory, data, network, trainer and early stopping."""
+        # the parent is checked before the run folder exists: a refusal leaves none behind
+        parent = None if params.resume else _parent(params, ctx)
         params, run_dir, start_state = _open_run_dir(params, ctx, overrides)
         if params.num_threads:
             torch.set_num_threads(params.num_threads)
         seed_everything(params.seed, params.deterministic)
         device = device_for(ctx, select_device(params.device))
-        parent = None if start_state else _parent(params, ctx)  # before minutes of loading
         source, data = load_training_data(params)
         model, provenance = create_model(params.arch, params.encoder,
                                          "none" if parent else params.encoder_weights,
@@ -343,7 +345,7 @@ class TrainingSession:
 def _parent(params: Params, ctx: DistContext) -> tuple[dict[str, Any], dict[str, Any]] | None:
     """The weights and record of the model ``init_from`` names, its network checked against
     this run's; None without ``init_from``."""
-    from brainseg_lib.model.package import parent_weights
+    from brainseg_lib.model.parent import parent_weights
 
     if params.freeze_encoder_epochs and ctx.enabled:
         raise ValueError("freeze_encoder_epochs: not under torchrun (DistributedDataParallel "
