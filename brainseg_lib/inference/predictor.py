@@ -25,8 +25,8 @@ from torch import nn
 from brainseg_lib.config import Params
 from brainseg_lib.data.arrays import resize_image
 from brainseg_lib.model.checkpoint import ArtifactError, network_from_checkpoint
-from brainseg_lib.model.device import autocast_dtype, select_device
-from brainseg_lib.model.network import Normalizer
+from brainseg_lib.model.device import FP32, Precision, resolve_precision, select_device
+from brainseg_lib.model.forward import ForwardPass, place_model
 from brainseg_lib.model.package import (
     is_model_dir,
     networks_from_model_dir,
@@ -53,25 +53,25 @@ class LoadedModel:
     epoch: int
     source: str = ""  # where the weights came from, for reports
     backend: str = "torch"
+    precision: Precision | None = None  # None: resolved from params (no probe) when first used
 
     @property
     def model(self) -> nn.Module:
         return self.members[0]
 
     @cached_property
-    def normalizer(self) -> Normalizer:
-        """The input normalisation, its constants made once on the model's device."""
-        return Normalizer(self.params.normalize_mean, self.params.normalize_std, self.device)
+    def forward_pass(self) -> ForwardPass:
+        """How a batch becomes logits here; an ONNX engine takes fp32, contiguous input."""
+        if self.backend != "torch":
+            return ForwardPass.build(self.params, self.device, self.precision or FP32, False)
+        precision = self.precision or resolve_precision(self.params, self.device)
+        return ForwardPass.build(self.params, self.device, precision)
 
 
 def _to_device(models: list[nn.Module], params: Params, device: str) -> tuple[
         list[nn.Module], torch.device]:
     dev = select_device(device if device != "auto" else params.device)
-    out = []
-    for m in models:
-        m = m.to(dev).eval()
-        out.append(m.to(memory_format=torch.channels_last) if params.channels_last else m)
-    return out, dev
+    return [place_model(m, dev, params.channels_last).eval() for m in models], dev
 
 
 def _onnx_folder(path: Path) -> Path | None:
@@ -145,17 +145,6 @@ def load_model(path: str | Path, device: str = "auto", backend: Backend = "torch
     return LoadedModel(members, params, dev, epoch, str(path))
 
 
-def _model_input(loaded: LoadedModel, images_u8: torch.Tensor,
-                 ) -> tuple[torch.Tensor, torch.dtype | None]:
-    """A uint8 batch as the model takes it (on its device, normalised, its memory format)
-    and the autocast dtype to run it in."""
-    p = loaded.params
-    x = loaded.normalizer(images_u8.to(loaded.device))
-    if p.channels_last and loaded.backend == "torch":
-        x = x.contiguous(memory_format=torch.channels_last)
-    return x, autocast_dtype(p, loaded.device)
-
-
 @torch.inference_mode()
 def predict_both(loaded: LoadedModel, images_u8: torch.Tensor,
                  ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -165,13 +154,13 @@ def predict_both(loaded: LoadedModel, images_u8: torch.Tensor,
     TTA averages the logits of the image and its mirror inside each member; an ensemble
     averages its members' probabilities (returned as the logit of the mean).
     """
-    x, dtype = _model_input(loaded, images_u8)
+    run = loaded.forward_pass
+    x = run.prepare(images_u8)
     plain, tta = [], []
-    with torch.autocast(loaded.device.type, dtype=dtype, enabled=dtype is not None):
-        for model in loaded.members:
-            logits = model(x).float()
-            plain.append(logits)
-            tta.append((logits + model(x.flip(-1)).float().flip(-1)) / 2)
+    for model in loaded.members:
+        logits = run.logits(model, x)
+        plain.append(logits)
+        tta.append((logits + run.logits(model, x.flip(-1)).flip(-1)) / 2)
     return _combine(plain), _combine(tta)
 
 
@@ -181,9 +170,9 @@ def predict_logits(loaded: LoadedModel, images_u8: torch.Tensor, tta: bool = Fal
     """Logits (B,1,H,W) in float32 for a uint8 batch (B,3,H,W); see :func:`predict_both`."""
     if tta:
         return predict_both(loaded, images_u8)[1]
-    x, dtype = _model_input(loaded, images_u8)
-    with torch.autocast(loaded.device.type, dtype=dtype, enabled=dtype is not None):
-        return _combine([model(x).float() for model in loaded.members])
+    run = loaded.forward_pass
+    x = run.prepare(images_u8)
+    return _combine([run.logits(model, x) for model in loaded.members])
 
 
 def _combine(member_logits: list[torch.Tensor]) -> torch.Tensor:

@@ -23,9 +23,10 @@ from torch import nn
 
 from brainseg_lib.config import Params
 from brainseg_lib.errors import BrainsegError
+from brainseg_lib.inference.predictor import LoadedModel, predict_logits
 from brainseg_lib.metrics.functional import ConfusionCounts, pooled_dice, pooled_iou
-from brainseg_lib.model.device import autocast_dtype
-from brainseg_lib.model.network import Normalizer
+from brainseg_lib.model.device import Precision, resolve_precision
+from brainseg_lib.model.forward import ForwardPass, place_model
 from brainseg_lib.training.augment import BatchAugment, PatchSampler
 from brainseg_lib.training.batches import ResidentBatches, StreamedBatches
 from brainseg_lib.training.distributed import DistContext, wrap
@@ -137,22 +138,20 @@ def build_optimizer(params: Params, model: nn.Module, device: torch.device,
 
 @torch.no_grad()
 def validate(model: nn.Module, batches: ResidentBatches | StreamedBatches, loss_fn: nn.Module,
-             params: Params, device: torch.device) -> dict[str, float]:
+             params: Params, device: torch.device, precision: Precision | None = None,
+             ) -> dict[str, float]:
     """Mean loss per image (the loss of each image on its own, as at test time) and pooled
-    IoU/Dice at threshold ``params.threshold``."""
+    IoU/Dice at threshold ``params.threshold``, in fp32.
+
+    The logits come from the predictor (as nnU-Net validates through its predictor), so
+    validation scores exactly what inference will compute, in the training's precision."""
     model.eval()
-    dtype = autocast_dtype(params, device)
-    norm = Normalizer(params.normalize_mean, params.normalize_std, device)
+    loaded = LoadedModel([model], params, device, 0, "validation", precision=precision)
     total = torch.zeros((), device=device)
     counts = []
     for images, masks in batches:
-        x = norm(images)
-        if params.channels_last:
-            x = x.contiguous(memory_format=torch.channels_last)
+        logits = predict_logits(loaded, images)
         y = masks.float()
-        with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
-            logits = model(x)
-        logits = logits.float()
         total += per_image_loss(loss_fn, logits, y).sum()
         counts.append(ConfusionCounts.from_masks(torch.sigmoid(logits) >= params.threshold, y))
     stats = ConfusionCounts.concat(counts)
@@ -192,10 +191,10 @@ class Trainer:
 
         self.params, self.device = params, device
         self.ctx = ctx or DistContext()
-        self.dtype = autocast_dtype(params, device)
-        self.model = model.to(device)
-        if params.channels_last:
-            self.model = self.model.to(memory_format=torch.channels_last)
+        self.model = place_model(model, device, params.channels_last)
+        self.loss_fn = build_loss(params.loss)
+        self.precision = resolve_precision(params, device)
+        self.forward_pass = ForwardPass.build(params, device, self.precision)
         # EMA of the plain (uncompiled) module, buffers included (BatchNorm statistics)
         self.ema = AveragedModel(self.model, multi_avg_fn=get_ema_multi_avg_fn(
             params.ema_decay), use_buffers=True) if params.ema else None
@@ -203,14 +202,12 @@ class Trainer:
         self.wrapped = wrap(self.model, self.ctx, device)  # DDP under torchrun
         self.forward = torch.compile(self.wrapped) if self.compiled else self.wrapped
         self.compile_seconds = 0.0
-        self.loss_fn = build_loss(params.loss)
         self.optimizer = build_optimizer(params, self.model, device)
         self.schedule = Schedule(params, steps_per_epoch)
-        self.scaler = torch.amp.GradScaler(enabled=self.dtype == torch.float16)
+        self.scaler = torch.amp.GradScaler(enabled=self.precision.autocast == torch.float16)
         self.augment = BatchAugment(params) if params.augment else None
         self.patches = PatchSampler(params.crop_size, params.fg_oversample) \
             if params.crop_size and params.crop_size < params.image_size else None
-        self.normalize = Normalizer(params.normalize_mean, params.normalize_std, device)
 
     @property
     def eval_model(self) -> nn.Module:
@@ -247,12 +244,8 @@ class Trainer:
         x, y = images.float() / 255.0, masks.float()
         if self.augment:
             x, y = self.augment(x, y, aug_gen)
-        x = self.normalize(x)
-        if p.channels_last:
-            x = x.contiguous(memory_format=torch.channels_last)
-        with torch.autocast(self.device.type, dtype=self.dtype, enabled=self.dtype is not None):
-            logits = self.forward(x)
-        loss = self.loss_fn(logits.float(), y)
+        logits = self.forward_pass.logits(self.forward, self.forward_pass.prepare(x))
+        loss = self.loss_fn(logits, y)
         self.optimizer.zero_grad(set_to_none=True)
         self.scaler.scale(loss).backward()
         if p.grad_clip:
