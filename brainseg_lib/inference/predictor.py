@@ -25,7 +25,15 @@ from torch import nn
 from brainseg_lib.config import Params
 from brainseg_lib.data.arrays import resize_image
 from brainseg_lib.model.checkpoint import ArtifactError, network_from_checkpoint
-from brainseg_lib.model.device import FP32, Precision, resolve_precision, select_device
+from brainseg_lib.model.device import (
+    FP32,
+    PROBE_BATCH,
+    Precision,
+    Probe,
+    resolve_precision,
+    select_device,
+    time_precisions,
+)
 from brainseg_lib.model.forward import ForwardPass, place_model
 from brainseg_lib.model.package import (
     is_model_dir,
@@ -113,7 +121,9 @@ def _load_onnx(path: Path, device: str, backend: str) -> LoadedModel:
     files, params, info = onnx_members_from_model_dir(folder, backend == "onnxruntime-int8")
     members = [OnnxMember(f, params.num_threads) for f in files]
     epoch = int((info.get("checkpoint_epochs") or [0])[0])
-    return LoadedModel(members, params, torch.device("cpu"), epoch, str(folder), backend)
+    graph = "int8" if backend == "onnxruntime-int8" else "fp32"
+    return LoadedModel(members, params, torch.device("cpu"), epoch, str(folder), backend,
+                       Precision(None, f"{backend}: the verified {graph} ONNX graph"))
 
 
 def load_model(path: str | Path, device: str = "auto", backend: Backend = "torch",
@@ -142,7 +152,25 @@ def load_model(path: str | Path, device: str = "auto", backend: Backend = "torch
         model, params, state = network_from_checkpoint(path)
         models, epoch = [model], int(state.get("epoch", 0))
     members, dev = _to_device(models, params, device)
-    return LoadedModel(members, params, dev, epoch, str(path))
+    precision = resolve_precision(params, dev, inference_probe(members[0], params, dev))
+    return LoadedModel(members, params, dev, epoch, str(path), precision=precision)
+
+
+def inference_probe(model: nn.Module, params: Params, device: torch.device) -> Probe:
+    """Seconds per forward pass in fp32 and bf16 of the network (in eval mode, so nothing in
+    it changes) on ``PROBE_BATCH`` images at its input size."""
+    def measure() -> dict[str, float]:
+        images = torch.rand(PROBE_BATCH, params.in_channels, params.image_size,
+                            params.image_size, generator=torch.Generator().manual_seed(0))
+        x = ForwardPass.build(params, device, FP32).prepare(images)
+
+        def step(dtype: torch.dtype | None) -> None:
+            with torch.inference_mode(), Precision(dtype).context(device):
+                model(x)
+
+        return time_precisions(step)
+
+    return measure
 
 
 @torch.inference_mode()

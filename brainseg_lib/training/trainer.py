@@ -10,6 +10,7 @@ DistributedDataParallel (:mod:`.distributed`).
 
 from __future__ import annotations
 
+import copy
 import math
 import random
 import sys
@@ -25,11 +26,18 @@ from brainseg_lib.config import Params
 from brainseg_lib.errors import BrainsegError
 from brainseg_lib.inference.predictor import LoadedModel, predict_logits
 from brainseg_lib.metrics.functional import ConfusionCounts, pooled_dice, pooled_iou
-from brainseg_lib.model.device import Precision, resolve_precision
+from brainseg_lib.model.device import (
+    FP32,
+    PROBE_BATCH,
+    Precision,
+    Probe,
+    resolve_precision,
+    time_precisions,
+)
 from brainseg_lib.model.forward import ForwardPass, place_model
 from brainseg_lib.training.augment import BatchAugment, PatchSampler
 from brainseg_lib.training.batches import ResidentBatches, StreamedBatches
-from brainseg_lib.training.distributed import DistContext, wrap
+from brainseg_lib.training.distributed import DistContext, from_main, wrap
 from brainseg_lib.training.losses import build_loss, per_image_loss
 
 
@@ -159,6 +167,30 @@ def validate(model: nn.Module, batches: ResidentBatches | StreamedBatches, loss_
             "val_dice": pooled_dice(stats)}
 
 
+def training_probe(model: nn.Module, params: Params, device: torch.device,
+                   loss_fn: nn.Module) -> Probe:
+    """Seconds per forward + backward step in fp32 and bf16 of a copy of the network (its
+    weights, BatchNorm statistics and the random generators untouched) on a batch of the
+    training's shape (patches where it trains on patches), at most ``PROBE_BATCH`` images."""
+    def measure() -> dict[str, float]:
+        net = copy.deepcopy(model).train()
+        size = params.crop_size if 0 < params.crop_size < params.image_size else params.image_size
+        images = torch.rand(min(params.batch_size, PROBE_BATCH), params.in_channels, size, size,
+                            generator=torch.Generator().manual_seed(0))
+        x = ForwardPass.build(params, device, FP32).prepare(images)
+        y = (images[:, :1] > 0.9).float().to(device)
+
+        def step(dtype: torch.dtype | None) -> None:
+            with Precision(dtype).context(device):
+                logits = net(x)
+            loss_fn(logits.float(), y).backward()
+            net.zero_grad(set_to_none=True)
+
+        return time_precisions(step)
+
+    return measure
+
+
 def _progress(iterable: Any, total: int, desc: str, enabled: bool) -> Any:
     if not enabled:
         return iterable
@@ -193,7 +225,8 @@ class Trainer:
         self.ctx = ctx or DistContext()
         self.model = place_model(model, device, params.channels_last)
         self.loss_fn = build_loss(params.loss)
-        self.precision = resolve_precision(params, device)
+        self.precision = from_main(self.ctx, resolve_precision(  # one choice for all ranks
+            params, device, training_probe(self.model, params, device, self.loss_fn)))
         self.forward_pass = ForwardPass.build(params, device, self.precision)
         # EMA of the plain (uncompiled) module, buffers included (BatchNorm statistics)
         self.ema = AveragedModel(self.model, multi_avg_fn=get_ema_multi_avg_fn(
