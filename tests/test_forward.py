@@ -241,3 +241,18 @@ def test_bf16_masks_of_the_shipped_model_agree_with_fp32(real_root, tmp_path):
     masks = [predict_logits(m, images) >= 0 for m in (fp32, bf16)]
     assert masks[0].float().mean() > 0.001  # tumour is predicted on these images
     assert (masks[0] == masks[1]).float().mean().item() >= 0.999
+
+
+@pytest.mark.parametrize(("device", "flags", "onnx", "engine"), [
+    ("cpu", (), True, "onnxruntime"),  # no native bf16: the verified fp32 graph
+    ("cpu", (), False, "torch"),  # no verified model.onnx: never an unverified engine
+    ("cpu", ("amx_bf16",), True, "torch"),  # native bf16: torch (bf16 where it pays)
+    ("cuda", (), True, "torch"),
+])
+def test_backend_auto_picks_by_the_kind_of_processor(monkeypatch, device, flags, onnx, engine):
+    folder = ROOT / "models" / "reference"
+    monkeypatch.setattr(predictor_module, "cpu_bf16_flags", lambda: flags)
+    monkeypatch.setattr(predictor_module, "verified_onnx",
+                        lambda where, int8=False: [where / "model.onnx"] if onnx else [])
+    assert predictor_module.resolve_backend(folder, device, "auto") == engine
+    assert predictor_module.resolve_backend(folder, device, "torch") == "torch"

@@ -2,8 +2,9 @@
 model folder (one member or a fold ensemble), and turned into probabilities for uint8
 batches or for images of any size (padded to a square, not squashed).
 
-Two engines run the members: torch, or onnxruntime for a model folder with verified ONNX
-files (fp32, or their int8 variants with ``onnxruntime-int8``). Either way a member is
+Two engines run the members: torch (in the resolved precision), or onnxruntime for a model
+folder with verified ONNX files (fp32, or their int8 variants with ``onnxruntime-int8``);
+``auto`` picks by the kind of processor (``AUTO_ENGINES``). Either way a member is
 called on the same normalised batch, so padding, flip TTA, the ensemble mean and thresholds
 live here once for both.
 """
@@ -30,6 +31,7 @@ from brainseg_lib.model.device import (
     PROBE_BATCH,
     Precision,
     Probe,
+    cpu_bf16_flags,
     resolve_precision,
     select_device,
     time_precisions,
@@ -94,17 +96,36 @@ def _onnx_folder(path: Path) -> Path | None:
     return None
 
 
+# --backend auto: the engines to try by kind of processor, the first available one wins.
+# torch is the reference engine (its precision: resolve_precision); onnxruntime counts only
+# with a verified model.onnx; int8 is never picked (its masks differ slightly: by name only).
+AUTO_ENGINES = {
+    "cuda": ("torch",),  # bf16 autocast
+    "cpu-bf16": ("torch",),  # native bf16: torch, in bf16 where its probe finds that faster
+    "cpu": ("onnxruntime", "torch"),  # no native bf16: fp32, onnxruntime's graph if verified
+}
+
+
+def processor_kind(device: str) -> str:
+    """``cuda``, ``cpu-bf16`` (a CPU with native bf16: avx512_bf16 or amx_bf16) or ``cpu``."""
+    if device == "cuda" or (device == "auto" and torch.cuda.is_available()):
+        return "cuda"
+    return "cpu-bf16" if cpu_bf16_flags() else "cpu"
+
+
 def resolve_backend(path: str | Path, device: str, backend: Backend) -> str:
-    """``auto``: onnxruntime on the CPU where the model folder has verified ONNX files (the
-    faster engine there), torch otherwise; never int8, whose masks differ slightly from
-    torch's and which is asked for by name."""
+    """The engine: as asked, or for ``auto`` the first of ``AUTO_ENGINES`` for this kind of
+    processor that is available (onnxruntime: the model folder has verified ONNX files)."""
     if backend not in BACKENDS:
         raise ValueError(f"backend {backend!r}: expected one of {', '.join(BACKENDS)}")
     if backend != "auto":
         return backend
     folder = _onnx_folder(Path(path))
-    on_cpu = device == "cpu" or (device == "auto" and not torch.cuda.is_available())
-    return "onnxruntime" if on_cpu and folder and verified_onnx(folder) else "torch"
+
+    def available(engine: str) -> bool:
+        return engine == "torch" or bool(folder and verified_onnx(folder))
+
+    return next(e for e in AUTO_ENGINES[processor_kind(device)] if available(e))
 
 
 def _load_onnx(path: Path, device: str, backend: str) -> LoadedModel:

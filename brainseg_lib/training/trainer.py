@@ -4,8 +4,10 @@ EMA, compile, validation.
 The split lives on the training device as uint8 when it fits (else it is streamed from the
 memory-mapped cache, :mod:`.batches`) and batches are augmented there: no DataLoader and no
 host sync inside an epoch (the loss is checked once per epoch). On CUDA the step is
-compiled (``compile``) and runs in bf16; under torchrun it is wrapped in
-DistributedDataParallel (:mod:`.distributed`).
+compiled (``compile``); it runs in the precision resolved once for the run (bf16 on CUDA;
+on the CPU, bf16 only where the CPU has native bf16 and a probe of this network finds it
+faster: :mod:`brainseg_lib.model.device`), and validation through the predictor in the
+same; under torchrun it is wrapped in DistributedDataParallel (:mod:`.distributed`).
 """
 
 from __future__ import annotations
