@@ -1,5 +1,5 @@
-"""CPU inference: torch eager vs onnxruntime fp32 and int8 (and OpenVINO, when installed)
-on the shipped model, through the predictor.
+"""CPU inference: torch eager fp32 and bf16 autocast vs onnxruntime fp32 and int8 (and
+OpenVINO, when installed) on the shipped model, through the predictor.
 
 Copies the model folder to a temporary one and exports its ONNX files there (timed, and
 verified against torch as ``brainseg export DIR --onnx --int8`` does; an int8 file that
@@ -8,8 +8,10 @@ fails its verification is reported and left out), then times ``predict_logits``
 of threads for each; torch eager runs as the predictor runs it (channels_last, oneDNN).
 Images: 64 validation images of the real data (``BRAINSEG_DATA``; random images without
 it) that neither the verification (0–31) nor the int8 calibration (32–95) used. Prints
-images/s, the ratio to torch and the share of mask pixels identical to torch's on all 64
-images; run it alone (nothing else using the cores).
+images/s, the ratio to torch fp32 and the share of mask pixels identical to torch fp32's on
+all 64 images, each row beside the CPU's native-bf16 flags (``avx512_bf16``, ``amx_bf16``:
+without them bf16 is emulated, and ``--backend auto`` does not choose it); run it alone
+(nothing else using the cores).
 
 OpenVINO is not a brainseg dependency: its rows appear when ``openvino`` is importable
 (``pip install openvino``); it compiles the same ONNX files for the CPU. Its onnxruntime
@@ -39,6 +41,7 @@ from brainseg_lib.data.arrays import load_split_arrays
 from brainseg_lib.data.locate import find_real_dataset
 from brainseg_lib.inference.predictor import LoadedModel, load_model, predict_logits
 from brainseg_lib.model.checkpoint import ArtifactError
+from brainseg_lib.model.device import Precision, cpu_bf16_flags
 from brainseg_lib.model.onnx_export import OnnxMember, torch_threads
 from brainseg_lib.model.onnx_files import add_onnx, verified_onnx
 
@@ -132,8 +135,10 @@ def main() -> None:
             print(f"int8: quantised in {sum(q['quantise_seconds']):.1f} s, calibrated on "
                   f"{q['calibrated_on']}; max |Δprobability| {q['max_abs_prob_diff']:.1e}, "
                   f"identical mask pixels {q['mask_agreement']:.4%} on the same images")
-        by_torch = load_model(folder, "cpu", "torch")
-        engines = {}
+        by_torch = dataclasses.replace(load_model(folder, "cpu", "torch"),
+                                       precision=Precision(None, "fp32 (benchmark)"))
+        engines = {"torch bf16": dataclasses.replace(
+            by_torch, precision=Precision(torch.bfloat16, "bf16 autocast (benchmark)"))}
         for backend, int8 in (("onnxruntime", False), ("onnxruntime-int8", True)):
             files = verified_onnx(folder, int8)
             if files:
@@ -145,20 +150,23 @@ def main() -> None:
                 engines["OpenVINO (int8 file)" if int8 else "OpenVINO (fp32)"] = by_ov
         size = by_torch.params.image_size
         data, what = images(size, max(args.images, *args.batches))
+        flags = " ".join(cpu_bf16_flags()) or "none"
         print(f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
-              f"{args.threads} threads; torch {torch.__version__}; {size} px; {what}")
-        print("| batch | engine | img/s | ratio to torch eager | mask px identical to torch |")
-        print("|---|---|---|---|---|")
+              f"{args.threads} threads; native bf16 flags: {flags}; torch {torch.__version__}; "
+              f"{size} px; {what}")
+        print("| CPU bf16 flags | batch | engine | img/s | ratio to torch fp32 | "
+              "mask px identical to torch fp32 |")
+        print("|---|---|---|---|---|---|")
         reference = masks(by_torch, data)
         same = {name: (masks(loaded, data) == reference).float().mean().item()
                 for name, loaded in engines.items()}
         for batch in args.batches:
             x = data[:batch]
             base = img_per_s(by_torch, x, args.seconds)
-            print(f"| {batch} | torch eager | {base:.1f} | 1.00x | – |", flush=True)
+            print(f"| {flags} | {batch} | torch fp32 | {base:.1f} | 1.00x | – |", flush=True)
             for name, loaded in engines.items():
                 speed = img_per_s(loaded, x, args.seconds)
-                print(f"| {batch} | {name} | {speed:.1f} | {speed / base:.2f}x | "
+                print(f"| {flags} | {batch} | {name} | {speed:.1f} | {speed / base:.2f}x | "
                       f"{same[name]:.4%} |", flush=True)
 
 

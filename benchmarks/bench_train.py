@@ -28,7 +28,7 @@ from brainseg_lib.data.arrays import SplitArrays, load_split_arrays
 from brainseg_lib.data.locate import resolve_data
 from brainseg_lib.evaluation.predictions import predict_split
 from brainseg_lib.inference.predictor import LoadedModel
-from brainseg_lib.model.device import autocast_dtype, select_device
+from brainseg_lib.model.device import select_device
 from brainseg_lib.model.network import build_network
 from brainseg_lib.training.batches import ResidentBatches, StreamedBatches
 from brainseg_lib.training.trainer import Trainer
@@ -51,18 +51,16 @@ def bench_one(arrays: SplitArrays, device: torch.device, batch: int, steps: int,
     params = Params(profile="bench", image_size=size, batch_size=batch, encoder=encoder,
                     device=device.type, augment=augment, compile=compiled, ema=ema,
                     loss="bce_dice", optimizer="adamw", scheduler="cosine", epochs=100)
-    dtype = autocast_dtype(params, device)
     data = repeat_to(arrays, batch * steps)
     batches = ResidentBatches(data, device, batch, shuffle=True)
     trainer = Trainer(params, build_network("Unet", encoder), device, len(batches))
+    run = trainer.forward_pass  # the trainer's own precision and memory format
     x = torch.randn(batch, 3, size, size, device=device).contiguous(
         memory_format=torch.channels_last)
     y = (torch.rand(batch, 1, size, size, device=device) > 0.97).float()
 
     def bare_step() -> None:
-        with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
-            logits = trainer.forward(x)
-        loss = trainer.loss_fn(logits.float(), y)
+        loss = trainer.loss_fn(run.logits(trainer.forward, x), y)
         trainer.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         trainer.optimizer.step()
@@ -95,16 +93,14 @@ def bench_one(arrays: SplitArrays, device: torch.device, batch: int, steps: int,
     model = trainer.model.eval()
     with torch.no_grad():
         for _ in range(2):
-            with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
-                model(x)
+            run.logits(model, x)
         sync(device)
         t0 = time.perf_counter()
         for _ in range(steps):
-            with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
-                model(x)
+            run.logits(model, x)
         sync(device)
     bare_infer = batch * steps / (time.perf_counter() - t0)
-    loaded = LoadedModel([model], params, device, 0)
+    loaded = LoadedModel([model], params, device, 0, precision=trainer.precision)
     predict_split(loaded, data, tta=False, batch_size=batch)  # warm-up
     t0 = time.perf_counter()
     predict_split(loaded, data, tta=False, batch_size=batch)

@@ -7,7 +7,8 @@ One concern per subpackage; imports flow one way (``tests/test_layers.py`` enfor
     tracking                         optional MLflow logging (``tracking_uri``) for the layers above
     data                             COCO reading, locating, caching, checks, near-duplicates, folds
     model                            the network, safe checkpoints, model folders
-    training | inference             the fit (step, loop, DDP) | predicting with a trained model
+    training                         the fit (step, loop, DDP), validated through the predictor
+    inference                        predicting with a trained model
     evaluation                       scoring a model on a split, choosing settings on validation
     experiments | reporting          sweeps and CV | notebooks, figures, reports
     cli                              the ``brainseg`` command

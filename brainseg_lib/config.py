@@ -167,8 +167,9 @@ class Params:
                                  "(slower on GPU)")
     device: Literal["auto", "cpu", "cuda"] = _param("auto", "run", "execution", "auto = cuda "
                                                     "when available")
-    amp: Literal["auto", "bf16", "fp16", "none"] = _param("auto", "training", "execution",
-                                                          "auto = bf16 on CUDA, fp32 on CPU")
+    amp: Literal["auto", "bf16", "fp16", "none"] = _param(
+        "auto", "training", "execution", "auto = bf16 on CUDA; on a CPU with native bf16 "
+        "(avx512_bf16, amx_bf16) bf16 where a short probe finds it faster, else fp32")
     channels_last: bool = _param(True, "training", "execution", "channels-last memory format")
     compile: Literal["auto"] | bool = _param("auto", "training", "execution", "torch.compile "
                                              "the training step; auto = on CUDA")

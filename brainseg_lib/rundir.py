@@ -96,6 +96,7 @@ class TrainRecord:
     compile_seconds: float = 0.0
     train_seconds_total: float | None = None  # None: a run from before it was recorded
     ema: bool = False
+    precision: dict[str, Any] | None = None  # model.device.Precision.record(); None: older run
     extra: dict[str, Any] = field(default_factory=dict)
 
     def to_json(self) -> dict[str, Any]:
@@ -107,6 +108,8 @@ class TrainRecord:
             "compile_seconds": self.compile_seconds}
         if self.train_seconds_total is not None:
             stored["train_seconds_total"] = self.train_seconds_total
+        if self.precision is not None:
+            stored["precision"] = self.precision
         return stored | {"ema": self.ema} | self.extra
 
     @classmethod
@@ -120,14 +123,15 @@ class TrainRecord:
             raise RunFileError(f"{source}: not a training record (missing "
                                f"{', '.join(missing) or 'best_<monitor>'})")
         known = {"best_epoch", best[0], "epochs_run", "stop_reason",
-                 "train_seconds_this_session", "compile_seconds", "train_seconds_total", "ema"}
+                 "train_seconds_this_session", "compile_seconds", "train_seconds_total", "ema",
+                 "precision"}
         total = data.get("train_seconds_total")
         return cls(int(data["best_epoch"]), best[0].removeprefix("best_"), float(data[best[0]]),
                    int(data["epochs_run"]), str(data["stop_reason"]),
                    float(data["train_seconds_this_session"]),
                    float(data.get("compile_seconds", 0.0)),
                    None if total is None else float(total), bool(data.get("ema", False)),
-                   {k: v for k, v in data.items() if k not in known})
+                   data.get("precision"), {k: v for k, v in data.items() if k not in known})
 
 
 @dataclass(frozen=True)

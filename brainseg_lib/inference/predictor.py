@@ -2,8 +2,9 @@
 model folder (one member or a fold ensemble), and turned into probabilities for uint8
 batches or for images of any size (padded to a square, not squashed).
 
-Two engines run the members: torch, or onnxruntime for a model folder with verified ONNX
-files (fp32, or their int8 variants with ``onnxruntime-int8``). Either way a member is
+Two engines run the members: torch (in the resolved precision), or onnxruntime for a model
+folder with verified ONNX files (fp32, or their int8 variants with ``onnxruntime-int8``);
+``auto`` picks by the kind of processor (``AUTO_ENGINES``). Either way a member is
 called on the same normalised batch, so padding, flip TTA, the ensemble mean and thresholds
 live here once for both.
 """
@@ -25,9 +26,18 @@ from torch import nn
 from brainseg_lib.config import Params
 from brainseg_lib.data.arrays import resize_image
 from brainseg_lib.model.checkpoint import ArtifactError, network_from_checkpoint
-from brainseg_lib.model.device import autocast_dtype, select_device
+from brainseg_lib.model.device import (
+    FP32,
+    PROBE_BATCH,
+    Precision,
+    Probe,
+    cpu_bf16_flags,
+    resolve_precision,
+    select_device,
+    time_precisions,
+)
 from brainseg_lib.model.folder import is_model_dir, networks_from_model_dir
-from brainseg_lib.model.network import Normalizer
+from brainseg_lib.model.forward import ForwardPass, place_model
 from brainseg_lib.model.onnx_files import onnx_members_from_model_dir, verified_onnx
 from brainseg_lib.rundir import BEST_CHECKPOINT, SOURCE_MODEL_FILE
 
@@ -49,25 +59,25 @@ class LoadedModel:
     epoch: int
     source: str = ""  # where the weights came from, for reports
     backend: str = "torch"
+    precision: Precision | None = None  # None: resolved from params (no probe) when first used
 
     @property
     def model(self) -> nn.Module:
         return self.members[0]
 
     @cached_property
-    def normalizer(self) -> Normalizer:
-        """The input normalisation, its constants made once on the model's device."""
-        return Normalizer(self.params.normalize_mean, self.params.normalize_std, self.device)
+    def forward_pass(self) -> ForwardPass:
+        """How a batch becomes logits here; an ONNX engine takes fp32, contiguous input."""
+        if self.backend != "torch":
+            return ForwardPass.build(self.params, self.device, self.precision or FP32, False)
+        precision = self.precision or resolve_precision(self.params, self.device)
+        return ForwardPass.build(self.params, self.device, precision)
 
 
 def _to_device(models: list[nn.Module], params: Params, device: str) -> tuple[
         list[nn.Module], torch.device]:
     dev = select_device(device if device != "auto" else params.device)
-    out = []
-    for m in models:
-        m = m.to(dev).eval()
-        out.append(m.to(memory_format=torch.channels_last) if params.channels_last else m)
-    return out, dev
+    return [place_model(m, dev, params.channels_last).eval() for m in models], dev
 
 
 def _onnx_folder(path: Path) -> Path | None:
@@ -82,17 +92,36 @@ def _onnx_folder(path: Path) -> Path | None:
     return None
 
 
+# --backend auto: the engines to try by kind of processor, the first available one wins.
+# torch is the reference engine (its precision: resolve_precision); onnxruntime counts only
+# with a verified model.onnx; int8 is never picked (its masks differ slightly: by name only).
+AUTO_ENGINES = {
+    "cuda": ("torch",),  # bf16 autocast
+    "cpu-bf16": ("torch",),  # native bf16: torch, in bf16 where its probe finds that faster
+    "cpu": ("onnxruntime", "torch"),  # no native bf16: fp32, onnxruntime's graph if verified
+}
+
+
+def processor_kind(device: str) -> str:
+    """``cuda``, ``cpu-bf16`` (a CPU with native bf16: avx512_bf16 or amx_bf16) or ``cpu``."""
+    if device == "cuda" or (device == "auto" and torch.cuda.is_available()):
+        return "cuda"
+    return "cpu-bf16" if cpu_bf16_flags() else "cpu"
+
+
 def resolve_backend(path: str | Path, device: str, backend: Backend) -> str:
-    """``auto``: onnxruntime on the CPU where the model folder has verified ONNX files (the
-    faster engine there), torch otherwise; never int8, whose masks differ slightly from
-    torch's and which is asked for by name."""
+    """The engine: as asked, or for ``auto`` the first of ``AUTO_ENGINES`` for this kind of
+    processor that is available (onnxruntime: the model folder has verified ONNX files)."""
     if backend not in BACKENDS:
         raise ValueError(f"backend {backend!r}: expected one of {', '.join(BACKENDS)}")
     if backend != "auto":
         return backend
     folder = _onnx_folder(Path(path))
-    on_cpu = device == "cpu" or (device == "auto" and not torch.cuda.is_available())
-    return "onnxruntime" if on_cpu and folder and verified_onnx(folder) else "torch"
+
+    def available(engine: str) -> bool:
+        return engine == "torch" or bool(folder and verified_onnx(folder))
+
+    return next(e for e in AUTO_ENGINES[processor_kind(device)] if available(e))
 
 
 def _load_onnx(path: Path, device: str, backend: str) -> LoadedModel:
@@ -109,7 +138,9 @@ def _load_onnx(path: Path, device: str, backend: str) -> LoadedModel:
     files, params, info = onnx_members_from_model_dir(folder, backend == "onnxruntime-int8")
     members = [OnnxMember(f, params.num_threads) for f in files]
     epoch = int((info.get("checkpoint_epochs") or [0])[0])
-    return LoadedModel(members, params, torch.device("cpu"), epoch, str(folder), backend)
+    graph = "int8" if backend == "onnxruntime-int8" else "fp32"
+    return LoadedModel(members, params, torch.device("cpu"), epoch, str(folder), backend,
+                       Precision(None, f"{backend}: the verified {graph} ONNX graph"))
 
 
 def load_model(path: str | Path, device: str = "auto", backend: Backend = "torch",
@@ -138,18 +169,25 @@ def load_model(path: str | Path, device: str = "auto", backend: Backend = "torch
         model, params, state = network_from_checkpoint(path)
         models, epoch = [model], int(state.get("epoch", 0))
     members, dev = _to_device(models, params, device)
-    return LoadedModel(members, params, dev, epoch, str(path))
+    precision = resolve_precision(params, dev, inference_probe(members[0], params, dev))
+    return LoadedModel(members, params, dev, epoch, str(path), precision=precision)
 
 
-def _model_input(loaded: LoadedModel, images_u8: torch.Tensor,
-                 ) -> tuple[torch.Tensor, torch.dtype | None]:
-    """A uint8 batch as the model takes it (on its device, normalised, its memory format)
-    and the autocast dtype to run it in."""
-    p = loaded.params
-    x = loaded.normalizer(images_u8.to(loaded.device))
-    if p.channels_last and loaded.backend == "torch":
-        x = x.contiguous(memory_format=torch.channels_last)
-    return x, autocast_dtype(p, loaded.device)
+def inference_probe(model: nn.Module, params: Params, device: torch.device) -> Probe:
+    """Seconds per forward pass in fp32 and bf16 of the network (in eval mode, so nothing in
+    it changes) on ``PROBE_BATCH`` images at its input size."""
+    def measure() -> dict[str, float]:
+        images = torch.rand(PROBE_BATCH, params.in_channels, params.image_size,
+                            params.image_size, generator=torch.Generator().manual_seed(0))
+        x = ForwardPass.build(params, device, FP32).prepare(images)
+
+        def step(dtype: torch.dtype | None) -> None:
+            with torch.inference_mode(), Precision(dtype).context(device):
+                model(x)
+
+        return time_precisions(step)
+
+    return measure
 
 
 @torch.inference_mode()
@@ -161,13 +199,13 @@ def predict_both(loaded: LoadedModel, images_u8: torch.Tensor,
     TTA averages the logits of the image and its mirror inside each member; an ensemble
     averages its members' probabilities (returned as the logit of the mean).
     """
-    x, dtype = _model_input(loaded, images_u8)
+    run = loaded.forward_pass
+    x = run.prepare(images_u8)
     plain, tta = [], []
-    with torch.autocast(loaded.device.type, dtype=dtype, enabled=dtype is not None):
-        for model in loaded.members:
-            logits = model(x).float()
-            plain.append(logits)
-            tta.append((logits + model(x.flip(-1)).float().flip(-1)) / 2)
+    for model in loaded.members:
+        logits = run.logits(model, x)
+        plain.append(logits)
+        tta.append((logits + run.logits(model, x.flip(-1)).flip(-1)) / 2)
     return _combine(plain), _combine(tta)
 
 
@@ -177,9 +215,9 @@ def predict_logits(loaded: LoadedModel, images_u8: torch.Tensor, tta: bool = Fal
     """Logits (B,1,H,W) in float32 for a uint8 batch (B,3,H,W); see :func:`predict_both`."""
     if tta:
         return predict_both(loaded, images_u8)[1]
-    x, dtype = _model_input(loaded, images_u8)
-    with torch.autocast(loaded.device.type, dtype=dtype, enabled=dtype is not None):
-        return _combine([model(x).float() for model in loaded.members])
+    run = loaded.forward_pass
+    x = run.prepare(images_u8)
+    return _combine([run.logits(model, x) for model in loaded.members])
 
 
 def _combine(member_logits: list[torch.Tensor]) -> torch.Tensor:

@@ -1,5 +1,6 @@
-"""The model: the smp network and its input normalisation, device and precision, checkpoints
-that load without running code, and exported model folders (smp's format + a model card).
+"""The model: the smp network and its input normalisation, device and precision, the one
+forward pass, checkpoints that load without running code, and exported model folders (smp's
+format + a model card).
 
 - ``network``, ``device``, ``checkpoint``: the network, where it runs, its checkpoints.
 - ``folder``: reading a model folder (``ModelInfo`` is its ``brainseg.json``), hashes

@@ -1,5 +1,6 @@
 """Training: augmentation, losses, device-resident batches, the step (``trainer``), the run
 (``loop``: resume, budget, records) and data parallelism (``distributed``).
 
-May import: the foundations, ``data`` and ``model``.
+May import: the foundations, ``data``, ``model`` and ``inference`` (validation runs through
+the predictor).
 """

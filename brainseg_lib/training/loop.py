@@ -24,7 +24,7 @@ from brainseg_lib.data.identity import dataset_record
 from brainseg_lib.data.locate import DataSource, data_source
 from brainseg_lib.io import atomic_write_json
 from brainseg_lib.model.checkpoint import read_checkpoint, save_checkpoint
-from brainseg_lib.model.device import autocast_dtype, select_device
+from brainseg_lib.model.device import select_device
 from brainseg_lib.model.network import create_model
 from brainseg_lib.rundir import (
     BEST_CHECKPOINT,
@@ -212,22 +212,22 @@ class TrainingSession:
 
     def record_start(self, source: DataSource, images: dict[str, int]) -> None:
         """``params.yaml`` and ``env.json``: what the run is and where it trains."""
-        dtype = autocast_dtype(self.params, self.device)
+        dtype = self.trainer.precision.autocast
         save_params(self.params, self.run_dir / PARAMS_FILE)
         atomic_write_json(self.run_dir / ENV_FILE, environment_info(self.device) | {
             "dataset": dataset_record(source, images), "weights": self.provenance,
-            "autocast": str(dtype) if dtype else "fp32", "parent": self.parent})
+            "autocast": str(dtype) if dtype else "fp32",
+            "precision": self.trainer.precision.record(), "parent": self.parent})
 
     def announce(self, source: DataSource, data: dict[str, SplitArrays]) -> None:
         params, trainer = self.params, self.trainer
         budget = (f"a {params.train_minutes:g}-minute budget (at most {params.epochs} epochs)"
                   if params.train_minutes else f"{params.epochs} epochs")
         parallel = f" | {self.ctx.world} data-parallel processes" if self.ctx.enabled else ""
-        dtype = autocast_dtype(params, self.device)
         self.say(f"run {self.run_dir} | {source.kind} data ({len(data['train'])} train / "
                  f"{len(data['valid'])} valid at {params.image_size}px{_patches(params)}) | "
                  f"{params.arch}/{params.encoder}, "
-                 f"{self.provenance} | {self.device}, {dtype or 'fp32'}"
+                 f"{self.provenance} | {self.device}, {trainer.precision.name}"
                  f"{', compiled' if trainer.compiled else ''}{', EMA' if trainer.ema else ''} "
                  f"| {budget}{parallel}", flush=True)
 
@@ -278,7 +278,7 @@ class TrainingSession:
             self.train_batches, epoch, progress, f" of run {self.run_dir}", step_callback)
         val_start = time.perf_counter()
         val = validate(trainer.eval_model, self.valid_batches, trainer.loss_fn, params,
-                       self.device) if ctx.is_main else {}
+                       self.device, trainer.precision) if ctx.is_main else {}
         val_seconds = time.perf_counter() - val_start
         epoch_seconds = time.perf_counter() - epoch_start
         if ctx.enabled:  # rank 0's clock and decisions are everyone's
@@ -326,7 +326,7 @@ class TrainingSession:
             epochs_run=len(self.history), stop_reason=stop_reason,
             train_seconds_this_session=seconds, compile_seconds=trainer.compile_seconds,
             train_seconds_total=trainer.schedule.elapsed + trainer.compile_seconds,
-            ema=trainer.ema is not None)
+            ema=trainer.ema is not None, precision=trainer.precision.record())
         if self.ctx.is_main:
             RunDir(self.run_dir).write_train_record(record)
         if self.tracker:

@@ -4,12 +4,15 @@ EMA, compile, validation.
 The split lives on the training device as uint8 when it fits (else it is streamed from the
 memory-mapped cache, :mod:`.batches`) and batches are augmented there: no DataLoader and no
 host sync inside an epoch (the loss is checked once per epoch). On CUDA the step is
-compiled (``compile``) and runs in bf16; under torchrun it is wrapped in
-DistributedDataParallel (:mod:`.distributed`).
+compiled (``compile``); it runs in the precision resolved once for the run (bf16 on CUDA;
+on the CPU, bf16 only where the CPU has native bf16 and a probe of this network finds it
+faster: :mod:`brainseg_lib.model.device`), and validation through the predictor in the
+same; under torchrun it is wrapped in DistributedDataParallel (:mod:`.distributed`).
 """
 
 from __future__ import annotations
 
+import copy
 import math
 import random
 import sys
@@ -23,12 +26,20 @@ from torch import nn
 
 from brainseg_lib.config import Params
 from brainseg_lib.errors import BrainsegError
+from brainseg_lib.inference.predictor import LoadedModel, predict_logits
 from brainseg_lib.metrics.functional import ConfusionCounts, pooled_dice, pooled_iou
-from brainseg_lib.model.device import autocast_dtype
-from brainseg_lib.model.network import Normalizer
+from brainseg_lib.model.device import (
+    FP32,
+    PROBE_BATCH,
+    Precision,
+    Probe,
+    resolve_precision,
+    time_precisions,
+)
+from brainseg_lib.model.forward import ForwardPass, place_model
 from brainseg_lib.training.augment import BatchAugment, PatchSampler
 from brainseg_lib.training.batches import ResidentBatches, StreamedBatches
-from brainseg_lib.training.distributed import DistContext, wrap
+from brainseg_lib.training.distributed import DistContext, from_main, wrap
 from brainseg_lib.training.losses import build_loss, per_image_loss
 
 
@@ -137,27 +148,49 @@ def build_optimizer(params: Params, model: nn.Module, device: torch.device,
 
 @torch.no_grad()
 def validate(model: nn.Module, batches: ResidentBatches | StreamedBatches, loss_fn: nn.Module,
-             params: Params, device: torch.device) -> dict[str, float]:
+             params: Params, device: torch.device, precision: Precision | None = None,
+             ) -> dict[str, float]:
     """Mean loss per image (the loss of each image on its own, as at test time) and pooled
-    IoU/Dice at threshold ``params.threshold``."""
+    IoU/Dice at threshold ``params.threshold``, in fp32.
+
+    The logits come from the predictor (as nnU-Net validates through its predictor), so
+    validation scores exactly what inference will compute, in the training's precision."""
     model.eval()
-    dtype = autocast_dtype(params, device)
-    norm = Normalizer(params.normalize_mean, params.normalize_std, device)
+    loaded = LoadedModel([model], params, device, 0, "validation", precision=precision)
     total = torch.zeros((), device=device)
     counts = []
     for images, masks in batches:
-        x = norm(images)
-        if params.channels_last:
-            x = x.contiguous(memory_format=torch.channels_last)
+        logits = predict_logits(loaded, images)
         y = masks.float()
-        with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
-            logits = model(x)
-        logits = logits.float()
         total += per_image_loss(loss_fn, logits, y).sum()
         counts.append(ConfusionCounts.from_masks(torch.sigmoid(logits) >= params.threshold, y))
     stats = ConfusionCounts.concat(counts)
     return {"val_loss": total.item() / len(stats), "val_iou": pooled_iou(stats),
             "val_dice": pooled_dice(stats)}
+
+
+def training_probe(model: nn.Module, params: Params, device: torch.device,
+                   loss_fn: nn.Module) -> Probe:
+    """Seconds per forward + backward step in fp32 and bf16 of a copy of the network (its
+    weights, BatchNorm statistics and the random generators untouched) on a batch of the
+    training's shape (patches where it trains on patches), at most ``PROBE_BATCH`` images."""
+    def measure() -> dict[str, float]:
+        net = copy.deepcopy(model).train()
+        size = params.crop_size if 0 < params.crop_size < params.image_size else params.image_size
+        images = torch.rand(min(params.batch_size, PROBE_BATCH), params.in_channels, size, size,
+                            generator=torch.Generator().manual_seed(0))
+        x = ForwardPass.build(params, device, FP32).prepare(images)
+        y = (images[:, :1] > 0.9).float().to(device)
+
+        def step(dtype: torch.dtype | None) -> None:
+            with Precision(dtype).context(device):
+                logits = net(x)
+            loss_fn(logits.float(), y).backward()
+            net.zero_grad(set_to_none=True)
+
+        return time_precisions(step)
+
+    return measure
 
 
 def _progress(iterable: Any, total: int, desc: str, enabled: bool) -> Any:
@@ -192,10 +225,11 @@ class Trainer:
 
         self.params, self.device = params, device
         self.ctx = ctx or DistContext()
-        self.dtype = autocast_dtype(params, device)
-        self.model = model.to(device)
-        if params.channels_last:
-            self.model = self.model.to(memory_format=torch.channels_last)
+        self.model = place_model(model, device, params.channels_last)
+        self.loss_fn = build_loss(params.loss)
+        self.precision = from_main(self.ctx, resolve_precision(  # one choice for all ranks
+            params, device, training_probe(self.model, params, device, self.loss_fn)))
+        self.forward_pass = ForwardPass.build(params, device, self.precision)
         # EMA of the plain (uncompiled) module, buffers included (BatchNorm statistics)
         self.ema = AveragedModel(self.model, multi_avg_fn=get_ema_multi_avg_fn(
             params.ema_decay), use_buffers=True) if params.ema else None
@@ -203,14 +237,12 @@ class Trainer:
         self.wrapped = wrap(self.model, self.ctx, device)  # DDP under torchrun
         self.forward = torch.compile(self.wrapped) if self.compiled else self.wrapped
         self.compile_seconds = 0.0
-        self.loss_fn = build_loss(params.loss)
         self.optimizer = build_optimizer(params, self.model, device)
         self.schedule = Schedule(params, steps_per_epoch)
-        self.scaler = torch.amp.GradScaler(enabled=self.dtype == torch.float16)
+        self.scaler = torch.amp.GradScaler(enabled=self.precision.autocast == torch.float16)
         self.augment = BatchAugment(params) if params.augment else None
         self.patches = PatchSampler(params.crop_size, params.fg_oversample) \
             if params.crop_size and params.crop_size < params.image_size else None
-        self.normalize = Normalizer(params.normalize_mean, params.normalize_std, device)
 
     @property
     def eval_model(self) -> nn.Module:
@@ -247,12 +279,8 @@ class Trainer:
         x, y = images.float() / 255.0, masks.float()
         if self.augment:
             x, y = self.augment(x, y, aug_gen)
-        x = self.normalize(x)
-        if p.channels_last:
-            x = x.contiguous(memory_format=torch.channels_last)
-        with torch.autocast(self.device.type, dtype=self.dtype, enabled=self.dtype is not None):
-            logits = self.forward(x)
-        loss = self.loss_fn(logits.float(), y)
+        logits = self.forward_pass.logits(self.forward, self.forward_pass.prepare(x))
+        loss = self.loss_fn(logits, y)
         self.optimizer.zero_grad(set_to_none=True)
         self.scaler.scale(loss).backward()
         if p.grad_clip:
