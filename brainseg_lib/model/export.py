@@ -26,6 +26,7 @@ from brainseg_lib.model.card import (
 )
 from brainseg_lib.model.checkpoint import ArtifactError, network_from_checkpoint
 from brainseg_lib.model.folder import CONFIG_FILE, WEIGHTS_FILE, ModelInfo
+from brainseg_lib.model.onnx_files import add_onnx
 from brainseg_lib.rundir import (
     BEST_CHECKPOINT,
     ENV_FILE,
@@ -137,8 +138,6 @@ def export_model(run_dirs: list[Path], out_dir: Path, fp16: bool = True,
     by :func:`data_credit` against the runs' own data records.
     Files are written to a temporary folder and renamed, so a failed export leaves nothing.
     """
-    from brainseg_lib.model.onnx_files import add_onnx
-
     models, params, states = _load_members(run_dirs)
     credit = data_credit(run_dirs, given)
     out_dir = Path(out_dir)
