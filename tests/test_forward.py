@@ -24,7 +24,7 @@ from brainseg_lib.model.device import (
 )
 from brainseg_lib.training import trainer as trainer_module
 from brainseg_lib.training.distributed import DistContext
-from brainseg_lib.training.loop import _Session, load_training_data, train
+from brainseg_lib.training.loop import TrainingSession, load_training_data, train
 from brainseg_lib.training.trainer import training_probe, validate
 from conftest import ROOT, tiny_params
 
@@ -37,7 +37,7 @@ def session(tmp_path_factory, synthetic_root):
     initial ones, its validation batches, and the validation arrays."""
     tmp = tmp_path_factory.mktemp("forward")
     params = tiny_params(tmp, synthetic_root, run_id="fwd", epochs=1, augment=False)
-    session = _Session.open(params, DistContext(), {})
+    session = TrainingSession.open(params, DistContext(), {})
     session.trainer.train_epoch(session.train_batches, 1)
     return session, load_training_data(params)[1]["valid"]
 

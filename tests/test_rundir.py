@@ -64,10 +64,12 @@ def test_the_oldest_train_json_loads_with_defaults_for_what_came_later(tmp_path)
 
 
 def test_the_newest_train_json_round_trips_unchanged_keys_unknown_ones_included(tmp_path):
-    stored = NEWEST | {"precision": "bf16"}  # a key a later version may add
+    precision = {"name": "bf16", "reason": "forced by amp: bf16", "cpu_bf16_flags": [],
+                 "probe_seconds_per_step": None}
+    stored = NEWEST | {"precision": precision, "energy_joules": 12.5}  # a later key too
     run = _run(tmp_path, "best.pt", "train.json", record=stored)
     record = run.train_record()
-    assert record.extra == {"precision": "bf16"}
+    assert record.precision == precision and record.extra == {"energy_joules": 12.5}
     run.write_train_record(record)
     assert json.loads((run.path / "train.json").read_text()) == stored
     assert TrainRecord.from_json(record.to_json(), "x") == record
