@@ -50,11 +50,13 @@ def _verification_batches(params: Params) -> tuple[list[Any], str, list[Any], st
     32)."""
     from brainseg_lib.data.arrays import load_split_arrays
     from brainseg_lib.data.locate import data_source
-    from brainseg_lib.model.network import Normalizer
+    from brainseg_lib.model.device import FP32
+    from brainseg_lib.model.forward import ForwardPass
 
     source = data_source(params)
     arrays = load_split_arrays(source.path, "valid", params.image_size, params.cache_path())
-    normalize = Normalizer(params.normalize_mean, params.normalize_std, torch.device("cpu"))
+    # the engines take contiguous fp32 input: the forward pass prepares it as for inference
+    normalize = ForwardPass.build(params, torch.device("cpu"), FP32, channels_last=False).prepare
     images = torch.from_numpy(np.array(arrays.images[:96]))  # a copy: a cache may be read-only
     x = normalize(images[:32])
     half = max(32, params.image_size // 64 * 32)
