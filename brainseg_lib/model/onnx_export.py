@@ -60,8 +60,8 @@ def torch_threads(n: int) -> Iterator[None]:
     """torch's CPU pool cut to ``n`` threads inside the block and restored after it.
 
     Around an onnxruntime call: torch's OpenMP threads, still spinning after the
-    normalisation, would take the cores onnxruntime's own threads need (on 2 cores, 10.6
-    instead of 12.7 img/s at batch 1). Scoped, so the process-wide setting is left as found.
+    normalisation, would take the cores onnxruntime's own threads need (figures in
+    ``benchmarks/README.md``). Scoped, so the process-wide setting is left as found.
     """
     before = torch.get_num_threads()
     if before != n:

@@ -204,8 +204,8 @@ def _progress(iterable: Any, total: int, desc: str, enabled: bool) -> Any:
 
 def use_compile(params: Params, device: torch.device) -> bool:
     """``compile`` auto = on CUDA only; asked for on the CPU it is ignored with a message.
-    On a 2-core CPU inductor bought +8 % training and -8 % inference speed for 106 s of
-    compiling (``benchmarks/bench_cpu_compile.py``): a loss within a 15-minute budget."""
+    On a small CPU the compile time costs more of a short budget than inductor gains (the
+    figures: ``benchmarks/README.md``, ``bench_cpu_compile.py``)."""
     if params.compile == "auto":
         return device.type == "cuda"
     if params.compile and device.type != "cuda":
