@@ -133,14 +133,14 @@ def evaluate_run(run_dir: str | Path, split: str = "test", device: str = "auto",
     if isinstance(settings, dict):
         settings = params_from_dict(loaded.params.to_dict() | settings, "evaluation settings")
     call = settings if settings is not None else loaded.params
-    st = EvalSettings.from_params(call)
+    scoring = EvalSettings.from_params(call)
     source = data_for_run(run_dir, loaded.params, call.data_dir)
     target = EvalTarget(source, split, eval_dir(run_dir, split),
                         check_data_identity(run_dir, source))
     valid_arrays = load_split_arrays(source.path, "valid", loaded.params.image_size,
                                      loaded.params.cache_path())
-    valid = ChosenOn(predict_split(loaded, valid_arrays, st.tta))
-    out = evaluate_on_split(loaded, target, st, valid, verbose).to_json()
+    valid = ChosenOn(predict_split(loaded, valid_arrays, scoring.tta))
+    out = evaluate_on_split(loaded, target, scoring, valid, verbose).to_json()
     if split == "test":  # the run's headline file
         atomic_write_json(run_dir / METRICS_FILE, out)
     # into the run's MLflow run when the call or the run turned tracking on
@@ -149,7 +149,7 @@ def evaluate_run(run_dir: str | Path, split: str = "test", device: str = "auto",
     return out
 
 
-def evaluate_on_split(loaded: LoadedModel, target: EvalTarget, st: EvalSettings,
+def evaluate_on_split(loaded: LoadedModel, target: EvalTarget, scoring: EvalSettings,
                       chosen_on: ChosenOn, verbose: bool = True) -> Evaluation:
     """Score ``loaded`` on ``target``; write its ``metrics.json`` and tables.
 
@@ -157,11 +157,11 @@ def evaluate_on_split(loaded: LoadedModel, target: EvalTarget, st: EvalSettings,
     for the full split and, on test, for the clean subset (images with no near-duplicate in
     train/valid). Files: see :func:`records.write_evaluation`.
     """
-    plan, per_image, group_info = _plan(loaded, target, st, verbose)
-    chosen, variants = choose_setting(chosen_on.pred, st.min_component_px, st.tune_threshold,
-                                      st.tta, st.threshold)
+    plan, per_image, group_info = _plan(loaded, target, scoring, verbose)
+    chosen, variants = choose_setting(chosen_on.pred, scoring.min_component_px,
+                                      scoring.tune_threshold, scoring.tta, scoring.threshold)
     scores: dict[str, SettingScores] = {}
-    for key, setting in (("headline", plain_setting(st.threshold)), ("selected", chosen)):
+    for key, setting in (("headline", plain_setting(scoring.threshold)), ("selected", chosen)):
         in_sample = key == "selected" and target.split == chosen_on.name
         blocks, columns = _score_setting(plan, key, setting, in_sample)
         scores |= blocks
@@ -177,7 +177,7 @@ def evaluate_on_split(loaded: LoadedModel, target: EvalTarget, st: EvalSettings,
     return result
 
 
-def _plan(loaded: LoadedModel, target: EvalTarget, st: EvalSettings, verbose: bool,
+def _plan(loaded: LoadedModel, target: EvalTarget, scoring: EvalSettings, verbose: bool,
           ) -> tuple[EvaluationPlan, pd.DataFrame, GroupInfo]:
     """The split's predictions, lesions, clean subset and groups; the per-image table's
     first columns."""
@@ -186,8 +186,8 @@ def _plan(loaded: LoadedModel, target: EvalTarget, st: EvalSettings, verbose: bo
     if verbose:
         print(f"evaluating {loaded.source} on {split}: {len(arrays)} images, {source.kind} "
               f"data, {loaded.device}, {loaded.backend}")
-    pred = predict_split(loaded, arrays, st.tta)
-    clean = _clean_test_mask(source, arrays, st, p) if split == "test" else None
+    pred = predict_split(loaded, arrays, scoring.tta)
+    clean = _clean_test_mask(source, arrays, scoring, p) if split == "test" else None
     lesions = load_split_lesions(source.path, split, p.image_size)
     if lesions.files != arrays.files:
         raise DatasetError(f"{source.path} {split}: the annotations list other images than "
@@ -198,7 +198,7 @@ def _plan(loaded: LoadedModel, target: EvalTarget, st: EvalSettings, verbose: bo
                               "box_area_px": lesions.box_area} | groups)
     if clean is not None:
         per_image["clean"] = clean
-    return (EvaluationPlan(target, st, pred, lesions, clean, groups, p.batch_size), per_image,
+    return (EvaluationPlan(target, scoring, pred, lesions, clean, groups, p.batch_size), per_image,
             group_info)
 
 
@@ -229,20 +229,20 @@ def _calibration(plan: EvaluationPlan, chosen_on: ChosenOn) -> Calibration:
                               temperature, chosen_on.name, plan.clean, plan.settings)
 
 
-def _clean_test_mask(source: DataSource, arrays: SplitArrays, st: EvalSettings, p: Params,
+def _clean_test_mask(source: DataSource, arrays: SplitArrays, scoring: EvalSettings, p: Params,
                      ) -> np.ndarray:
     """Which test images have no near-duplicate in train or valid."""
-    clean = set(near_duplicate_groups(source, st.duplicate_bits, p.cache_path())["clean_test"])
+    clean = set(near_duplicate_groups(source, scoring.duplicate_bits, p.cache_path())["clean_test"])
     return np.array([f in clean for f in arrays.files])
 
 
 def _header(loaded: LoadedModel, plan: EvaluationPlan, chosen: Setting,
             chosen_on: str) -> Header:
     """What was evaluated, on what, how, and what was chosen where: the top of metrics.json."""
-    source, st, pred, clean = plan.target.source, plan.settings, plan.pred, plan.clean
+    source, scoring, pred, clean = plan.target.source, plan.settings, plan.pred, plan.clean
     clean_test = None if clean is None else CleanSubset(
         int(clean.sum()), len(clean),
-        f"test images with no near-duplicate (pHash within {st.duplicate_bits} bits, "
+        f"test images with no near-duplicate (pHash within {scoring.duplicate_bits} bits, "
         "transitively) in train or valid")
     return Header(
         model=loaded.source, split=plan.target.split, checkpoint_epoch=loaded.epoch,
@@ -252,7 +252,7 @@ def _header(loaded: LoadedModel, plan: EvaluationPlan, chosen: Setting,
         data_identity=plan.target.data_note,
         evaluated_with={"git_commit": git_commit(), "device": str(loaded.device),
                         "torch": torch.__version__, "backend": loaded.backend,
-                        "settings": asdict(st)},
+                        "settings": asdict(scoring)},
         loss=LossRecord(loaded.params.loss, pred.loss, pred.bce,
                         "mean over images of each image's own loss"),
         definitions=METRIC_DEFINITIONS | LESION_DEFINITIONS, lesion_rule=LESION_RULE,
@@ -264,22 +264,22 @@ def _score_setting(plan: EvaluationPlan, key: str, setting: Setting, in_sample: 
                    ) -> tuple[dict[str, SettingScores], dict[str, Any]]:
     """One setting's blocks (model and, when asked, source resolution; full, clean and by
     group) and its per-image columns."""
-    arrays, st = plan.pred.arrays, plan.settings
+    arrays, scoring = plan.pred.arrays, plan.settings
     label = describe(setting, f"{arrays.images.shape[-1]}px (model resolution)") + (
         " — IN-SAMPLE: chosen on this same split" if in_sample else "")
     masks = binarise(plan.pred.probs_tta if setting.tta else plan.pred.probs,
-                     setting.threshold, setting.postprocess, st.min_component_px)
+                     setting.threshold, setting.postprocess, scoring.min_component_px)
     counts = ConfusionCounts.from_masks(masks, arrays.masks)
     scored = Scored(counts, np.asarray([hd95(m, t) for m, t in zip(masks, arrays.masks,
                                                                      strict=True)]),
                     lesion_table([image_lesions(t, m) for t, m in zip(plan.lesions.lesions,
                                                                       masks, strict=True)]))
     blocks = {key: _blocks(plan, scored, label)}
-    if st.eval_original_size:
+    if scoring.eval_original_size:
         sizes = sorted({f"{w}x{h}" for h, w in arrays.source_sizes})
         at_source = Scored(*score_at_source_resolution(plan.pred, plan.target.source.path,
                                                        plan.target.split, setting,
-                                                       st.min_component_px))
+                                                       scoring.min_component_px))
         blocks[f"{key}_original_resolution"] = _blocks(
             plan, at_source, describe(setting, f"source resolution ({', '.join(sizes)})"))
     return blocks, _per_image_columns(key, setting, scored, masks)

@@ -68,23 +68,24 @@ class Scored:
         return Scored(self.counts.take(idx), self.dists[idx], lesions)
 
 
-def metric_block(scored: Scored, label: str, batch_size: int, st: EvalSettings,
+def metric_block(scored: Scored, label: str, batch_size: int, scoring: EvalSettings,
                  images: int | None = None) -> MetricBlock:
     """Every metric of one setting on one set of images, with bootstrap 95 % intervals
-    (``st.bootstrap`` resamples, ``st.seed``); lesion-wise figures when ``scored`` has them."""
+    (``scoring.bootstrap`` resamples, ``scoring.seed``); lesion-wise figures when ``scored``
+    has them."""
     metrics = summarise(scored.counts, batch_size, scored.dists)
     if scored.lesions is not None:
         metrics |= summarise_lesions(scored.lesions)
     ci95 = None
-    if st.bootstrap and len(scored.counts) > 1:  # a bootstrap needs two images
-        ci95 = bootstrap_ci(scored.counts, scored.dists, st.bootstrap, st.seed)
+    if scoring.bootstrap and len(scored.counts) > 1:  # a bootstrap needs two images
+        ci95 = bootstrap_ci(scored.counts, scored.dists, scoring.bootstrap, scoring.seed)
         if scored.lesions is not None:
-            ci95 |= lesion_bootstrap_ci(scored.lesions, st.bootstrap, st.seed)
+            ci95 |= lesion_bootstrap_ci(scored.lesions, scoring.bootstrap, scoring.seed)
     return MetricBlock(label, metrics, ci95, images)
 
 
 def setting_scores(scored: Scored, label: str, clean: np.ndarray | None,
-                   groups: dict[str, np.ndarray], batch_size: int, st: EvalSettings,
+                   groups: dict[str, np.ndarray], batch_size: int, scoring: EvalSettings,
                    ) -> SettingScores:
     """One setting's blocks: the full split; the clean subset when ``clean`` marks one; one
     block per label of each of ``groups`` (a name and one label per image: the annotation
@@ -92,23 +93,23 @@ def setting_scores(scored: Scored, label: str, clean: np.ndarray | None,
     clean_block = None
     if clean is not None and clean.any():
         clean_block = metric_block(scored.take(np.flatnonzero(clean)),
-                                   label + "; clean test subset", batch_size, st)
+                                   label + "; clean test subset", batch_size, scoring)
     by_group = {
         name: {str(value): metric_block(scored.take(idx), f"{label}; {name} {value}",
-                                        batch_size, st, len(idx))
+                                        batch_size, scoring, len(idx))
                for value in sorted(set(labels)) for idx in [np.flatnonzero(labels == value)]}
         for name, labels in groups.items()}
-    return SettingScores(metric_block(scored, label, batch_size, st), clean_block, by_group)
+    return SettingScores(metric_block(scored, label, batch_size, scoring), clean_block, by_group)
 
 
 def calibration_record(tallies: dict[str, np.ndarray], scaled: dict[str, np.ndarray],
                        temperature: float, fitted_on: str, clean: np.ndarray | None,
-                       st: EvalSettings) -> Calibration:
+                       scoring: EvalSettings) -> Calibration:
     """Calibration of the raw and temperature-scaled probabilities (full split and clean
     subset, with intervals) and the reliability diagram's bins."""
     def block(t: dict[str, np.ndarray], bins: bool) -> CalibrationBlock:
-        ci95 = (calibration_bootstrap_ci(t, st.bootstrap, st.seed)
-                if st.bootstrap and len(t["pixels"]) > 1 else None)
+        ci95 = (calibration_bootstrap_ci(t, scoring.bootstrap, scoring.seed)
+                if scoring.bootstrap and len(t["pixels"]) > 1 else None)
         return CalibrationBlock(summarise_calibration(t), ci95,
                                 reliability_bins(t) if bins else None)
 

@@ -92,32 +92,32 @@ def _train_folds(params_file: Path, overrides: dict[str, Any], cv_dir: Path, n_f
 
 def _score_out_of_fold(members: list[LoadedModel], data: dict[str, SplitArrays],
                        folds: list[list[str]], params: Params,
-                       st: EvalSettings) -> tuple[dict[str, Any], SplitPrediction]:
+                       scoring: EvalSettings) -> tuple[dict[str, Any], SplitPrediction]:
     """The CV metrics: out-of-fold predictions of train+valid scored in the plain setting,
     with each fold's pooled IoU and the loss; and those predictions."""
     dev = SplitArrays.concat("dev", [data["train"], data["valid"]])
     indices = fold_indices(dev_keys(data), folds)
-    oof = out_of_fold(members, dev, indices, st.tta)
-    plain = plain_setting(st.threshold)
-    counts = counts_at(oof, st.threshold, False, "none", 0)
-    dists = np.asarray([hd95(m, t) for m, t in zip(oof.probs >= st.threshold, dev.masks,
+    oof = out_of_fold(members, dev, indices, scoring.tta)
+    plain = plain_setting(scoring.threshold)
+    counts = counts_at(oof, scoring.threshold, False, "none", 0)
+    dists = np.asarray([hd95(m, t) for m, t in zip(oof.probs >= scoring.threshold, dev.masks,
                                                    strict=True)])
     block = metric_block(Scored(counts, dists),
                          "out-of-fold, " + describe(plain, f"{params.image_size}px"),
-                         params.batch_size, st).to_json()
+                         params.batch_size, scoring).to_json()
     block["per_fold_pooled_iou"] = [pooled_iou(counts.take(idx)) for idx in indices]
     block["loss"] = {"name": params.loss, "value": oof.loss, "bce": oof.bce}
     return block, oof
 
 
 def _score_ensemble(members: list[LoadedModel], cv_dir: Path, source: DataSource,
-                    st: EvalSettings, oof: SplitPrediction, verbose: bool) -> dict[str, Any]:
+                    scoring: EvalSettings, oof: SplitPrediction, verbose: bool) -> dict[str, Any]:
     """The fold models' mean probability on the test split, with the threshold / TTA /
     post-processing chosen on the out-of-fold predictions."""
     ensemble = LoadedModel([m.model for m in members], members[0].params, members[0].device,
                            0, f"{cv_dir.name}: ensemble of {len(members)} fold models")
     test = evaluate_on_split(ensemble, EvalTarget(source, "test", eval_dir(cv_dir, "test")),
-                             st, ChosenOn(oof, "out-of-fold predictions"), verbose).to_json()
+                             scoring, ChosenOn(oof, "out-of-fold predictions"), verbose).to_json()
     return {"chosen_on_oof": test["chosen_on_valid"],
             "ensemble_test": {key: test[key] for key in test
                               if key.startswith(("headline", "selected"))},
@@ -145,10 +145,10 @@ def run_cv(params_file: str | Path, k: int = 5, overrides: dict[str, Any] | None
         jobs = _train_folds(params_file, overrides, cv_dir, len(folds), parallel, evaluate)
         if not evaluate:
             return result
-        st = EvalSettings.from_params(params)
+        scoring = EvalSettings.from_params(params)
         members = [load_model(job.run.path) for job in jobs]
-        result["cv"], oof = _score_out_of_fold(members, data, folds, params, st)
-        result.update(_score_ensemble(members, cv_dir, source, st, oof, verbose))
+        result["cv"], oof = _score_out_of_fold(members, data, folds, params, scoring)
+        result.update(_score_ensemble(members, cv_dir, source, scoring, oof, verbose))
         atomic_write_json(cv_dir / CV_FILE, result)
         cv = result["cv"]["metrics"]
         if parent:

@@ -156,9 +156,9 @@ def hd95(pred: np.ndarray, target: np.ndarray) -> float:
     pred, target = np.asarray(pred, bool), np.asarray(target, bool)
     if not pred.any() or not target.any():
         return float("nan")
-    sp, st = _surface(pred), _surface(target)
-    to_target = ndimage.distance_transform_edt(~st)[sp]
-    to_pred = ndimage.distance_transform_edt(~sp)[st]
+    pred_surface, target_surface = _surface(pred), _surface(target)
+    to_target = ndimage.distance_transform_edt(~target_surface)[pred_surface]
+    to_pred = ndimage.distance_transform_edt(~pred_surface)[target_surface]
     return float(max(np.percentile(to_target, 95), np.percentile(to_pred, 95)))
 
 

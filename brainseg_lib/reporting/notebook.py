@@ -182,14 +182,14 @@ class TestPredictions:
         """The run's plain-setting predictions on ``split`` of the data evaluation would use
         (``data_dir``, else the usual search), checked to be the data the run trained on."""
         loaded = load_model(run_dir)
-        p = loaded.params
-        source = data_for_run(run_dir, p, data_dir)
+        params = loaded.params
+        source = data_for_run(run_dir, params, data_dir)
         check_data_identity(run_dir, source)
-        arrays = load_split_arrays(source.path, split, p.image_size, p.cache_path())
+        arrays = load_split_arrays(source.path, split, params.image_size, params.cache_path())
         pred = predict_split(loaded, arrays, tta=False)
-        masks = pred.probs >= p.threshold
+        masks = pred.probs >= params.threshold
         dice = per_image_dice(ConfusionCounts.from_masks(masks, arrays.masks))
-        truth = load_split_lesions(source.path, split, p.image_size).lesions
+        truth = load_split_lesions(source.path, split, params.image_size).lesions
         return cls(loaded, arrays, masks, dice,
                    [image_lesions(t, m) for t, m in zip(truth, masks, strict=True)])
 
