@@ -5,17 +5,24 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import re
 import sys
+import traceback
+import warnings
 from pathlib import Path
 from typing import Any
 
 import yaml
 
 from brainseg_lib.config import ParamsError, load_params, profile_path
-from brainseg_lib.data.coco import DatasetError
+from brainseg_lib.errors import BrainsegError
 from brainseg_lib.rundir import SWEEP_FILE, eval_dir
 
+DEBUG_ENV = "BRAINSEG_DEBUG"  # =1: a user error's traceback too
+# what a user can cause: one line, exit 2; anything else is a bug and keeps its traceback
+USER_ERRORS = (BrainsegError, FileNotFoundError, FileExistsError, IsADirectoryError,
+               NotADirectoryError, PermissionError)
 _FLOAT = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+")
 
 
@@ -34,11 +41,18 @@ def parse_overrides(items: list[str] | None) -> dict[str, Any]:
         key, sep, value = item.partition("=")
         if not sep:
             raise ParamsError(f"--set {item!r}: expected KEY=VALUE")
-        parsed = yaml.safe_load(value)
+        try:
+            parsed = yaml.safe_load(value)
+        except yaml.YAMLError as err:
+            raise ParamsError(f"--set {item!r}: not a YAML value ({_first_line(err)})") from None
         if isinstance(parsed, str) and _FLOAT.fullmatch(parsed):  # YAML 1.1 reads 1e-6 as text
             parsed = float(parsed)
         out[key.strip()] = parsed
     return out
+
+
+def _first_line(err: Exception) -> str:
+    return str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
 
 
 def _data_check(args: argparse.Namespace) -> int:
@@ -231,7 +245,7 @@ def _ensure_dataset(params_file: Path, overrides: dict[str, Any]) -> None:
         return
     try:
         print(f"no dataset found; downloading it to {download_dataset()}")
-    except (RuntimeError, OSError) as err:
+    except (BrainsegError, OSError) as err:
         print(f"download failed: {err}", file=sys.stderr)
 
 
@@ -395,14 +409,27 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _one_line_warning(message: Warning | str, category: type[Warning], *_: Any,
+                      **__: Any) -> str:
+    """Warnings as the CLI prints them: one line each, like its errors."""
+    return f"brainseg: warning: {message}\n"
+
+
 def main(argv: list[str] | None = None) -> int:
+    """Run one command. A user error (:data:`USER_ERRORS`) is one line on stderr and exit 2
+    (with its traceback when ``BRAINSEG_DEBUG=1``); any other exception is a bug and
+    propagates with its traceback."""
     args = build_parser().parse_args(argv)
+    formatwarning, warnings.formatwarning = warnings.formatwarning, _one_line_warning
     try:
         return args.func(args)
-    except (ParamsError, DatasetError, FileNotFoundError, FileExistsError, ValueError,
-            RuntimeError) as err:
+    except USER_ERRORS as err:
+        if os.environ.get(DEBUG_ENV, "") not in ("", "0"):
+            traceback.print_exc()
         print(f"brainseg: error: {err}", file=sys.stderr)
         return 2
+    finally:
+        warnings.formatwarning = formatwarning
 
 
 if __name__ == "__main__":
