@@ -95,8 +95,10 @@ if given is not None:
                                                                      max_size=4),
         max_leaves=8)
 
+    TEXT = st.text()
+
     @st.composite
-    def mutated(draw, record: dict, values=JSON_VALUES, keys=st.text()):
+    def mutated(draw, record: dict, values=JSON_VALUES, keys=TEXT):
         """``record`` with one key dropped, changed or added, or replaced as a whole."""
         how = draw(st.sampled_from(["drop", "change", "add", "whole"]))
         out = dict(record)
