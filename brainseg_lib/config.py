@@ -313,7 +313,7 @@ def params_from_dict(values: dict[str, Any], source: str = "<dict>") -> Params:
         raise ParamsError(f"{source}: parameter no longer used: {'; '.join(retired)}")
     unknown = [k for k in values if k not in PARAM_NAMES]
     if unknown:
-        hints = "; ".join(f"'{k}'{_closest(k)}" for k in unknown)
+        hints = "; ".join(f"{k!r}{_closest(k)}" for k in unknown)  # repr: one line
         raise ParamsError(f"{source}: unknown parameter {hints}")
     try:
         return Params(**values)
