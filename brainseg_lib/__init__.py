@@ -3,7 +3,7 @@
 One concern per subpackage; imports flow one way (``tests/test_layers.py`` enforces it)::
 
     config, io, errors               foundations: parameters, atomic writes, the one user error type
-    rundir, metrics                  run folders, metric formulas
+    rundir, metrics, stores          run folders, metric formulas, early checks of store URLs
     tracking                         optional MLflow logging (``tracking_uri``) for the layers above
     data                             COCO reading, locating, caching, checks, near-duplicates, folds
     model                            the network, safe checkpoints, model folders

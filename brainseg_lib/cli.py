@@ -5,17 +5,25 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import re
 import sys
+import traceback
+import warnings
 from pathlib import Path
 from typing import Any
 
 import yaml
 
-from brainseg_lib.config import ParamsError, load_params, profile_path
-from brainseg_lib.data.coco import DatasetError
+from brainseg_lib.config import Params, ParamsError, load_params, profile_path
+from brainseg_lib.errors import BrainsegError
 from brainseg_lib.rundir import SWEEP_FILE, eval_dir
+from brainseg_lib.stores import check_database, check_tracking_uri
 
+DEBUG_ENV = "BRAINSEG_DEBUG"  # =1: a user error's traceback too
+# what a user can cause: one line, exit 2; anything else is a bug and keeps its traceback
+USER_ERRORS = (BrainsegError, FileNotFoundError, FileExistsError, IsADirectoryError,
+               NotADirectoryError, PermissionError)
 _FLOAT = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+")
 
 
@@ -34,11 +42,18 @@ def parse_overrides(items: list[str] | None) -> dict[str, Any]:
         key, sep, value = item.partition("=")
         if not sep:
             raise ParamsError(f"--set {item!r}: expected KEY=VALUE")
-        parsed = yaml.safe_load(value)
+        try:
+            parsed = yaml.safe_load(value)
+        except yaml.YAMLError as err:
+            raise ParamsError(f"--set {item!r}: not a YAML value ({_first_line(err)})") from None
         if isinstance(parsed, str) and _FLOAT.fullmatch(parsed):  # YAML 1.1 reads 1e-6 as text
             parsed = float(parsed)
         out[key.strip()] = parsed
     return out
+
+
+def _first_line(err: Exception) -> str:
+    return str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
 
 
 def _data_check(args: argparse.Namespace) -> int:
@@ -90,6 +105,7 @@ def _train(args: argparse.Namespace) -> int:
     options = {key: value for key, value in (("resume", args.resume), ("run_id", args.run_id))
                if value}
     params = load_params(args.params, **(changes | options))
+    check_tracking_uri(params.tracking_uri)  # before minutes of loading, not after
     result = train(params, progress=not args.no_progress, resume_overrides=changes)
     print(f"run directory: {result.run_dir}")
     return 0
@@ -189,14 +205,26 @@ def _track_export(run_dirs: list[Path], out: Path) -> None:
             log_model_folder(run_dir, out, params)
 
 
+def _checked_grid(args: argparse.Namespace) -> dict[str, Any]:
+    """The sweep's grid file, its ``--storage`` database and its tracking store, checked
+    before any trial starts (each a one-line error, passwords masked)."""
+    from brainseg_lib.experiments.sweep import read_grid
+
+    grid = read_grid(Path(args.grid))
+    if args.storage:
+        check_database(args.storage, "--storage")
+    check_tracking_uri(load_params(grid["base"], **grid["common"]).tracking_uri)
+    return grid
+
+
 def _sweep(args: argparse.Namespace) -> int:
-    from brainseg_lib.experiments.sweep import read_grid, run_sweep, run_workers
+    from brainseg_lib.experiments.sweep import run_sweep, run_workers
 
     sweep_dir = Path(args.out) if args.out else _runs_dir() / f"sweep-{Path(args.grid).stem}"
+    grid = _checked_grid(args)
     if args.worker:  # trials only: the table and the test are the main command's
         sweep_dir.mkdir(parents=True, exist_ok=True)
-        run_workers(Path(args.grid), read_grid(Path(args.grid)), sweep_dir, args.parallel or 1,
-                    args.storage)
+        run_workers(Path(args.grid), grid, sweep_dir, args.parallel or 1, args.storage)
         return 0
     table = run_sweep(args.grid, sweep_dir, args.parallel, evaluate=not args.no_test,
                       storage=args.storage)
@@ -213,6 +241,7 @@ def _cv(args: argparse.Namespace) -> int:
     overrides = parse_overrides(args.set)
     if args.run_id:
         overrides["run_id"] = args.run_id
+    check_tracking_uri(load_params(args.params, **overrides).tracking_uri)
     run_cv(Path(args.params), args.folds, overrides, args.parallel,
            evaluate=not args.no_evaluate)
     return 0
@@ -225,17 +254,16 @@ def _main_profile() -> Path:
     return profile_path("reference" if torch.cuda.is_available() else "quick")
 
 
-def _ensure_dataset(params_file: Path, overrides: dict[str, Any]) -> None:
+def _ensure_dataset(params: Params) -> None:
     """Try a download when no real dataset is found; on failure the run uses the synthetic
     demo (announced loudly by the run itself)."""
     from brainseg_lib.data.locate import download_dataset, find_real_dataset
 
-    params = load_params(params_file, **overrides)
     if params.synthetic or find_real_dataset(params.data_dir):
         return
     try:
         print(f"no dataset found; downloading it to {download_dataset()}")
-    except (RuntimeError, OSError) as err:
+    except (BrainsegError, OSError) as err:
         print(f"download failed: {err}", file=sys.stderr)
 
 
@@ -244,8 +272,10 @@ def _run(args: argparse.Namespace) -> int:
 
     params_file = _main_profile() if args.params == "auto" else Path(args.params)
     overrides = parse_overrides(args.set)
+    params = load_params(params_file, **overrides)
+    check_tracking_uri(params.tracking_uri)
     if not args.no_download:
-        _ensure_dataset(params_file, overrides)
+        _ensure_dataset(params)
     summary = run_pipeline(params_file, name=args.name, reports_dir=args.reports_dir,
                            overrides=overrides)
     return 0 if summary["status"] == "succeeded" else 1
@@ -403,14 +433,27 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _one_line_warning(message: Warning | str, category: type[Warning], *_: Any,
+                      **__: Any) -> str:
+    """Warnings as the CLI prints them: one line each, like its errors."""
+    return f"brainseg: warning: {message}\n"
+
+
 def main(argv: list[str] | None = None) -> int:
+    """Run one command. A user error (:data:`USER_ERRORS`) is one line on stderr and exit 2
+    (with its traceback when ``BRAINSEG_DEBUG=1``); any other exception is a bug and
+    propagates with its traceback."""
     args = build_parser().parse_args(argv)
+    formatwarning, warnings.formatwarning = warnings.formatwarning, _one_line_warning
     try:
         return args.func(args)
-    except (ParamsError, DatasetError, FileNotFoundError, FileExistsError, ValueError,
-            RuntimeError) as err:
+    except USER_ERRORS as err:
+        if os.environ.get(DEBUG_ENV, "") not in ("", "0"):
+            traceback.print_exc()
         print(f"brainseg: error: {err}", file=sys.stderr)
         return 2
+    finally:
+        warnings.formatwarning = formatwarning
 
 
 if __name__ == "__main__":

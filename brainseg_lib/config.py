@@ -309,6 +309,10 @@ def _check_ranges(params: Params) -> None:
 
 def params_from_dict(values: dict[str, Any], source: str = "<dict>") -> Params:
     """Build parameters from a flat mapping; unknown keys are errors naming the closest key."""
+    odd = [k for k in values if not isinstance(k, str)]
+    if odd:  # YAML reads yes/no/on/off, numbers and dates as such, also as keys
+        raise ParamsError(f"{source}: parameter name {odd[0]!r} is a {type(odd[0]).__name__}, "
+                          "not a name (quote it if it is meant as one)")
     retired = [f"'{k}' ({RETIRED[k]})" for k in values if k in RETIRED]
     if retired:
         raise ParamsError(f"{source}: parameter no longer used: {'; '.join(retired)}")
@@ -317,7 +321,7 @@ def params_from_dict(values: dict[str, Any], source: str = "<dict>") -> Params:
         raise ParamsError(f"{source}: parameter renamed: {'; '.join(renamed)}")
     unknown = [k for k in values if k not in PARAM_NAMES]
     if unknown:
-        hints = "; ".join(f"'{k}'{_closest(k)}" for k in unknown)
+        hints = "; ".join(f"{k!r}{_closest(k)}" for k in unknown)  # repr: one line
         raise ParamsError(f"{source}: unknown parameter {hints}")
     try:
         return Params(**values)
@@ -339,8 +343,10 @@ def read_params_file(path: str | Path, kind: str = "parameter file") -> dict[str
         raise ParamsError(f"{path}: {kind} not found")
     try:
         values = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as err:
-        raise ParamsError(f"{path}: not valid YAML: {err}") from None
+    except (yaml.YAMLError, UnicodeDecodeError, RecursionError) as err:
+        problem = " ".join(str(err).split()) if isinstance(err, yaml.YAMLError) else (
+            "not UTF-8 text" if isinstance(err, UnicodeDecodeError) else "nested too deeply")
+        raise ParamsError(f"{path}: not valid YAML: {problem}") from None
     if not isinstance(values, dict):
         raise ParamsError(f"{path}: expected a flat mapping of key: value")
     return values

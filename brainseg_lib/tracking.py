@@ -16,6 +16,7 @@ from __future__ import annotations
 import json
 import os
 import time
+import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -111,7 +112,14 @@ def _recorded(folder: Path, uri: str) -> str | None:
     path = folder / TRACKING_FILE
     if not path.is_file():
         return None
-    record = json.loads(path.read_text())
+    try:
+        record = json.loads(path.read_text())
+    except ValueError:  # JSONDecodeError and UnicodeDecodeError included
+        record = None
+    if not (isinstance(record, dict) and isinstance(record.get("run_id"), str)):
+        warnings.warn(f"{path}: not a tracking record; a new MLflow run is started",
+                      stacklevel=2)
+        return None
     return record["run_id"] if record.get("tracking_uri") == uri else None
 
 

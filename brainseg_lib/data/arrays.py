@@ -15,8 +15,10 @@ import json
 import os
 import warnings
 import zlib
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 from PIL import Image
@@ -182,27 +184,79 @@ def _part(stem: Path, part: str) -> Path:
     return stem.with_name(f"{stem.name}-{part}.npy")
 
 
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _ints(length: int) -> Callable[[Any], bool]:
+    return lambda v: isinstance(v, list) and len(v) == length and all(map(_is_int, v))
+
+
+_MANIFEST_CHECKS: dict[str, Callable[[Any], bool]] = {
+    "key": lambda v: isinstance(v, str), "split": lambda v: isinstance(v, str),
+    "files": lambda v: isinstance(v, list) and all(isinstance(f, str) for f in v),
+    "source_sizes": lambda v: isinstance(v, list) and all(map(_ints(2), v)),
+    "images_shape": _ints(4), "masks_shape": _ints(3),
+    "images_crc32": _is_int, "masks_crc32": _is_int,
+}
+
+
+@dataclass(frozen=True)
+class CacheManifest:
+    """A cached split's manifest, written last: the key it was built for, its files and
+    their sizes, and the arrays' shapes and CRC32s. Read back field by field, so a damaged
+    manifest is a rebuild that names the field, never a ``KeyError``."""
+
+    key: str
+    split: str
+    files: list[str]
+    source_sizes: list[list[int]]
+    images_shape: list[int]
+    masks_shape: list[int]
+    images_crc32: int
+    masks_crc32: int
+
+    @classmethod
+    def from_json(cls, data: Any) -> CacheManifest:
+        """The manifest in ``data``; ValueError naming the first missing or malformed field."""
+        if not isinstance(data, dict):
+            raise ValueError("the manifest is not a JSON object")
+        for f in fields(cls):
+            if f.name not in data:
+                raise ValueError(f"the manifest has no field '{f.name}'")
+            if not _MANIFEST_CHECKS[f.name](data[f.name]):
+                raise ValueError(f"the manifest's field '{f.name}' is malformed")
+        manifest = cls(**{f.name: data[f.name] for f in fields(cls)})
+        n = len(manifest.files)
+        if not n == len(manifest.source_sizes) == manifest.images_shape[0] == \
+                manifest.masks_shape[0]:
+            raise ValueError("the manifest's files, sizes and shapes disagree in length")
+        return manifest
+
+
 def _read_cache(stem: Path, key: str, mmap: bool) -> tuple[SplitArrays | None, str]:
+    """The cached split, or None and why not: a miss, a stale key, or a damaged manifest or
+    array (naming the field or file)."""
     manifest_file = stem.with_suffix(".json")
     if not manifest_file.exists():
         return None, "miss"
     mode = "r" if mmap else None
     try:
-        manifest = json.loads(manifest_file.read_text())
-        if manifest.get("key") != key:
+        manifest = CacheManifest.from_json(json.loads(manifest_file.read_text()))
+        if manifest.key != key:
             return None, "stale (key differs)"
         images = np.load(_part(stem, "images"), mmap_mode=mode, allow_pickle=False)
         masks = np.load(_part(stem, "masks"), mmap_mode=mode, allow_pickle=False)
-        if list(images.shape) != manifest["images_shape"] or list(masks.shape) != manifest[
-                "masks_shape"]:
+        if (list(images.shape) != manifest.images_shape
+                or list(masks.shape) != manifest.masks_shape):
             return None, "corrupt (array shape differs from manifest)"
-        if (_file_crc(_part(stem, "images")) != manifest["images_crc32"]
-                or _file_crc(_part(stem, "masks")) != manifest["masks_crc32"]):
+        if (_file_crc(_part(stem, "images")) != manifest.images_crc32
+                or _file_crc(_part(stem, "masks")) != manifest.masks_crc32):
             return None, "corrupt (checksum mismatch)"
-    except (OSError, ValueError, json.JSONDecodeError) as err:
-        return None, f"corrupt ({err})"
-    sizes = [tuple(s) for s in manifest["source_sizes"]]
-    return SplitArrays(manifest["split"], manifest["files"], images, masks, sizes), "hit"
+    except (OSError, ValueError) as err:  # JSONDecodeError and UnicodeDecodeError included
+        return None, f"corrupt ({manifest_file.name}: {err})"
+    sizes = [(int(h), int(w)) for h, w in manifest.source_sizes]
+    return SplitArrays(manifest.split, manifest.files, images, masks, sizes), "hit"
 
 
 def _write_cache(stem: Path, key: str, split: CocoSplit, size: int) -> None:
@@ -222,12 +276,11 @@ def _write_cache(stem: Path, key: str, split: CocoSplit, size: int) -> None:
 
     atomic_write(_part(stem, "images"), lambda ti: atomic_write(
         _part(stem, "masks"), lambda tm: fill(ti, tm)))
-    atomic_write_json(stem.with_suffix(".json"), {
-        "key": key, "split": split.name, "files": [img["file_name"] for img in split.images],
-        "source_sizes": sizes, "images_shape": list(image_shape),
-        "masks_shape": list(mask_shape), "images_crc32": _file_crc(_part(stem, "images")),
-        "masks_crc32": _file_crc(_part(stem, "masks")),
-    })
+    manifest = CacheManifest(
+        key, split.name, [img["file_name"] for img in split.images],
+        [list(s) for s in sizes], list(image_shape), list(mask_shape),
+        _file_crc(_part(stem, "images")), _file_crc(_part(stem, "masks")))
+    atomic_write_json(stem.with_suffix(".json"), asdict(manifest))
 
 
 def load_split_arrays(data_dir: str | Path, split: str, size: int,

@@ -50,9 +50,14 @@ class Issue:
 
 
 class DatasetError(BrainsegError):
-    """The dataset cannot be used; carries every error found, each naming split and file."""
+    """The dataset cannot be used; carries every error found, each naming split and file (or
+    one message naming the folder, for a problem of the dataset as a whole)."""
 
-    def __init__(self, issues: list[Issue]):
+    def __init__(self, issues: list[Issue] | str):
+        if isinstance(issues, str):
+            self.issues: list[Issue] = []
+            super().__init__(issues)
+            return
         self.issues = issues
         head = str(issues[0]) if issues else "dataset error"
         more = f" (and {len(issues) - 1} more)" if len(issues) > 1 else ""

@@ -12,6 +12,8 @@ annotations' hash and the threshold, so evaluation reads no image once they exis
 from __future__ import annotations
 
 import json
+import re
+import warnings
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -70,8 +72,13 @@ def duplicate_groups(arrays: dict[str, SplitArrays], max_bits: int, data_hash: s
     threshold. Returns ``{"clusters": {"split/file": label}, "hashes": {...},
     "clean_test": [...], ...}``."""
     cached = cached_groups(data_hash, max_bits, cache_dir)
-    if cached is not None:
-        return cached
+    return cached if cached is not None else _hash_groups(arrays, max_bits, data_hash,
+                                                          cache_dir)
+
+
+def _hash_groups(arrays: dict[str, SplitArrays], max_bits: int, data_hash: str,
+                 cache_dir: Path | None) -> dict[str, Any]:
+    """Hash every image, cluster, and write the grouping's JSON."""
     keys = [f"{split}/{f}" for split, a in arrays.items() for f in a.files]
     hashes = np.concatenate([phash(a) for a in arrays.values()])
     labels = duplicate_clusters(hashes, max_bits)
@@ -89,14 +96,46 @@ def _groups_file(data_hash: str, max_bits: int, cache_dir: Path | None) -> Path:
 
 def cached_groups(data_hash: str, max_bits: int, cache_dir: Path | None = None,
                   ) -> dict[str, Any] | None:
-    """The saved grouping of this data at this threshold, or None (then it must be hashed)."""
+    """The saved grouping of this data at this threshold, or None (then it must be hashed).
+
+    The file is derived, so it is checked, never trusted: one that does not hold a grouping
+    of this data (unreadable, a field missing, its summary not that of its clusters) is
+    reported in one warning naming it, and rebuilt by the caller."""
     path = _groups_file(data_hash, max_bits, cache_dir)
     if not path.exists():
         return None
-    cached = json.loads(path.read_text())
-    ok = (cached.get("data_hash") == data_hash and cached.get("max_bits") == max_bits
-          and "hashes" in cached)
-    return cached if ok else None
+    try:
+        cached = json.loads(path.read_text())
+        problem = _groups_problem(cached, data_hash, max_bits)
+    except ValueError as err:  # JSONDecodeError and UnicodeDecodeError included
+        problem = f"not JSON ({err})"
+    if problem:
+        warnings.warn(f"near-duplicate groups {path}: {problem}; rebuilding from the images",
+                      stacklevel=2)
+        return None
+    return cached
+
+
+_HEX64 = re.compile(r"[0-9a-f]{16}")
+
+
+def _groups_problem(cached: Any, data_hash: str, max_bits: int) -> str:
+    """What keeps ``cached`` from being the grouping of this data at ``max_bits`` ('' when
+    nothing): each field is checked, and the summary must be the one of its clusters."""
+    if not isinstance(cached, dict):
+        return "not a JSON object"
+    if cached.get("data_hash") != data_hash or cached.get("max_bits") != max_bits:
+        return "made for other data or another threshold"
+    clusters, hashes = cached.get("clusters"), cached.get("hashes")
+    if not isinstance(clusters, dict) or not all(
+            isinstance(v, int) and not isinstance(v, bool) for v in clusters.values()):
+        return "field 'clusters' missing or malformed"
+    if not isinstance(hashes, dict) or hashes.keys() != clusters.keys() or not all(
+            isinstance(h, str) and _HEX64.fullmatch(h) for h in hashes.values()):
+        return "field 'hashes' missing or malformed"
+    summary = json.loads(json.dumps(summarise_groups(clusters)))  # int keys as JSON has them
+    wrong = [k for k, v in summary.items() if cached.get(k) != v]
+    return f"field '{wrong[0]}' disagrees with the clusters" if wrong else ""
 
 
 def summarise_groups(clusters: dict[str, int]) -> dict[str, Any]:
@@ -124,7 +163,7 @@ def near_duplicate_groups(source: DataSource, bits: int,
     if cached is not None:
         return cached
     arrays = load_dataset(source.path, HASH_SIZE, cache_dir)
-    return duplicate_groups(arrays, bits, data_hash, cache_dir)
+    return _hash_groups(arrays, bits, data_hash, cache_dir)
 
 
 def cross_split_pairs(groups: dict[str, Any], max_bits: int | None = None) -> pd.DataFrame:

@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from brainseg_lib.config import Params
-from brainseg_lib.data.coco import dataset_hash
+from brainseg_lib.data.coco import DatasetError, dataset_hash
 from brainseg_lib.data.locate import DataSource, data_source, find_real_dataset
 from brainseg_lib.rundir import PROVENANCE_FILE, read_env
 
@@ -48,7 +48,7 @@ def data_for_run(run_dir: Path, params: Params, data_dir: str = "") -> DataSourc
 
 def check_data_identity(run_dir: Path, source: DataSource) -> str:
     """Compare the evaluated labels with those the run trained on; returns a sentence for
-    reports. Raises ValueError on a mismatch that no recorded provenance explains."""
+    reports. Raises DatasetError on a mismatch that no recorded provenance explains."""
     env = read_env(run_dir)
     if not env:
         return "training data not recorded"
@@ -59,5 +59,5 @@ def check_data_identity(run_dir: Path, source: DataSource) -> str:
     origin = trained.get("derived_from", {}).get("source_annotations_sha256")
     if origin == now:
         return f"{trained.get('provenance')}; evaluated on that dataset ({now})"
-    raise ValueError(f"{run_dir}: trained on annotations {trained.get('annotations_sha256')} "
+    raise DatasetError(f"{run_dir}: trained on annotations {trained.get('annotations_sha256')} "
                      f"but {source.path} holds {now}, and no recorded provenance links them")

@@ -93,16 +93,18 @@ def download_dataset(dest: Path | None = None) -> Path:
 
     Offline it fails within seconds with the manual steps, instead of retrying for minutes.
     """
+    from brainseg_lib.data.coco import DatasetError
+
     dest = dest or project_root() / "data" / "brain-tumor-coco"
     if not _online():
-        raise RuntimeError(f"cannot reach Kaggle (offline?). {MANUAL_STEPS}")
+        raise DatasetError(f"cannot reach Kaggle (offline?). {MANUAL_STEPS}")
     import kagglehub
 
     downloaded = Path(kagglehub.dataset_download(KAGGLE_ID))
     candidates = [p for p in [downloaded, *downloaded.rglob("*")] if p.is_dir()
                   and looks_like_dataset(p)]
     if not candidates:
-        raise RuntimeError(f"the download at {downloaded} has no train/valid/test split. "
+        raise DatasetError(f"the download at {downloaded} has no train/valid/test split. "
                            f"{MANUAL_STEPS}")
     dest.parent.mkdir(parents=True, exist_ok=True)
     if dest.exists():

@@ -13,6 +13,7 @@ from typing import Any
 
 import numpy as np
 
+from brainseg_lib.config import ParamsError
 from brainseg_lib.data.arrays import SplitArrays
 
 DEV_SPLITS = ("train", "valid")
@@ -26,7 +27,7 @@ def make_folds(groups: dict[str, Any], k: int, seed: int) -> dict[str, Any]:
         if key.split("/")[0] in DEV_SPLITS:
             by_cluster.setdefault(label, []).append(key)
     if k < 2 or k > len(by_cluster):
-        raise ValueError(f"folds: {k} folds need 2..{len(by_cluster)} clusters")
+        raise ParamsError(f"folds: {k} folds need 2..{len(by_cluster)} clusters")
     rng = np.random.default_rng(seed)
     clusters = list(by_cluster.values())
     order = rng.permutation(len(clusters))
@@ -46,10 +47,13 @@ def read_folds(path: Path) -> dict[str, Any]:
         raise FileNotFoundError(f"folds_file {path} does not exist (made by brainseg cv)")
     try:
         folds = json.loads(path.read_text())
-        assert isinstance(folds["folds"], list) and folds["folds"]
-    except (json.JSONDecodeError, KeyError, AssertionError, TypeError):
-        raise ValueError(f"{path}: not a folds file (expected {{'folds': [[...], ...]}})") \
-            from None
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        folds = None
+    lists = folds.get("folds") if isinstance(folds, dict) else None
+    if not (isinstance(lists, list) and lists and all(
+            isinstance(f, list) and all(isinstance(k, str) for k in f) for f in lists)):
+        raise ParamsError(f"{path}: not a folds file (expected {{'folds': [['split/file', "
+                          "...], ...]}})")
     return folds
 
 
@@ -59,7 +63,7 @@ def fold_split(data: dict[str, SplitArrays], folds_file: Path, fold: int,
     every development image exactly once."""
     folds = read_folds(folds_file)["folds"]
     if not 0 <= fold < len(folds):
-        raise ValueError(f"{folds_file}: fold {fold} out of range (0..{len(folds) - 1})")
+        raise ParamsError(f"{folds_file}: fold {fold} out of range (0..{len(folds) - 1})")
     dev = SplitArrays.concat("dev", [data[s] for s in DEV_SPLITS])
     keys = dev_keys(data)
     assigned = [k for f in folds for k in f]
@@ -67,9 +71,9 @@ def fold_split(data: dict[str, SplitArrays], folds_file: Path, fold: int,
         missing = set(keys) - set(assigned)
         extra = set(assigned) - set(keys)
         twice = len(assigned) - len(set(assigned))
-        raise ValueError(f"{folds_file}: folds do not cover the development images exactly "
-                         f"once ({len(missing)} missing, {len(extra)} unknown, {twice} "
-                         "repeated)")
+        raise ParamsError(f"{folds_file}: folds do not cover the development images exactly "
+                          f"once ({len(missing)} missing, {len(extra)} unknown, {twice} "
+                          "repeated)")
     held = set(folds[fold])
     is_held = np.array([k in held for k in keys])
     return {"train": dev.subset(np.flatnonzero(~is_held)),

@@ -43,7 +43,13 @@ from typing import Any
 
 import pandas as pd
 
-from brainseg_lib.config import PARAM_NAMES, ParamsError, load_params, read_params_file
+from brainseg_lib.config import (
+    PARAM_NAMES,
+    ParamsError,
+    load_params,
+    params_from_dict,
+    read_params_file,
+)
 from brainseg_lib.experiments.launcher import Child, run_children, visible_gpus
 from brainseg_lib.io import atomic_write, atomic_write_json
 from brainseg_lib.rundir import LOGS_DIR, STUDY_FILE, SWEEP_FILE, SWEEP_RECORD_FILE, RunDir
@@ -63,13 +69,18 @@ def read_grid(path: Path) -> dict[str, Any]:
     grid = read_params_file(path, kind="grid file")
     unknown = set(grid) - GRID_KEYS - {"space", "trials"}
     if unknown:
-        raise ParamsError(f"{path}: unknown key(s) {sorted(unknown)}")
-    if "base" not in grid:
+        raise ParamsError(f"{path}: unknown key(s) {sorted(map(str, unknown))}")
+    if not isinstance(grid.get("base"), str):
         raise ParamsError(f"{path}: 'base' (a parameter file) is required")
     base = Path(grid["base"])
     base = base if base.is_absolute() else (path.parent / base if (path.parent / base).exists()
                                             else base)
-    common = grid.get("common") or {}
+    try:  # the base's own errors name it; the grid's keys are blamed on the grid
+        load_params(base)
+    except ParamsError as err:
+        raise ParamsError(f"{path}: base: {err}") from None
+    common = _mapping(path, grid, "common")
+    params_from_dict(read_params_file(base) | common, source=f"{path}, common (over {base})")
     select_on = grid.get("select_on", "val_iou")
     if select_on not in SELECT_ON:
         raise ParamsError(f"{path}: select_on must be one of {SELECT_ON}")
@@ -77,27 +88,56 @@ def read_grid(path: Path) -> dict[str, Any]:
     pruner = grid.get("pruner", "median" if space else "none")
     if pruner not in PRUNERS:
         raise ParamsError(f"{path}: pruner must be one of {PRUNERS}")
-    checked = {"name": path.stem, "base": base, "parallel": int(grid.get("parallel", 0)),
-               "select_on": select_on, "common": common, "pruner": pruner,
-               "prune_startup": int(grid.get("prune_startup", 2)),
-               "prune_warmup": int(grid.get("prune_warmup", 1))}
+    checked = {"name": path.stem, "base": base,
+               "parallel": _whole_number(path, grid, "parallel", 0), "select_on": select_on,
+               "common": common, "pruner": pruner,
+               "prune_startup": _whole_number(path, grid, "prune_startup", 2),
+               "prune_warmup": _whole_number(path, grid, "prune_warmup", 1)}
     if space is not None:
         if grid.get("variants") or grid.get("grid"):
             raise ParamsError(f"{path}: give either 'space' or 'variants'/'grid', not both")
         return checked | {"space": _check_space(path, space, base, common),
                           "trials": _positive_int(path, grid.get("trials"))}
-    variants: dict[str, dict[str, Any]] = dict(grid.get("variants") or {})
-    product = grid.get("grid") or {}
+    return checked | {"variants": _variants(path, grid, base, common)}
+
+
+def _mapping(path: Path, grid: dict[str, Any], key: str) -> dict[Any, Any]:
+    """``grid[key]`` as a mapping ({} when absent or empty); one line naming it otherwise."""
+    value = grid.get(key) or {}
+    if not isinstance(value, dict):
+        raise ParamsError(f"{path}: '{key}' must be a mapping (key: value), got {value!r}")
+    return value
+
+
+def _whole_number(path: Path, grid: dict[str, Any], key: str, default: int) -> int:
+    value = grid.get(key, default)
+    if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+        raise ParamsError(f"{path}: '{key}' must be a whole number >= 0, got {value!r}")
+    return value
+
+
+def _variants(path: Path, grid: dict[str, Any], base: Path,
+              common: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    """Named variants and the product grid's, each validated before any training; a bad key
+    or value is blamed on the grid file and the variant."""
+    variants = dict(_mapping(path, grid, "variants"))
+    product = _mapping(path, grid, "grid")
+    if not all(isinstance(v, list) and v for v in product.values()):
+        raise ParamsError(f"{path}: 'grid' must map parameter names to lists of values")
     for combo in itertools.product(*product.values()) if product else []:
         values = dict(zip(product, combo, strict=True))
         variants["-".join(f"{k}={v}" for k, v in values.items())] = values
     if not variants:
         raise ParamsError(f"{path}: no variants (give 'variants' and/or 'grid', or 'space')")
-    for name, overrides in variants.items():  # every variant validated before any training
-        load_params(base, **(common | (overrides or {})))
-        if "/" in name:
-            raise ParamsError(f"{path}: variant name {name!r} may not contain '/'")
-    return checked | {"variants": {k: v or {} for k, v in variants.items()}}
+    base_values = read_params_file(base)
+    for name, overrides in variants.items():
+        if not isinstance(name, str) or "/" in name:
+            raise ParamsError(f"{path}: variant name {name!r} must be text without '/'")
+        if not isinstance(overrides or {}, dict):
+            raise ParamsError(f"{path}: variant {name!r} must be a mapping (key: value)")
+        params_from_dict(base_values | common | (overrides or {}),
+                         source=f"{path}, variant {name!r} (over {base})")
+    return {k: v or {} for k, v in variants.items()}
 
 
 def _positive_int(path: Path, value: Any) -> int:

@@ -37,6 +37,7 @@ from brainseg_lib.rundir import (
     environment_info,
     target_run_dir,
 )
+from brainseg_lib.stores import check_tracking_uri
 from brainseg_lib.tracking import Tracker, training_run
 from brainseg_lib.training.batches import ResidentBatches, StreamedBatches, make_batches
 from brainseg_lib.training.distributed import (
@@ -126,6 +127,7 @@ def train(params: Params, progress: bool = True,
         raise ParamsError(f"report_model is set ({params.report_model}): these parameters "
                           "report on that model instead of training one; to train, unset it "
                           "(--set 'report_model=\"\"')")
+    check_tracking_uri(params.tracking_uri)  # before minutes of loading, not after
     ctx = init_from_env(params.device)  # several processes under torchrun
     try:
         session = TrainingSession.open(params, ctx, resume_overrides or {})
