@@ -61,7 +61,8 @@ def test_tracking_off_never_imports_mlflow(tmp_path, synthetic_root, monkeypatch
     assert params.tracking_uri == ""
     run_dir = train(params, progress=False).run_dir
     evaluate_run(run_dir, "test", verbose=False)
-    assert main(["export", str(run_dir), "--out", str(tmp_path / "model"), "--fp32"]) == 0
+    assert main(["export", str(run_dir), "--out", str(tmp_path / "model"), "--fp32",
+                 "--dataset-name", "synthetic demo", "--dataset-licence", "unknown"]) == 0
     log_report(run_dir, params, tmp_path)
     assert hook.asked == [] and not any(m.split(".")[0] == "mlflow" for m in sys.modules)
     assert not list((tmp_path / "runs").glob("*/tracking.json"))
