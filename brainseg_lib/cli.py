@@ -150,7 +150,7 @@ def _predict(args: argparse.Namespace) -> int:
     written, skipped = predict_files(model, args.inputs, args.out, args.threshold,
                                      args.tta, args.device, args.backend)
     print(f"{len(written)} masks written to {args.out}; {len(skipped)} inputs skipped")
-    return 0 if written or not skipped else 1
+    return 1 if skipped else 0  # some inputs were not read: a script must notice
 
 
 def _export(args: argparse.Namespace) -> int:
