@@ -33,6 +33,7 @@ from brainseg_lib.data.duplicates import near_duplicate_groups
 from brainseg_lib.data.images import decode_rgb8
 from brainseg_lib.data.locate import DataSource
 from brainseg_lib.experiments.sweep import read_grid
+from brainseg_lib.inference.files import predict_files, save_png
 from brainseg_lib.stores import check_tracking_uri
 from conftest import ROOT
 
@@ -309,6 +310,63 @@ def test_a_folder_with_no_images_is_an_error(checkpoint, tmp_path, capsys):
     assert said.err.strip().splitlines() == [
         f"brainseg: error: predict {empty}: no images there (files ending .jpg, .jpeg, .png, "
         ".bmp, .tif, .tiff)"]
+
+
+# --- 6. outputs -------------------------------------------------------------------------------
+
+def test_a_png_being_replaced_is_never_seen_half_written(tmp_path):
+    """Writers race to one path while a reader keeps decoding it: every read is one writer's
+    whole image (Pillow writing straight to the path let readers see truncated files)."""
+    rng = np.random.default_rng(0)
+    images = [rng.integers(0, 256, (700, 700, 3), dtype=np.uint8) for _ in range(2)]
+    path = tmp_path / "scan_overlay.png"
+    save_png(images[0], path)
+    done = threading.Event()
+    seen = []
+
+    def write(image):
+        for _ in range(6):
+            save_png(image, path)
+
+    def read():
+        while not done.is_set():
+            with Image.open(path) as pil:
+                seen.append(np.asarray(pil))
+
+    reader = threading.Thread(target=read)
+    writers = [threading.Thread(target=write, args=(image,)) for image in images]
+    reader.start()
+    for t in writers:
+        t.start()
+    for t in writers:
+        t.join()
+    done.set()
+    reader.join()
+    assert seen and all(any(np.array_equal(s, i) for i in images) for s in seen)
+    assert [p.name for p in tmp_path.iterdir()] == [path.name]  # no temporary file left
+
+
+def test_two_predicts_into_one_folder_leave_complete_files_each_from_one_run(
+        checkpoint, tmp_path):
+    grey = _mri_slice()
+    runs = {}
+    for name, image in (("a", grey), ("b", 255 - grey)):
+        (tmp_path / name).mkdir()
+        Image.fromarray(image).save(tmp_path / name / "scan.png")
+        predict_files(checkpoint, [tmp_path / name], tmp_path / f"alone-{name}", device="cpu")
+        runs[name] = [np.asarray(Image.open(tmp_path / f"alone-{name}" / f"scan_{k}.png"))
+                      for k in ("mask", "overlay")]
+    out = tmp_path / "out"
+    threads = [threading.Thread(target=predict_files, args=(checkpoint, [tmp_path / n], out),
+                                kwargs={"device": "cpu"}) for n in ("a", "b", "a", "b")]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert sorted(p.name for p in out.iterdir()) == ["scan_mask.png", "scan_overlay.png"]
+    for k, name in enumerate(("mask", "overlay")):
+        written = np.asarray(Image.open(out / f"scan_{name}.png"))
+        assert any(np.array_equal(written, run[k]) for run in runs.values())
 
 
 # --- property tests: any mutation of a valid record ------------------------------------------
