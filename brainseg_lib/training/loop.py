@@ -45,7 +45,6 @@ from brainseg_lib.rundir import (
     target_run_dir,
     training_record,
 )
-from brainseg_lib.stores import check_tracking_uri
 from brainseg_lib.tracking import Tracker, training_run
 from brainseg_lib.training.batches import ResidentBatches, StreamedBatches, make_batches
 from brainseg_lib.training.distributed import (
@@ -163,7 +162,6 @@ def train(params: Params, progress: bool = True,
     ``last.pt`` and the history kept. Raises TrainingDivergedError on a non-finite loss.
     With ``tracking_uri`` set, the session logs to the run's MLflow run (:mod:`.tracking`).
     """
-    check_tracking_uri(params.tracking_uri)  # before minutes of loading, not after
     ctx = init_from_env(params.device)  # several processes under torchrun
     try:
         session = _Session.open(params, ctx, resume_overrides or {})
