@@ -99,17 +99,17 @@ def read_grid(path: Path) -> dict[str, Any]:
     pruner = grid.get("pruner", "median" if space else "none")
     if pruner not in PRUNERS:
         raise ParamsError(f"{path}: pruner must be one of {PRUNERS}")
-    out = {"name": path.stem, "base": base,
-           "parallel": _whole_number(path, grid, "parallel", 0), "select_on": select_on,
-           "common": common, "pruner": pruner,
-           "prune_startup": _whole_number(path, grid, "prune_startup", 2),
-           "prune_warmup": _whole_number(path, grid, "prune_warmup", 1)}
+    checked = {"name": path.stem, "base": base,
+               "parallel": _whole_number(path, grid, "parallel", 0), "select_on": select_on,
+               "common": common, "pruner": pruner,
+               "prune_startup": _whole_number(path, grid, "prune_startup", 2),
+               "prune_warmup": _whole_number(path, grid, "prune_warmup", 1)}
     if space is not None:
         if grid.get("variants") or grid.get("grid"):
             raise ParamsError(f"{path}: give either 'space' or 'variants'/'grid', not both")
-        return out | {"space": _check_space(path, space, base, common),
-                      "trials": _positive_int(path, grid.get("trials"))}
-    return out | {"variants": _variants(path, grid, base, common)}
+        return checked | {"space": _check_space(path, space, base, common),
+                          "trials": _positive_int(path, grid.get("trials"))}
+    return checked | {"variants": _variants(path, grid, base, common)}
 
 
 def _mapping(path: Path, grid: dict[str, Any], key: str) -> dict[Any, Any]:
