@@ -99,13 +99,13 @@ def _data_resize(args: argparse.Namespace) -> int:
 
 
 def _train(args: argparse.Namespace) -> int:
-    from brainseg_lib.training.loop import train
-
     changes = parse_overrides(args.set)  # a resumed run may take these, not the options
     options = {key: value for key, value in (("resume", args.resume), ("run_id", args.run_id))
                if value}
     params = load_params(args.params, **(changes | options))
     check_tracking_uri(params.tracking_uri)  # before minutes of loading, not after
+    from brainseg_lib.training.loop import train  # torch: after the checks, not before
+
     result = train(params, progress=not args.no_progress, resume_overrides=changes)
     print(f"run directory: {result.run_dir}")
     return 0
@@ -151,7 +151,7 @@ def _predict(args: argparse.Namespace) -> int:
     written, skipped = predict_files(model, args.inputs, args.out, args.threshold,
                                      args.tta, args.device, args.backend)
     print(f"{len(written)} masks written to {args.out}; {len(skipped)} inputs skipped")
-    return 0 if written or not skipped else 1
+    return 1 if skipped else 0  # some inputs were not read: a script must notice
 
 
 def _export(args: argparse.Namespace) -> int:

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import http.server
 import json
+import os
 import shutil
 import socket
 import threading
@@ -23,13 +24,16 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from PIL import Image
 
 from brainseg_lib.cli import main
 from brainseg_lib.config import ParamsError, load_params
 from brainseg_lib.data.arrays import CacheManifest, load_split_arrays
 from brainseg_lib.data.duplicates import near_duplicate_groups
+from brainseg_lib.data.images import decode_rgb8
 from brainseg_lib.data.locate import DataSource
 from brainseg_lib.experiments.sweep import read_grid
+from brainseg_lib.inference.files import predict_files, save_png
 from brainseg_lib.stores import check_tracking_uri
 from conftest import ROOT
 
@@ -178,6 +182,191 @@ def test_a_bad_grid_file_is_one_line_blaming_the_grid(tmp_path, capsys, grid, bl
                           capsys)
     assert blamed.format(grid=path, base=base) in err
     assert not (tmp_path / "o").exists()
+
+
+# --- 5. images --------------------------------------------------------------------------------
+
+def _mri_slice() -> np.ndarray:
+    """A greyscale test slice of the real data when present, else a synthetic one (uint8)."""
+    found = sorted(Path(os.environ.get("BRAINSEG_DATA") or ROOT / "data").glob("test/*.jpg"))
+    if found:
+        return np.asarray(Image.open(found[0]).convert("L"))
+    yy, xx = np.mgrid[:96, :80]
+    return np.rint(255 * np.exp(-((yy - 48) ** 2 + (xx - 40) ** 2) / 800)).astype(np.uint8)
+
+
+# each mode as an exporter writes it, from an 8-bit slice; lossless, so the grey must match
+STORED = {
+    "L": lambda g: Image.fromarray(g),
+    "1": lambda g: Image.fromarray(g).point(lambda v: 255 * (v >= 128)).convert("1"),
+    "I;16": lambda g: Image.fromarray(g.astype(np.uint16) * 257),  # 16-bit MRI export
+    "I": lambda g: Image.fromarray(g.astype(np.int32) * 1000 - 7000),
+    "F": lambda g: Image.fromarray(g.astype(np.float32) / 255),
+    "LA": lambda g: Image.fromarray(g).convert("LA"),
+    "P": lambda g: Image.fromarray(g).convert("P", palette=Image.Palette.ADAPTIVE, colors=256),
+    "RGB": lambda g: Image.fromarray(g).convert("RGB"),
+    "RGBA": lambda g: Image.fromarray(g).convert("RGBA"),
+    "CMYK": lambda g: Image.fromarray(g).convert("CMYK"),
+}
+
+
+@pytest.mark.parametrize("mode", list(STORED))
+def test_every_pillow_mode_is_read_by_its_real_range(tmp_path, mode):
+    grey = _mri_slice()
+    stored = STORED[mode](grey)
+    suffix = "tif" if mode in ("I", "F", "CMYK") else "png"
+    path = tmp_path / f"slice-{mode.replace(';', '')}.{suffix}"
+    stored.save(path)
+    rgb, read_mode = decode_rgb8(path)
+    assert read_mode == Image.open(path).mode and rgb.dtype == np.uint8
+    assert rgb.shape == (*grey.shape, 3)
+    want = (grey >= 128) * np.uint8(255) if mode == "1" else grey
+    if mode in ("P", "CMYK"):  # a palette of 256 greys, and CMYK's own rounding
+        assert np.abs(rgb[..., 0].astype(int) - want).max() <= 2
+    else:
+        np.testing.assert_array_equal(rgb[..., 0], want)
+    assert (rgb[..., 0] == rgb[..., 2]).all()
+
+
+def test_the_training_reader_reads_a_16_bit_slice_by_its_range(data_root):
+    from brainseg_lib.data.coco import load_split, read_image
+
+    split = load_split(data_root, "train")
+    image = split.images[0]
+    eight_bit, _ = read_image(split, image)
+    grey = eight_bit[..., 0]
+    path = split.image_path(image)
+    Image.fromarray(grey.astype(np.uint16) * 257).save(path, format="PNG")  # same name
+    sixteen_bit, mode = read_image(split, image)
+    assert mode == "I;16"
+    low, high = int(grey.min()), int(grey.max())  # its own range to 0..255, not clipped
+    stretched = np.rint((grey.astype(float) - low) * 255 / (high - low)).astype(np.uint8)
+    np.testing.assert_array_equal(sixteen_bit[..., 0], stretched)
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+    """An untrained smoke-sized network's checkpoint: enough to drive predict's input and
+    output handling (the overlays show the pixels it read)."""
+    import torch
+
+    from brainseg_lib.model.checkpoint import save_checkpoint
+    from brainseg_lib.model.network import create_model
+
+    params = load_params(ROOT / "params" / "smoke.yaml")
+    torch.manual_seed(0)
+    model, _ = create_model(params.arch, params.encoder, "none", params.in_channels, False,
+                            params.decoder_channels)
+    path = tmp_path_factory.mktemp("model") / "best.pt"
+    save_checkpoint(path, {"model": model.state_dict(), "params": params.to_dict(),
+                           "epoch": 1})
+    return path
+
+
+def _predict(checkpoint, inputs, out, capsys):
+    code = main(["predict", *map(str, inputs), "--checkpoint", str(checkpoint), "--out",
+                 str(out), "--device", "cpu"])
+    return code, capsys.readouterr()
+
+
+def test_a_16_bit_input_is_predicted_as_its_8_bit_self(checkpoint, tmp_path, capsys):
+    grey = _mri_slice()
+    inputs = tmp_path / "in"
+    inputs.mkdir()
+    Image.fromarray(grey).save(inputs / "eight.png")
+    Image.fromarray(grey.astype(np.uint16) * 257).save(inputs / "sixteen.png")
+    code, _ = _predict(checkpoint, [inputs], tmp_path / "out", capsys)
+    assert code == 0
+    for kind in ("mask", "overlay"):
+        a, b = (np.asarray(Image.open(tmp_path / "out" / f"{n}_{kind}.png"))
+                for n in ("eight", "sixteen"))
+        np.testing.assert_array_equal(a, b)
+
+
+def test_a_decompression_bomb_is_skipped_with_its_reason_and_counted(checkpoint, tmp_path,
+                                                                     capsys, monkeypatch):
+    inputs = tmp_path / "in"
+    inputs.mkdir()
+    Image.fromarray(_mri_slice()).resize((64, 64)).save(inputs / "small.png")
+    Image.new("L", (400, 300)).save(inputs / "huge.png")
+    (inputs / "broken.jpg").write_bytes(b"\xff\xd8 not a JPEG")
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 50_000)  # huge.png is 120,000 pixels
+    code, said = _predict(checkpoint, [inputs], tmp_path / "out", capsys)
+    assert code == 1  # some inputs were skipped: the status says so
+    assert "1 masks written" in said.out and "2 inputs skipped" in said.out
+    reasons = dict(line.split(": ", 1) for line in said.err.splitlines())
+    assert "too large to decode safely" in reasons[f"skipped {inputs / 'huge.png'}"]
+    assert "unreadable" in reasons[f"skipped {inputs / 'broken.jpg'}"]
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["small_mask.png",
+                                                                    "small_overlay.png"]
+
+
+def test_a_folder_with_no_images_is_an_error(checkpoint, tmp_path, capsys):
+    empty = tmp_path / "scans"
+    empty.mkdir()
+    (empty / "notes.txt").write_text("no images here")
+    code, said = _predict(checkpoint, [empty], tmp_path / "out", capsys)
+    assert code == 2
+    assert said.err.strip().splitlines() == [
+        f"brainseg: error: predict {empty}: no images there (files ending .jpg, .jpeg, .png, "
+        ".bmp, .tif, .tiff)"]
+
+
+# --- 6. outputs -------------------------------------------------------------------------------
+
+def test_a_png_being_replaced_is_never_seen_half_written(tmp_path):
+    """Writers race to one path while a reader keeps decoding it: every read is one writer's
+    whole image (Pillow writing straight to the path let readers see truncated files)."""
+    rng = np.random.default_rng(0)
+    images = [rng.integers(0, 256, (700, 700, 3), dtype=np.uint8) for _ in range(2)]
+    path = tmp_path / "scan_overlay.png"
+    save_png(images[0], path)
+    done = threading.Event()
+    seen = []
+
+    def write(image):
+        for _ in range(6):
+            save_png(image, path)
+
+    def read():
+        while not done.is_set():
+            with Image.open(path) as pil:
+                seen.append(np.asarray(pil))
+
+    reader = threading.Thread(target=read)
+    writers = [threading.Thread(target=write, args=(image,)) for image in images]
+    reader.start()
+    for t in writers:
+        t.start()
+    for t in writers:
+        t.join()
+    done.set()
+    reader.join()
+    assert seen and all(any(np.array_equal(s, i) for i in images) for s in seen)
+    assert [p.name for p in tmp_path.iterdir()] == [path.name]  # no temporary file left
+
+
+def test_two_predicts_into_one_folder_leave_complete_files_each_from_one_run(
+        checkpoint, tmp_path):
+    grey = _mri_slice()
+    runs = {}
+    for name, image in (("a", grey), ("b", 255 - grey)):
+        (tmp_path / name).mkdir()
+        Image.fromarray(image).save(tmp_path / name / "scan.png")
+        predict_files(checkpoint, [tmp_path / name], tmp_path / f"alone-{name}", device="cpu")
+        runs[name] = [np.asarray(Image.open(tmp_path / f"alone-{name}" / f"scan_{k}.png"))
+                      for k in ("mask", "overlay")]
+    out = tmp_path / "out"
+    threads = [threading.Thread(target=predict_files, args=(checkpoint, [tmp_path / n], out),
+                                kwargs={"device": "cpu"}) for n in ("a", "b", "a", "b")]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert sorted(p.name for p in out.iterdir()) == ["scan_mask.png", "scan_overlay.png"]
+    for k, name in enumerate(("mask", "overlay")):
+        written = np.asarray(Image.open(out / f"scan_{name}.png"))
+        assert any(np.array_equal(written, run[k]) for run in runs.values())
 
 
 # --- property tests: any mutation of a valid record ------------------------------------------

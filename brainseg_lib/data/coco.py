@@ -27,9 +27,9 @@ from pathlib import Path
 from typing import Any, Literal
 
 import numpy as np
-from PIL import Image, UnidentifiedImageError
 from pycocotools import mask as mask_utils
 
+from brainseg_lib.data.images import UnreadableImageError, decode_rgb8
 from brainseg_lib.errors import BrainsegError
 
 SPLITS = ("train", "valid", "test")
@@ -407,7 +407,8 @@ def load_split(data_dir: str | Path, split: str) -> CocoSplit:
 
 
 def read_image(split: CocoSplit, image: dict[str, Any]) -> tuple[np.ndarray, str]:
-    """Decode one image fully as RGB uint8 (H, W, 3) and say which mode it was converted from.
+    """Decode one image fully as RGB uint8 (H, W, 3) (:func:`.images.to_rgb8`: 16-bit and
+    float images by their own range) and say which mode it was converted from.
 
     Raises DatasetError (naming split and file) for a missing, unreadable, truncated or
     wrongly sized image.
@@ -418,18 +419,16 @@ def read_image(split: CocoSplit, image: dict[str, Any]) -> tuple[np.ndarray, str
         return DatasetError([Issue("error", split.name, str(path), problem)])
 
     try:
-        with Image.open(path) as pil:
-            pil.load()
-            mode = pil.mode
-            rgb = pil.convert("RGB") if mode != "RGB" else pil.copy()
+        rgb, mode = decode_rgb8(path)
     except FileNotFoundError:
         raise error("image listed in the JSON is missing on disk") from None
-    except (UnidentifiedImageError, OSError, SyntaxError) as err:
-        raise error(f"unreadable or truncated image: {err}") from None
-    if rgb.size != (int(image["width"]), int(image["height"])):
-        raise error(f"image is {rgb.size[0]}x{rgb.size[1]} but the JSON says "
+    except UnreadableImageError as err:
+        raise error(str(err)) from None
+    height, width = rgb.shape[:2]
+    if (width, height) != (int(image["width"]), int(image["height"])):
+        raise error(f"image is {width}x{height} but the JSON says "
                     f"{image['width']}x{image['height']}")
-    return np.asarray(rgb), mode
+    return rgb, mode
 
 
 def raise_on_errors(split: CocoSplit) -> CocoSplit:

@@ -21,6 +21,7 @@ from brainseg_lib.data.coco import (
     read_image,
     read_json_text,
 )
+from brainseg_lib.io import atomic_write_text
 from brainseg_lib.rundir import PROVENANCE_FILE
 
 
@@ -83,8 +84,8 @@ def resize_dataset(src: str | Path, dst: str | Path, size: int, grey: bool = Fal
             if isinstance(a.get("segmentation"), dict)
             else _scale_annotation(a, *scale[image_key(a["image_id"])])
             for a in data["annotations"]]
-        (dst / name / ANNOTATION_FILE).write_text(json.dumps(data))
-    (dst / PROVENANCE_FILE).write_text(json.dumps({
+        atomic_write_text(dst / name / ANNOTATION_FILE, json.dumps(data))  # after its images
+    atomic_write_text(dst / PROVENANCE_FILE, json.dumps({
         "source": str(src.resolve()), "source_annotations_sha256": dataset_hash(src),
         "size": size, "grey": grey, "jpeg_quality": quality}, indent=2))
     return dst
