@@ -20,6 +20,7 @@ from brainseg_lib.data.arrays import SplitArrays, load_dataset
 from brainseg_lib.data.duplicates import near_duplicate_groups
 from brainseg_lib.data.locate import DataSource, data_source
 from brainseg_lib.data.splits import dev_keys, fold_indices, make_folds, read_folds
+from brainseg_lib.errors import BrainsegError
 from brainseg_lib.evaluation.evaluate import ChosenOn, EvalTarget, evaluate_on_split
 from brainseg_lib.evaluation.predictions import SplitPrediction, predict_split
 from brainseg_lib.evaluation.records import Scored, metric_block
@@ -69,6 +70,10 @@ def _prepare_folds(params: Params, source: DataSource,
     return cv_dir, read_folds(folds_file)["folds"], groups
 
 
+class FoldsError(BrainsegError, RuntimeError):
+    """Fold trainings that failed or did not finish: rerunning the command resumes them."""
+
+
 def _train_folds(params_file: Path, overrides: dict[str, Any], cv_dir: Path, n_folds: int,
                  parallel: int, evaluate: bool) -> list[TrainJob]:
     """One run per fold (finished ones are kept); RuntimeError when one failed, or is not
@@ -81,12 +86,12 @@ def _train_folds(params_file: Path, overrides: dict[str, Any], cv_dir: Path, n_f
     codes = run_jobs(jobs, parallel, cv_dir / LOGS_DIR)
     failed = [n for n, c in codes.items() if c != 0]
     if failed:
-        raise RuntimeError(f"cv {cv_dir}: fold(s) {', '.join(failed)} failed; see "
-                           f"{cv_dir / 'logs'}; run the same command again to resume")
+        raise FoldsError(f"cv {cv_dir}: fold(s) {', '.join(failed)} failed; see "
+                         f"{cv_dir / 'logs'}; run the same command again to resume")
     unfinished = [job.name for job in jobs if not job.run.is_finished]
     if unfinished and evaluate:
-        raise RuntimeError(f"cv {cv_dir}: fold(s) {', '.join(unfinished)} not finished; run "
-                           "the same command again to resume")
+        raise FoldsError(f"cv {cv_dir}: fold(s) {', '.join(unfinished)} not finished; run "
+                         "the same command again to resume")
     return jobs
 
 

@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from brainseg_lib.config import Params
+from brainseg_lib.config import Params, ParamsError
 from brainseg_lib.data.arrays import resize_image
 from brainseg_lib.model.checkpoint import ArtifactError, network_from_checkpoint
 from brainseg_lib.model.device import (
@@ -113,7 +113,7 @@ def resolve_backend(path: str | Path, device: str, backend: Backend) -> str:
     """The engine: as asked, or for ``auto`` the first of ``AUTO_ENGINES`` for this kind of
     processor that is available (onnxruntime: the model folder has verified ONNX files)."""
     if backend not in BACKENDS:
-        raise ValueError(f"backend {backend!r}: expected one of {', '.join(BACKENDS)}")
+        raise ParamsError(f"backend {backend!r}: expected one of {', '.join(BACKENDS)}")
     if backend != "auto":
         return backend
     folder = _onnx_folder(Path(path))
@@ -130,7 +130,7 @@ def _load_onnx(path: Path, device: str, backend: str) -> LoadedModel:
     from brainseg_lib.model.onnx_export import OnnxMember
 
     if device == "cuda":
-        raise ValueError(f"backend {backend} runs on the CPU; use --backend torch on cuda")
+        raise ParamsError(f"backend {backend} runs on the CPU; use --backend torch on cuda")
     folder = _onnx_folder(path)
     if folder is None:
         raise ArtifactError(f"{path}: backend onnxruntime needs a model folder with a "

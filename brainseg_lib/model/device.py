@@ -24,7 +24,7 @@ from typing import Any
 
 import torch
 
-from brainseg_lib.config import Params
+from brainseg_lib.config import Params, ParamsError
 
 BF16_FLAGS = ("amx_bf16", "avx512_bf16")  # /proc/cpuinfo flags of native bf16 arithmetic
 BF16_MARGIN = 0.95  # probed bf16 is kept when its step takes at most this share of fp32's
@@ -67,7 +67,7 @@ FP32 = Precision(None, "fp32")
 
 def select_device(choice: str) -> torch.device:
     if choice == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError("device: cuda was asked for but CUDA is not available")
+        raise ParamsError("device: cuda was asked for but CUDA is not available")
     if choice == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     return torch.device(choice)

@@ -17,6 +17,7 @@ import segmentation_models_pytorch as smp
 import torch
 from torch import nn
 
+from brainseg_lib.config import ParamsError
 from brainseg_lib.errors import BrainsegError
 
 HUB_HOST = "huggingface.co"
@@ -84,7 +85,7 @@ def build_network(arch: str, encoder: str, in_channels: int = 3,
         return smp.create_model(arch, encoder_name=encoder, encoder_weights=weights,
                                 in_channels=in_channels, classes=1, **widths)
     except KeyError as err:
-        raise ValueError(f"unknown architecture or encoder: {err}") from None
+        raise ParamsError(f"unknown architecture or encoder: {err}") from None
 
 
 def create_model(arch: str = "Unet", encoder: str = "resnet34", encoder_weights: str = "none",

@@ -17,6 +17,7 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 import torch
 
+from brainseg_lib.config import ParamsError
 from brainseg_lib.data.arrays import SplitArrays, read_rows
 
 DEVICE_SHARE = 0.5  # a split is made resident when it takes at most this share of free memory
@@ -34,7 +35,7 @@ class _Order:
     def __init__(self, n: int, batch_size: int, shuffle: bool, seed: int, rank: int,
                  world: int):
         if batch_size % world:
-            raise ValueError(f"batch_size {batch_size} must be divisible by the {world} "
+            raise ParamsError(f"batch_size {batch_size} must be divisible by the {world} "
                              "data-parallel processes")
         self.n, self.shuffle = n, shuffle
         self.batch_size = min(batch_size, n)

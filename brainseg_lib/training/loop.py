@@ -350,7 +350,7 @@ def _parent(params: Params, ctx: DistContext) -> tuple[dict[str, Any], dict[str,
     from brainseg_lib.model.parent import parent_weights
 
     if params.freeze_encoder_epochs and ctx.enabled:
-        raise ValueError("freeze_encoder_epochs: not under torchrun (DistributedDataParallel "
+        raise ParamsError("freeze_encoder_epochs: not under torchrun (DistributedDataParallel "
                          "cannot change which weights train); train in one process")
     if not params.init_from:
         return None
