@@ -206,40 +206,16 @@ def test_paired_difference_brainseg_minus_peer(synthetic_root, tmp_path, cache):
     )
     empty = _write_truth(synthetic_root, tmp_path / "empty", empty=True)
     brainseg_csv = tmp_path / "b" / "per_image.csv"
-    assert (
-        _score(
-            "--pred",
-            empty,
-            "--data",
-            synthetic_root,
-            "--out",
-            tmp_path / "p",
-            "--size",
-            64,
-            "--brainseg-run",
-            brainseg_csv,
-        )
-        == 0
-    )
-    rows = json.loads((tmp_path / "p" / "summary.json").read_text())["paired_brainseg_minus_peer"][
-        "rows"
-    ]
+
+    def paired(out: str, size: int) -> int:
+        return _score("--pred", empty, "--data", synthetic_root, "--out", tmp_path / out,
+                      "--size", size, "--brainseg-run", brainseg_csv)
+
+    assert paired("p", 64) == 0
+    summary = json.loads((tmp_path / "p" / "summary.json").read_text())
+    rows = summary["paired_brainseg_minus_peer"]["rows"]
     full = {r["metric"]: r for r in rows if r["subset"] == "full"}
     assert full["pooled_iou"]["brainseg_minus_peer"] == 1.0
     assert full["pooled_iou"]["verdict"] == "brainseg better"
     assert full["lesion_sensitivity"]["verdict"] == "brainseg better"
-    assert (
-        _score(
-            "--pred",
-            empty,
-            "--data",
-            synthetic_root,
-            "--out",
-            tmp_path / "q",
-            "--size",
-            32,
-            "--brainseg-run",
-            brainseg_csv,
-        )
-        == 2
-    )
+    assert paired("q", 32) == 2
