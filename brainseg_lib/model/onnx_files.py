@@ -26,6 +26,7 @@ from brainseg_lib.model.folder import (
     open_model_folder,
     verify_hashes,
 )
+from brainseg_lib.model.schema import is_file_in
 
 ONNX_FILE = "model.onnx"  # one per member: model-fold0.onnx ... beside model-fold0.safetensors
 INT8_SUFFIX = ".int8.onnx"  # the int8 variant of each: model.int8.onnx, model-fold0.int8.onnx
@@ -185,8 +186,7 @@ def verified_onnx(model_dir: str | Path, int8: bool = False) -> list[Path] | Non
         return None
     if record and int8:
         record = record.get("int8")
-    if not record or not all((model_dir / f).is_file() and not (model_dir / f).is_symlink()
-                             for f in record["files"]):
+    if not record or not all(is_file_in(model_dir, f) for f in record["files"]):
         return None
     return [model_dir / f for f in record["files"]]
 

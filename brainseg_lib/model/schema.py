@@ -59,13 +59,18 @@ def plain_name(name: Any) -> bool:
             and "\\" not in name and "\0" not in name and Path(name).name == name)
 
 
+def is_file_in(folder: Path, name: Any) -> bool:
+    """Whether ``folder/name`` is a regular file of the folder itself (a plain name, not a
+    link that leads elsewhere)."""
+    path = folder / name if plain_name(name) else None
+    return path is not None and not path.is_symlink() and path.is_file()
+
+
 def file_in(folder: Path, name: str) -> Path:
-    """``folder/name`` when it is a regular file of the folder itself (not a link that
-    leads elsewhere); an ArtifactError otherwise."""
-    path = folder / name
-    if not plain_name(name) or path.is_symlink() or not path.is_file():
-        raise ArtifactError(f"{path}: not a plain file inside {folder}; refused")
-    return path
+    """``folder/name`` when :func:`is_file_in`; an ArtifactError otherwise."""
+    if not is_file_in(folder, name):
+        raise ArtifactError(f"{folder / str(name)}: not a plain file inside {folder}; refused")
+    return folder / name
 
 
 def _is(kind: type | tuple[type, ...], null: bool = False) -> Callable[[Any], bool]:
