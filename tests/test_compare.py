@@ -18,6 +18,7 @@ from brainseg_lib.evaluation.compare import (
     paired_differences,
     summary_table,
 )
+from brainseg_lib.evaluation.result import MetricBlock, SettingScores
 from brainseg_lib.metrics.functional import ConfusionCounts
 from brainseg_lib.metrics.intervals import paired_bootstrap
 from brainseg_lib.metrics.lesion import LESION_DEFINITIONS
@@ -60,7 +61,8 @@ def _per_image(quality: str, n: int = 40, seed: int = 0) -> pd.DataFrame:
 
 
 def _result(name: str, per_image: pd.DataFrame) -> RunResult:
-    return RunResult(name, Path(name), {}, {}, per_image, None)
+    return RunResult(name, Path(name), None, SettingScores(MetricBlock("plain", {})), per_image,
+                     None)
 
 
 def _verdicts(baseline: RunResult, other: RunResult) -> pd.DataFrame:
@@ -140,14 +142,14 @@ def test_differences_match_each_runs_own_metrics_whatever_the_row_order(two_runs
     full = diffs[diffs.subset == "full"].set_index("metric")
     for metric in ("pooled_iou", "mean_image_dice", "lesion_sensitivity",
                    "fp_components_per_image", "lesion_dice", "lesion_hd95", "pq"):
-        expected = (b.metrics["headline"]["metrics"][metric]
-                    - a.metrics["headline"]["metrics"][metric])
+        expected = b.headline.full.metrics[metric] - a.headline.full.metrics[metric]
         assert full.loc[metric, "difference"] == pytest.approx(expected)
     assert full.loc["pooled_iou", "ci95 low"] <= full.loc["pooled_iou", "ci95 high"]
     assert full.loc["mean_image_dice", "verdict"] == "b-longer better"  # 8 epochs vs 1
     table = summary_table([a, b])
-    assert table.loc["b-longer", "test lesion Dice"] == b.metrics["headline"]["metrics"][
-        "lesion_dice"]
+    assert table.loc["b-longer", "test lesion Dice"] == b.headline.full.metrics["lesion_dice"]
+    assert table.loc["b-longer", "clean image Dice"] == b.headline.clean.metrics[
+        "mean_image_dice"]
     assert table.loc["b-longer", "epochs"] == 8 and table.loc["a-short", "epochs"] == 1
     left, right = aligned_dice(a, b)
     assert (right.dice - left.dice).mean() == pytest.approx(

@@ -112,7 +112,7 @@ def test_export_roundtrip_smp_format_and_model_card(trained_run, tmp_path):
     exported = load_model(out)
     diff = (predict_logits(original, x) - predict_logits(exported, x)).abs().max()
     assert diff < 0.05  # fp16 storage
-    assert info["stored_as"] == "float16" and params.encoder == "resnet18"
+    assert info.stored_as == "float16" and params.encoder == "resnet18"
     assert sum(p.numel() for p in by_smp.parameters()) == sum(
         p.numel() for p in members[0].parameters())
 

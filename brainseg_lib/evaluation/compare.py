@@ -18,6 +18,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from brainseg_lib.evaluation.result import SettingScores
 from brainseg_lib.metrics.functional import ConfusionCounts
 from brainseg_lib.metrics.intervals import paired_bootstrap, paired_lesion_bootstrap
 from brainseg_lib.metrics.lesion import FIELDS as LESION_FIELDS
@@ -38,7 +39,7 @@ class RunResult:
     name: str
     run_dir: Path
     record: TrainRecord | None  # train.json; None for a run that has not finished
-    metrics: dict[str, Any]  # eval-test/metrics.json
+    headline: SettingScores  # eval-test/metrics.json: the plain setting, full and clean test
     per_image: pd.DataFrame  # eval-test/per_image.csv, one row per test image
     history: pd.DataFrame | None
 
@@ -107,9 +108,9 @@ def load_results(run_dirs: list[Path], settings: Any = None, device: str = "auto
             evaluate_run(run_dir, "test", device, verbose=False, settings=settings)
         run = RunDir(run_dir)
         history = run.history()
+        metrics = json.loads((eval_dir(run_dir, "test") / METRICS_FILE).read_text())
         results.append(RunResult(
-            run.name, run_dir, run.train_record(),
-            json.loads((eval_dir(run_dir, "test") / METRICS_FILE).read_text()),
+            run.name, run_dir, run.train_record(), SettingScores.from_json(metrics, "headline"),
             pd.read_csv(table), pd.DataFrame(history) if history else None))
     return results
 
@@ -120,7 +121,8 @@ def summary_table(results: list[RunResult]) -> pd.DataFrame:
     for r in results:
         params, record = RunDir(r.run_dir).params(), r.record
         total = record.train_seconds_total if record else None
-        head, clean = r.metrics["headline"]["metrics"], r.metrics.get("headline_clean", {})
+        head = r.headline.full.metrics
+        clean = r.headline.clean.metrics if r.headline.clean else {}
         rows.append({
             "run": r.name, "profile": params.profile,
             "model": f"{params.arch}/{params.encoder} {params.image_size}px",
@@ -130,8 +132,8 @@ def summary_table(results: list[RunResult]) -> pd.DataFrame:
             "best val": {record.monitor: round(record.best_value, 4)} if record else {},
             "test pooled IoU": head["pooled_iou"], "test image Dice": head["mean_image_dice"],
             "test fg+bg mIoU": head["fg_bg_miou"],
-            "clean pooled IoU": clean.get("metrics", {}).get("pooled_iou"),
-            "clean image Dice": clean.get("metrics", {}).get("mean_image_dice"),
+            "clean pooled IoU": clean.get("pooled_iou"),
+            "clean image Dice": clean.get("mean_image_dice"),
             "test lesion sensitivity": head.get("lesion_sensitivity"),
             "test FP components / image": head.get("fp_components_per_image"),
             "test lesion Dice": head.get("lesion_dice"),

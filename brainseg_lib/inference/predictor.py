@@ -159,7 +159,7 @@ def load_model(path: str | Path, device: str = "auto", backend: Backend = "torch
         return _load_onnx(path, device, backend)
     if path.is_dir() and is_model_dir(path):
         models, params, info = networks_from_model_dir(path)
-        epoch = int((info.get("checkpoint_epochs") or [0])[0])
+        epoch = int((info.checkpoint_epochs or [0])[0])
     else:
         if path.is_dir():
             if not (path / BEST_CHECKPOINT).is_file():

@@ -25,7 +25,13 @@ from brainseg_lib.io import atomic_write_json, atomic_write_text, file_sha256
 from brainseg_lib.model.card import licence_text, model_card
 from brainseg_lib.model.checkpoint import ArtifactError, load_weights
 from brainseg_lib.model.network import SMP_ARCHITECTURES
-from brainseg_lib.model.schema import FORMAT, check_record, file_in, read_json_object
+from brainseg_lib.model.schema import (
+    FORMAT,
+    check_record,
+    file_in,
+    read_json_object,
+    short_value,
+)
 
 WEIGHTS_FILE = "model.safetensors"
 CONFIG_FILE = "config.json"
@@ -149,7 +155,7 @@ def _read_config(model_dir: Path, params: Params) -> dict[str, Any]:
                             "_model_class; is it from another library?)")
     model_class = config["_model_class"]
     if not isinstance(model_class, str) or model_class not in SMP_ARCHITECTURES:
-        raise ArtifactError(f"{path}: key '_model_class': {_short(model_class)} is none of "
+        raise ArtifactError(f"{path}: key '_model_class': {short_value(model_class)} is none of "
                             "smp's architectures")
     if model_class.lower() != params.arch.lower():
         raise ArtifactError(f"{path}: key '_model_class' is {model_class!r}, {INFO_FILE} says "
@@ -161,14 +167,9 @@ def _read_config(model_dir: Path, params: Params) -> dict[str, Any]:
     for key, value in expected.items():
         found = config.get(key, None if value is None else "(absent)")
         if found != value or type(found) is not type(value):
-            raise ArtifactError(f"{path}: key '{key}' is {_short(found)}, {INFO_FILE} says "
+            raise ArtifactError(f"{path}: key '{key}' is {short_value(found)}, {INFO_FILE} says "
                                 f"{value!r}; refused")
     return config
-
-
-def _short(value: Any) -> str:
-    text = repr(value)
-    return text if len(text) <= 60 else text[:57] + "..."
 
 
 def verify_hashes(model_dir: Path, info: ModelInfo, names: list[str]) -> None:
@@ -227,11 +228,11 @@ def _build(folder: ModelFolder, config: dict[str, Any]) -> nn.Module:
 
 
 def networks_from_model_dir(model_dir: str | Path,
-                            ) -> tuple[list[nn.Module], Params, dict[str, Any]]:
+                            ) -> tuple[list[nn.Module], Params, ModelInfo]:
     """The member networks (one, or k for a fold ensemble), their training parameters and
-    the folder's record (``brainseg.json`` as a dict)."""
+    the folder's record (``brainseg.json``)."""
     folder = open_model_folder(model_dir)
-    return member_networks(folder), folder.params, folder.info.to_dict()
+    return member_networks(folder), folder.params, folder.info
 
 
 def record_metrics(model_dir: str | Path, metrics: dict[str, Any]) -> None:

@@ -145,9 +145,10 @@ def _check(path: Path, record: dict[str, Any], schema: dict[str, Callable[[Any],
             raise ArtifactError(f"{path}: key '{prefix}{key}' missing")
         if key in record and not check(record[key]):
             raise ArtifactError(f"{path}: key '{prefix}{key}' has an invalid value "
-                                f"({_short(record[key])})")
+                                f"({short_value(record[key])})")
 
 
-def _short(value: Any) -> str:
+def short_value(value: Any) -> str:
+    """A JSON value as an error message quotes it: at most 60 characters."""
     text = json.dumps(value, default=str)
     return text if len(text) <= 60 else text[:57] + "..."

@@ -27,8 +27,9 @@ SHORT_NAMES = {
 BOX_METRICS = ("pooled_iou", "mean_image_dice", "fg_bg_miou")
 _REF_IOU = "reference_test_iou (as published; closest to fg+bg mIoU)"
 _REF_LOSS = "reference_test_loss (BCE)"
-# an evaluation's record, typed or as metrics.json holds it
+# an evaluation's record and one of its blocks, typed or as metrics.json holds them
 Record = Evaluation | dict[str, Any]
+Block = MetricBlock | CalibrationBlock | dict[str, Any]
 # 03's settings beyond the plain one, each with the short name its table column gets
 OTHER_SETTINGS = {
     "headline_original_resolution": "plain, source resolution",
@@ -47,11 +48,12 @@ def _figure(value: float, ci: list[float] | None, digits: int = 3) -> str:
     return f"{value:.{digits}f}" + (f" [{ci[0]:.{low}f}, {ci[1]:.{low}f}]" if ci else "")
 
 
-def _typed(record: Record) -> Evaluation:
+def as_evaluation(record: Record) -> Evaluation:
+    """The typed record of an evaluation, or of its ``metrics.json`` mapping."""
     return record if isinstance(record, Evaluation) else Evaluation.from_json(record)
 
 
-def block_figure(block: MetricBlock | CalibrationBlock | dict[str, Any], key: str,
+def block_figure(block: Block, key: str,
                  digits: int = 3) -> str:
     """One figure of a metrics or calibration block (typed, or its JSON) with its interval,
     or "-" where the block lacks it."""
@@ -113,7 +115,7 @@ def _subsets(record: Evaluation) -> list[tuple[str, str, MetricBlock]]:
 def evaluation_headline(metrics: Record) -> str:
     """03's box: pooled fg IoU, image Dice, fg+bg mIoU and test BCE of the plain setting,
     full and clean with their intervals, beside the published reference's two numbers."""
-    record = _typed(metrics)
+    record = as_evaluation(metrics)
     subsets = _subsets(record)
     ref = record.reference_comparison or {}
     reference = {"fg_bg_miou": f"{ref[_REF_IOU]} (its 'Test IoU')",
@@ -151,7 +153,7 @@ def _column(block: MetricBlock) -> list[str]:
 def plain_table(metrics: Record) -> pd.DataFrame:
     """The plain setting: rows are metrics, columns the full test split and its clean subset;
     the test loss (full split) below."""
-    record = _typed(metrics)
+    record = as_evaluation(metrics)
     subsets = _subsets(record)
     table = pd.DataFrame({name: _column(block) for _, name, block in subsets},
                          index=pd.Index([SHORT_NAMES[k] for k in METRIC_DEFINITIONS],
@@ -166,7 +168,7 @@ def plain_table(metrics: Record) -> pd.DataFrame:
 def settings_table(metrics: Record) -> pd.DataFrame:
     """The other settings (source resolution, the one selected on validation), full and
     clean: columns are (setting, subset), named short; :func:`table_notes` defines them."""
-    scores, columns = _typed(metrics).scores, {}
+    scores, columns = as_evaluation(metrics).scores, {}
     for key, name in OTHER_SETTINGS.items():
         if key not in scores:
             continue
@@ -181,7 +183,7 @@ def settings_table(metrics: Record) -> pd.DataFrame:
 
 def table_notes(metrics: Record) -> str:
     """The footnote of both tables: each short name and each setting, in full."""
-    record = _typed(metrics)
+    record = as_evaluation(metrics)
     settings = {"plain, model resolution": record.headline.full.setting} | {
         name: record.scores[key].full.setting for key, name in OTHER_SETTINGS.items()
         if key in record.scores}

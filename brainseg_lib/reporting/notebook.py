@@ -145,13 +145,13 @@ def show_metrics(metrics: dict[str, Any]) -> None:
             headline.settings_table(metrics), HTML(headline.table_notes(metrics)))
 
 
-def _fmt_ci(block: dict[str, Any], key: str) -> str:
+def _fmt_ci(block: headline.Block, key: str) -> str:
     return headline.block_figure(block, key, digits=4)
 
 
-def reference_table(metrics: dict[str, Any]) -> pd.DataFrame:
+def reference_table(metrics: headline.Record) -> pd.DataFrame:
     """The reference's two numbers beside ours, each labelled with what it measures."""
-    c = metrics["reference_comparison"]  # written by the evaluation: one source
+    c = headline.as_evaluation(metrics).reference_comparison  # the evaluation's: one source
     loss, iou = c["reference_test_loss (BCE)"], c[
         "reference_test_iou (as published; closest to fg+bg mIoU)"]
     rows = [
@@ -254,39 +254,41 @@ class TestPredictions:
         return widgets.VBox([widgets.HBox([slider, files]), picture])
 
 
-def lesion_wise_table(metrics: dict[str, Any]) -> pd.DataFrame:
+def lesion_wise_table(metrics: headline.Record) -> pd.DataFrame:
     """The lesion-wise figures (with 95 % CIs) of every setting: full split and clean subset,
     model and source resolution."""
-    order = ("headline", "headline_clean", "headline_original_resolution",
-             "headline_original_resolution_clean", "selected", "selected_clean")
-    blocks = [metrics[k] for k in order if k in metrics and "lesion_dice" in metrics[k]["metrics"]]
+    scores = headline.as_evaluation(metrics).scores
+    blocks = [b for key in ("headline", "headline_original_resolution", "selected")
+              if key in scores for b in (scores[key].full, scores[key].clean)
+              if b is not None and "lesion_dice" in b.metrics]
     rows = {**LESION_DEFINITIONS, "true_lesions": "True lesions (annotations) scored"}
-    return pd.DataFrame({b["setting"]: [_fmt_ci(b, k) if k != "true_lesions" else
-                                        str(b["metrics"][k]) for k in rows] for b in blocks},
+    return pd.DataFrame({b.setting: [_fmt_ci(b, k) if k != "true_lesions" else
+                                     str(b.metrics[k]) for k in rows] for b in blocks},
                         index=pd.Index([f"{v} ({k})" for k, v in rows.items()], name="metric"))
 
 
-def calibration_table(metrics: dict[str, Any]) -> pd.DataFrame:
+def calibration_table(metrics: headline.Record) -> pd.DataFrame:
     """ECE and Brier score, raw and temperature-scaled, full and clean (with 95 % CIs)."""
-    cal = metrics["calibration"]
-    names = [n for n in ("raw", "temperature_scaled", "raw_clean", "temperature_scaled_clean")
-             if n in cal]
-    return pd.DataFrame({n.replace("_", " "): [_fmt_ci(cal[n], k) for k in ("ece", "brier")]
-                         for n in names},
-                        index=pd.Index([cal["definitions"][k] for k in ("ece", "brier")],
+    cal = headline.as_evaluation(metrics).calibration
+    blocks = {"raw": cal.raw, "temperature scaled": cal.scaled, "raw clean": cal.raw_clean,
+              "temperature scaled clean": cal.scaled_clean}
+    return pd.DataFrame({name: [_fmt_ci(b, k) for k in ("ece", "brier")]
+                         for name, b in blocks.items() if b is not None},
+                        index=pd.Index([cal.texts["definitions"][k] for k in ("ece", "brier")],
                                        name="metric"))
 
 
-def group_table(metrics: dict[str, Any], group: str, key: str = "headline") -> pd.DataFrame:
+def group_table(metrics: headline.Record, group: str, key: str = "headline") -> pd.DataFrame:
     """The main pixel and lesion-wise figures (with 95 % CIs) per value of ``group``
     (``subclass`` or ``size_quintile``) for the setting ``key``."""
     columns = ("mean_image_dice", "pooled_iou", "hd95", "lesion_sensitivity",
                "fp_components_per_image", "lesion_dice", "lesion_hd95", "pq")
-    blocks = metrics[f"{key}_by_{group}"]
+    record = headline.as_evaluation(metrics)
+    blocks = record.scores[key].groups[group]
     table = pd.DataFrame({c: [_fmt_ci(b, c) for b in blocks.values()] for c in columns},
                          index=pd.Index(list(blocks), name=group.replace("_", " ")))
-    table.insert(0, "images", [b["images"] for b in blocks.values()])
+    table.insert(0, "images", [b.images for b in blocks.values()])
     if group == "size_quintile":
-        table.insert(1, "largest box, px", [round(metrics["groups"]["size_quintile_upper_px"][q])
-                                             for q in blocks])
+        upper = record.groups.size_quintile_upper_px
+        table.insert(1, "largest box, px", [round(upper[q]) for q in blocks])
     return table

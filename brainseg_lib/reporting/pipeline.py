@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from brainseg_lib.config import Params, load_params, project_root
+from brainseg_lib.evaluation.result import Evaluation
 from brainseg_lib.io import atomic_write_json, atomic_write_text
 from brainseg_lib.reporting.headline import HEADLINE_ID
 from brainseg_lib.reporting.notebook_params import NOTEBOOK_PARAMETERS
@@ -71,20 +72,21 @@ def _headline(params: Params, since: float) -> dict[str, Any]:
     metrics_file = eval_dir(target_run_dir(params), "test") / METRICS_FILE
     if not metrics_file.exists() or metrics_file.stat().st_mtime < since:
         return {}
-    m = json.loads(metrics_file.read_text())
-    head = {k: m["headline"]["metrics"][k] for k in HEADLINE_KEYS}
-    if "headline_clean" in m:
-        head["clean"] = {k: m["headline_clean"]["metrics"][k] for k in HEADLINE_KEYS}
-        head["clean_images"] = m["clean_test"]["images"]
-    head["test_bce"] = m["loss"]["bce"]
-    head["selected"] = {k: m["selected"]["metrics"][k] for k in HEADLINE_KEYS}
-    head["selected_setting"] = m["selected"]["setting"]
-    if "lesion_dice" in m["headline"]["metrics"]:  # evaluations before lesion-wise metrics lack it
-        head["lesion"] = {k: m["headline"]["metrics"][k] for k in LESION_KEYS}
-        if "headline_clean" in m:
-            head["clean"]["lesion"] = {k: m["headline_clean"]["metrics"][k]
-                                       for k in LESION_KEYS}
-        head["ece"] = m["calibration"]["raw"]["metrics"]["ece"]
+    record = Evaluation.from_json(json.loads(metrics_file.read_text()))
+    full, clean = record.headline.full.metrics, record.headline.clean
+    selected = record.selected.full
+    head: dict[str, Any] = {k: full[k] for k in HEADLINE_KEYS}
+    if clean is not None:
+        head["clean"] = {k: clean.metrics[k] for k in HEADLINE_KEYS}
+        head["clean_images"] = record.header.clean_test.images
+    head["test_bce"] = record.header.loss.bce
+    head["selected"] = {k: selected.metrics[k] for k in HEADLINE_KEYS}
+    head["selected_setting"] = selected.setting
+    if "lesion_dice" in full:  # evaluations before lesion-wise metrics lack it
+        head["lesion"] = {k: full[k] for k in LESION_KEYS}
+        if clean is not None:
+            head["clean"]["lesion"] = {k: clean.metrics[k] for k in LESION_KEYS}
+        head["ece"] = record.calibration.raw.metrics["ece"]
     return head
 
 
