@@ -247,6 +247,22 @@ def git_commit() -> str:
         return "unknown"
 
 
+# /proc/cpuinfo flags that set torch's CPU speed here: vector width, int8 and native bf16
+CPU_SPEED_FLAGS = ("avx2", "avx512f", "avx512_vnni", "avx512_bf16", "amx_bf16")
+
+
+def cpu_info(cpuinfo: Path = Path("/proc/cpuinfo")) -> dict[str, Any]:
+    """The CPU's model name and every flag it reports (empty where /proc/cpuinfo is absent):
+    2-core machines of one kind differ severalfold in speed, so a timing needs them beside it."""
+    try:
+        lines = cpuinfo.read_text().splitlines()
+    except OSError:
+        return {"model": platform.processor() or "unknown", "flags": []}
+    field_of = {k.strip(): v.strip() for k, _, v in (line.partition(":") for line in lines)}
+    return {"model": field_of.get("model name", "unknown"),
+            "flags": field_of.get("flags", "").split()}
+
+
 def environment_info(device: Any) -> dict[str, Any]:
     import torch
 
@@ -261,6 +277,10 @@ def environment_info(device: Any) -> dict[str, Any]:
         "packages": versions, "device": str(device), "torch_threads": torch.get_num_threads(),
         "git_commit": git_commit(), "created": datetime.now().isoformat(timespec="seconds"),
     }
+    if device.type == "cpu":
+        cpu = cpu_info()
+        info["cpu"] = {"model": cpu["model"], "speed_flags": [f for f in CPU_SPEED_FLAGS
+                                                              if f in cpu["flags"]]}
     if torch.cuda.is_available():
         info["cuda"] = {"runtime": torch.version.cuda, "cudnn": torch.backends.cudnn.version(),
                         "driver": _nvidia_driver()}

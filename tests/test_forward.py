@@ -22,6 +22,7 @@ from brainseg_lib.model.device import (
     resolve_precision,
     time_precisions,
 )
+from brainseg_lib.rundir import CPU_SPEED_FLAGS, cpu_info
 from brainseg_lib.training import trainer as trainer_module
 from brainseg_lib.training.distributed import DistContext
 from brainseg_lib.training.loop import TrainingSession, load_training_data, train
@@ -129,6 +130,8 @@ def test_the_native_bf16_flags_are_read_from_cpuinfo(tmp_path):
     assert cpu_bf16_flags(sapphire) == ("amx_bf16", "avx512_bf16")
     assert cpu_bf16_flags(epyc) == ()
     assert cpu_bf16_flags(tmp_path / "absent") == ()
+    epyc.write_text("processor\t: 0\nmodel name\t: AMD EPYC 7B13\nflags\t\t: fpu avx2\n")
+    assert cpu_info(epyc) == {"model": "AMD EPYC 7B13", "flags": ["fpu", "avx2"]}
 
 
 def _probe(timings):
@@ -224,6 +227,9 @@ def test_a_run_records_its_precision_and_inference_in_the_process_agrees(
     env, summary = (json.loads((run / name).read_text()) for name in ("env.json", "train.json"))
     assert env["precision"]["name"] == summary["precision"]["name"] == chosen
     assert env["precision"]["cpu_bf16_flags"] == list(flags)
+    real = cpu_info()  # the CPU beside every speed figure of the run
+    assert env["cpu"] == {"model": real["model"], "speed_flags": [
+        f for f in CPU_SPEED_FLAGS if f in real["flags"]]}
     assert env["autocast"] == ("torch.bfloat16" if flags else "fp32")
     assert env["precision"]["probe_seconds_per_step"] == (
         {"fp32": 2.0, "bf16": 1.0} if flags else None)

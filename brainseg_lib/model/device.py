@@ -25,6 +25,7 @@ from typing import Any
 import torch
 
 from brainseg_lib.config import Params, ParamsError
+from brainseg_lib.rundir import cpu_info
 
 BF16_FLAGS = ("amx_bf16", "avx512_bf16")  # /proc/cpuinfo flags of native bf16 arithmetic
 BF16_MARGIN = 0.95  # probed bf16 is kept when its step takes at most this share of fp32's
@@ -76,12 +77,7 @@ def select_device(choice: str) -> torch.device:
 @cache
 def cpu_bf16_flags(cpuinfo: Path = Path("/proc/cpuinfo")) -> tuple[str, ...]:
     """The native-bf16 flags this CPU reports (none where /proc/cpuinfo is absent)."""
-    try:
-        text = cpuinfo.read_text()
-    except OSError:
-        return ()
-    flags = next((line.split(":", 1)[1].split() for line in text.splitlines()
-                  if line.startswith("flags")), [])
+    flags = cpu_info(cpuinfo)["flags"]
     return tuple(f for f in BF16_FLAGS if f in flags)
 
 
