@@ -219,3 +219,49 @@ def test_paired_difference_brainseg_minus_peer(synthetic_root, tmp_path, cache):
     assert full["pooled_iou"]["verdict"] == "brainseg better"
     assert full["lesion_sensitivity"]["verdict"] == "brainseg better"
     assert paired("q", 32) == 2
+
+
+table = _load("table")
+
+
+def _timings(path: Path, peer: str) -> Path:
+    """A timings.json of the shape each peer's script writes (the fields the table reads)."""
+    if peer == "nnunet":
+        record = {"budget": {"epochs": 3, "iterations": 750, "train_seconds": 900.0,
+                             "plan": {"batch_size": 97}}, "predict_tta_images_per_s": 4.0}
+    else:
+        record = {"epochs": 12, "iterations": 1200, "train_images_per_s": 21.5,
+                  "predict_notta_images_per_s": 60.0}
+    path.write_text(json.dumps(record))
+    return path
+
+
+def test_table_sets_brainseg_beside_its_peers(synthetic_root, evaluated_runs, tmp_path, cache):
+    """The comparison table reads each side's own records: brainseg's metrics.json and
+    train.json, each peer's score summary and timings, and the paired rows score.py wrote."""
+    run = evaluated_runs[1]
+    truth = _write_truth(synthetic_root, tmp_path / "truth")
+    peers = tmp_path / "peers"
+    for peer, folder, tta in (("nnunet", "run-1", "tta"), ("monai", "seed-0", "notta")):
+        timings = _timings(tmp_path / f"{peer}.json", peer)
+        out = peers / peer / folder / f"score_{tta}"
+        assert _score("--pred", truth, "--data", synthetic_root, "--out", out, "--size", 64,
+                      "--timings", timings, "--brainseg-run", run) == 0
+    text = table.render([run], peers)
+    metrics = json.loads((run / "eval-test" / "metrics.json").read_text())
+    ours = [line for line in text.splitlines() if line.startswith("| brainseg smoke")]
+    assert len(ours) == 4  # plain and chosen, full and clean
+    assert f"{metrics['headline']['metrics']['pooled_iou']:.3f} (" in ours[0]
+    nnunet = next(line for line in text.splitlines() if line.startswith("| nnunet | run-1"))
+    assert "| 3 (750) | 80.8 | 4.0 | 1.000 (1.000–1.000) |" in nnunet  # 750 x 97 / 900 s
+    monai = next(line for line in text.splitlines() if line.startswith("| monai | seed-0"))
+    assert "| 12 (1200) | 21.5 | 60.0 | 1.000 (1.000–1.000) |" in monai
+    summary = json.loads((peers / "monai" / "seed-0" / "score_notta" / "summary.json").read_text())
+    full = next(r for r in summary["paired_brainseg_minus_peer"]["rows"]
+                if r["subset"] == "full" and r["metric"] == "pooled_iou")
+    paired = [line for line in text.splitlines()
+              if line.startswith("| monai seed-0") and "| full |" in line and "pooled_iou" in line]
+    assert paired == [f"| monai seed-0 (thr 0.5, no TTA) | {run.name} | full | 6 | pooled_iou | "
+                      f"{full['brainseg_minus_peer']:+.3f} ({full['ci95_low']:+.3f} to "
+                      f"{full['ci95_high']:+.3f}) | {full['verdict']} |"]
+    assert table.main(["--peers", str(tmp_path / "none"), "--brainseg", str(run)]) == 2
