@@ -23,12 +23,12 @@ from brainseg_lib.reporting.headline import HEADLINE_ID
 from brainseg_lib.reporting.notebook_params import NOTEBOOK_PARAMETERS
 from brainseg_lib.reporting.rendering import render_html
 from brainseg_lib.rundir import (
-    ENV_FILE,
     METRICS_FILE,
     REPORT_SUMMARY_FILE,
     RunDir,
     eval_dir,
     new_run_id,
+    read_env,
     target_run_dir,
 )
 from brainseg_lib.tracking import log_report
@@ -102,9 +102,9 @@ def _training(params: Params) -> dict[str, Any]:
 
 
 def _dataset(params: Params) -> dict[str, Any]:
-    env = target_run_dir(params) / ENV_FILE
-    if env.exists():
-        return json.loads(env.read_text()).get("dataset", {})
+    env = read_env(target_run_dir(params))
+    if env:
+        return env.get("dataset", {})
     return {"kind": "synthetic" if params.synthetic else "unknown"}
 
 
