@@ -69,8 +69,10 @@ def smoke_reports(tmp_path_factory: pytest.TempPathFactory) -> tuple[int, Path]:
 
 
 def tiny_params(tmp_path: Path, data_root: Path, **changes) -> Params:
-    """The smoke profile shrunk further, on ``data_root``, writing under ``tmp_path``."""
-    base = {"data_dir": str(data_root), "synthetic": False, "image_size": 64,
+    """The smoke profile shrunk further, on ``data_root``, writing under ``tmp_path``; in
+    fp32 on every machine (``amp: auto`` picks bf16 where the CPU has it, and a network
+    trained for a few steps in either precision is a different network)."""
+    base = {"data_dir": str(data_root), "synthetic": False, "image_size": 64, "amp": "none",
             "runs_dir": str(tmp_path / "runs"), "cache_dir": str(tmp_path / "cache"),
             "epochs": 2, "batch_size": 4, "bootstrap": 20, "tta": True}
     return load_params(ROOT / "params" / "smoke.yaml", **(base | changes))

@@ -222,7 +222,7 @@ def test_a_run_records_its_precision_and_inference_in_the_process_agrees(
 
     monkeypatch.setattr(device_module, "cpu_bf16_flags", lambda: flags)
     monkeypatch.setattr(trainer_module, "time_precisions", fake_timing)
-    params = tiny_params(tmp_path, synthetic_root, run_id="amp", epochs=1)
+    params = tiny_params(tmp_path, synthetic_root, run_id="amp", epochs=1, amp="auto")
     run = train(params, progress=False).run_dir
     env, summary = (json.loads((run / name).read_text()) for name in ("env.json", "train.json"))
     assert env["precision"]["name"] == summary["precision"]["name"] == chosen
