@@ -128,8 +128,11 @@ def test_a_mistyped_data_path_is_an_error_not_the_demo(tmp_path, monkeypatch, ca
     monkeypatch.setenv("BRAINSEG_DATA", str(tmp_path / "typo"))
     with pytest.raises(FileNotFoundError, match="typo: the folder does not exist"):
         find_real_dataset()
-    assert main(["train", "--params", "params/quick.yaml", "--set", "epochs=1"]) == 2
+    runs = tmp_path / "runs"
+    assert main(["train", "--params", "params/quick.yaml", "--set", "epochs=1",
+                 "--set", f"runs_dir={runs}"]) == 2
     assert str(tmp_path / "typo") in capsys.readouterr().err
+    assert not runs.exists()  # no empty run folder left behind
     (tmp_path / "typo" / "train").mkdir(parents=True)
     with pytest.raises(FileNotFoundError, match="instances_train.json"):
         find_real_dataset()

@@ -243,6 +243,9 @@ def test_two_worker_processes_share_one_study_and_run_each_variant_once(tmp_path
 
     variants = {f"lr{i}": {"lr": lr} for i, lr in enumerate((1e-3, 2e-3, 3e-3, 4e-3))}
     grid = _grid_file(tmp_path, synthetic_root, variants, parallel=2)
+    values = yaml.safe_load(grid.read_text())
+    values["common"]["num_threads"] = 1  # two workers share the machine's cores
+    grid.write_text(yaml.safe_dump(values))
     out = tmp_path / "sweep"
     table = run_sweep(grid, out, evaluate=False)
     assert list(table.variant) == list(variants) and (table.status == "finished").all()

@@ -213,7 +213,7 @@ def test_the_probes_time_the_real_network_and_change_nothing(session):
 
 @pytest.mark.parametrize(("flags", "chosen"), [(("amx_bf16",), "bf16"), ((), "fp32")])
 def test_a_run_records_its_precision_and_inference_in_the_process_agrees(
-        tmp_path, synthetic_root, monkeypatch, flags, chosen):
+        tmp_path, synthetic_root, monkeypatch, capsys, flags, chosen):
     timed = []
 
     def fake_timing(step):  # the probe's step is real; its clock is not (no timed tests)
@@ -234,6 +234,8 @@ def test_a_run_records_its_precision_and_inference_in_the_process_agrees(
     assert env["precision"]["probe_seconds_per_step"] == (
         {"fp32": 2.0, "bf16": 1.0} if flags else None)
     assert len(timed) == len(flags)  # no native bf16: nothing timed
+    if not flags:  # the run's output (and so its report) says why it stayed in fp32
+        assert "precision: fp32: no native bf16 on this CPU" in capsys.readouterr().out
     assert load_model(run, "cpu").forward_pass.precision.name == chosen
 
 

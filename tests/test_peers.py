@@ -251,11 +251,11 @@ def test_table_sets_brainseg_beside_its_peers(synthetic_root, evaluated_runs, tm
     metrics = json.loads((run / "eval-test" / "metrics.json").read_text())
     ours = [line for line in text.splitlines() if line.startswith("| brainseg smoke")]
     assert len(ours) == 4  # plain and chosen, full and clean
-    assert f"{metrics['headline']['metrics']['pooled_iou']:.3f} (" in ours[0]
+    assert f"{metrics['headline']['metrics']['pooled_iou']:.3f} [" in ours[0]
     nnunet = next(line for line in text.splitlines() if line.startswith("| nnunet | run-1"))
-    assert "| 3 (750) | 80.8 | 4.0 | 1.000 (1.000–1.000) |" in nnunet  # 750 x 97 / 900 s
+    assert "| 3 (750) | 80.8 | 4.0 | 1.000 [1.00, 1.00] |" in nnunet  # 750 x 97 / 900 s
     monai = next(line for line in text.splitlines() if line.startswith("| monai | seed-0"))
-    assert "| 12 (1200) | 21.5 | 60.0 | 1.000 (1.000–1.000) |" in monai
+    assert "| 12 (1200) | 21.5 | 60.0 | 1.000 [1.00, 1.00] |" in monai
     summary = json.loads((peers / "monai" / "seed-0" / "score_notta" / "summary.json").read_text())
     full = next(r for r in summary["paired_brainseg_minus_peer"]["rows"]
                 if r["subset"] == "full" and r["metric"] == "pooled_iou")

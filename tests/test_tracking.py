@@ -141,7 +141,7 @@ def test_sweep_trials_in_worker_processes_nest_under_the_sweep_run(tmp_path, syn
         "common": {"synthetic": False, "data_dir": str(synthetic_root), "epochs": 1,
                    "image_size": 64, "batch_size": 8, "bootstrap": 0,
                    "eval_original_size": False, "cache_dir": str(tmp_path / "cache"),
-                   "tracking_uri": uri},
+                   "tracking_uri": uri, "num_threads": 1},  # two workers share the cores
         "variants": {"a": {"lr": 1e-3}, "b": {"lr": 3e-3}}}))
     out = tmp_path / "sweep"
     table = run_sweep(grid, out, evaluate=False)

@@ -21,6 +21,7 @@ from typing import Any
 
 from brainseg_lib.errors import BrainsegError
 from brainseg_lib.evaluation.result import Evaluation, MetricBlock, Setting
+from brainseg_lib.reporting.headline import block_figure
 from brainseg_lib.rundir import METRICS_FILE, RunDir, eval_dir
 
 FIGURES = (  # (key, header, digits)
@@ -56,12 +57,8 @@ class Row:
 
 
 def _cell(block: dict[str, Any] | None, key: str, digits: int) -> str:
-    value = None if block is None else block["metrics"].get(key)
-    if value is None:
-        return "–"
-    ci = (block.get("ci95") or {}).get(key)
-    text = f"{value:.{digits}f}"
-    return f"{text} ({ci[0]:.{digits}f}–{ci[1]:.{digits}f})" if ci else text
+    """A figure with its interval, written as every brainseg table writes it."""
+    return "-" if block is None else block_figure(block, key, digits)
 
 
 def _block(block: MetricBlock) -> dict[str, Any]:

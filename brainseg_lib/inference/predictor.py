@@ -28,7 +28,6 @@ from brainseg_lib.data.arrays import resize_image
 from brainseg_lib.model.checkpoint import ArtifactError, network_from_checkpoint
 from brainseg_lib.model.device import (
     FP32,
-    PROBE_BATCH,
     Precision,
     Probe,
     cpu_bf16_flags,
@@ -37,7 +36,7 @@ from brainseg_lib.model.device import (
     time_precisions,
 )
 from brainseg_lib.model.folder import is_model_dir, networks_from_model_dir
-from brainseg_lib.model.forward import ForwardPass, place_model
+from brainseg_lib.model.forward import ForwardPass, place_model, probe_batch
 from brainseg_lib.model.onnx_files import onnx_members_from_model_dir, verified_onnx
 from brainseg_lib.rundir import BEST_CHECKPOINT, SOURCE_MODEL_FILE
 
@@ -177,9 +176,7 @@ def inference_probe(model: nn.Module, params: Params, device: torch.device) -> P
     """Seconds per forward pass in fp32 and bf16 of the network (in eval mode, so nothing in
     it changes) on ``PROBE_BATCH`` images at its input size."""
     def measure() -> dict[str, float]:
-        images = torch.rand(PROBE_BATCH, params.in_channels, params.image_size,
-                            params.image_size, generator=torch.Generator().manual_seed(0))
-        x = ForwardPass.build(params, device, FP32).prepare(images)
+        x = probe_batch(params, device, params.image_size)
 
         def step(dtype: torch.dtype | None) -> None:
             with torch.inference_mode(), Precision(dtype).context(device):

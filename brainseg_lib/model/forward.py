@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from brainseg_lib.config import Params
-from brainseg_lib.model.device import Precision
+from brainseg_lib.model.device import FP32, PROBE_BATCH, Precision
 from brainseg_lib.model.network import Normalizer
 
 
@@ -52,3 +52,12 @@ class ForwardPass:
         """``model``'s logits for a prepared batch, run in the precision, as float32."""
         with self.precision.context(self.device):
             return model(x).float()
+
+
+def probe_batch(params: Params, device: torch.device, size: int,
+                images: int = PROBE_BATCH) -> torch.Tensor:
+    """A seeded random batch of the network's input shape, prepared as the network takes it:
+    what a precision probe times (speed does not depend on what the pixels show)."""
+    x = torch.rand(min(images, PROBE_BATCH), params.in_channels, size, size,
+                   generator=torch.Generator().manual_seed(0))
+    return ForwardPass.build(params, device, FP32).prepare(x)

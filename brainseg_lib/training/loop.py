@@ -195,6 +195,7 @@ class TrainingSession:
         if start_state:
             session.restore(start_state)
         elif ctx.is_main:
+            run_dir.mkdir(parents=True, exist_ok=True)
             session.record_start(source, {k: len(v) for k, v in data.items()})
         if ctx.is_main:
             session.tracker = training_run(params, run_dir)
@@ -232,6 +233,8 @@ class TrainingSession:
                  f"{self.provenance} | {self.device}, {trainer.precision.name}"
                  f"{', compiled' if trainer.compiled else ''}{', EMA' if trainer.ema else ''} "
                  f"| {budget}{parallel}", flush=True)
+        if trainer.precision.probe_seconds is None:  # a probed choice has said why already
+            self.say(f"precision: {trainer.precision.reason}", flush=True)
 
     def run(self, progress: bool, step_callback: Callable[[int, int], None] | None,
             epoch_callback: Callable[[int, dict[str, float]], None] | None = None,
@@ -366,7 +369,8 @@ def _patches(params: Params) -> str:
 def _open_run_dir(params: Params, ctx: DistContext, overrides: dict[str, Any],
                   ) -> tuple[Params, Path, dict[str, Any] | None]:
     """The run's parameters, directory and saved state: a resumed run's own (with the
-    resumable overrides), or a new directory that holds no run yet."""
+    resumable overrides), or the path of a new one, made once the run's data and network
+    are ready (a run that fails before leaves no empty folder behind)."""
     if params.resume:
         run_dir = params.resolve_path(params.resume)
         state = read_checkpoint(run_dir / LAST_CHECKPOINT)
@@ -375,6 +379,4 @@ def _open_run_dir(params: Params, ctx: DistContext, overrides: dict[str, Any],
     if (run_dir / LAST_CHECKPOINT).exists():
         raise FileExistsError(f"{run_dir} already holds a run: set resume: {run_dir} "
                               "to continue it, or choose another run_id")
-    if ctx.is_main:
-        run_dir.mkdir(parents=True, exist_ok=True)
     return params, run_dir, None

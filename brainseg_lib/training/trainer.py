@@ -29,14 +29,12 @@ from brainseg_lib.errors import BrainsegError
 from brainseg_lib.inference.predictor import LoadedModel, predict_logits
 from brainseg_lib.metrics.functional import ConfusionCounts, pooled_dice, pooled_iou
 from brainseg_lib.model.device import (
-    FP32,
-    PROBE_BATCH,
     Precision,
     Probe,
     resolve_precision,
     time_precisions,
 )
-from brainseg_lib.model.forward import ForwardPass, place_model
+from brainseg_lib.model.forward import ForwardPass, place_model, probe_batch
 from brainseg_lib.training.augment import BatchAugment, PatchSampler
 from brainseg_lib.training.batches import ResidentBatches, StreamedBatches
 from brainseg_lib.training.distributed import DistContext, from_main, wrap
@@ -177,10 +175,8 @@ def training_probe(model: nn.Module, params: Params, device: torch.device,
     def measure() -> dict[str, float]:
         net = copy.deepcopy(model).train()
         size = params.crop_size if 0 < params.crop_size < params.image_size else params.image_size
-        images = torch.rand(min(params.batch_size, PROBE_BATCH), params.in_channels, size, size,
-                            generator=torch.Generator().manual_seed(0))
-        x = ForwardPass.build(params, device, FP32).prepare(images)
-        y = (images[:, :1] > 0.9).float().to(device)
+        x = probe_batch(params, device, size, params.batch_size)
+        y = (x[:, :1] > x[:, :1].median()).float()  # half foreground, whatever the normalisation
 
         def step(dtype: torch.dtype | None) -> None:
             with Precision(dtype).context(device):
