@@ -198,6 +198,10 @@ class Params:
                             "confidence intervals; 0 = off", (0, 100000))
     min_component_px: int = _param(20, "evaluation", "measurement", "post-processing: "
                                    "components smaller than this are dropped", (0, 10**7))
+    min_lesion_sensitivity: float = _param(0.0, "evaluation", "measurement", "operating "
+                                           "point: the best pooled IoU among the settings "
+                                           "whose lesion sensitivity on valid reaches this; "
+                                           "0 = pooled IoU alone", (0.0, 1.0))
     n_examples: int = _param(6, "figures", "measurement", "overlays per gallery in the "
                              "reports", (0, 100))
 

@@ -356,3 +356,46 @@ def test_non_square_images_are_padded_to_a_square_not_squashed(trained_run):
     prob = predict_images(loaded, [rgb])[0]
     assert prob.shape == (40, 100)
     np.testing.assert_allclose(prob, predict_images(loaded, [square])[0][30:70], atol=1e-6)
+
+
+def _faint_tumour_case():
+    """Three 32-px images, one box tumour each: a sure one, a faint one (probability 0.3)
+    and a sure one beside a larger false alarm (0.35): a threshold low enough to find the
+    faint tumour lets the false alarm in, which costs more IoU than the tumour brings."""
+    from brainseg_lib.data.arrays import SplitArrays, SplitLesions
+
+    masks = np.zeros((3, 32, 32), np.uint8)
+    probs = np.full((3, 32, 32), 0.02, np.float32)
+    for i, (r, c) in enumerate(((4, 4), (10, 20), (20, 6))):
+        masks[i, r:r + 8, c:c + 8] = 1
+        probs[i, r:r + 8, c:c + 8] = 0.3 if i == 1 else 0.9
+    probs[2, 2:14, 16:30] = 0.35
+    files = [f"{i}.jpg" for i in range(3)]
+    arrays = SplitArrays("valid", files, np.zeros((3, 3, 32, 32), np.uint8), masks,
+                         [(32, 32)] * 3)
+    lesions = SplitLesions(files, [m[None].astype(bool) for m in masks], ["tumor"] * 3,
+                           np.full(3, 64.0))
+    return SplitPrediction(arrays, probs, None, 0.0, 0.0), lesions
+
+
+def test_a_sensitivity_floor_trades_pooled_iou_for_found_tumours():
+    from brainseg_lib.errors import BrainsegError
+    from brainseg_lib.evaluation.selection import choose_setting, lesion_sensitivity_at
+
+    pred, lesions = _faint_tumour_case()
+    by_iou, _ = choose_setting(pred, 0, True, False, 0.5)
+    assert by_iou.threshold > 0.35  # IoU alone skips the faint tumour ...
+    assert lesion_sensitivity_at(pred, lesions, by_iou, 0) == pytest.approx(2 / 3)
+    floored, table = choose_setting(pred, 0, True, False, 0.5, lesions, 0.9)
+    assert floored.threshold <= 0.3  # ... the floor finds it, at the cost of the false alarm
+    assert lesion_sensitivity_at(pred, lesions, floored, 0) == 1.0
+    chosen = table.loc[(table.threshold == floored.threshold) & (table.postprocess ==
+                                                                 floored.postprocess)]
+    assert (chosen.pooled_iou.iloc[0] < table.pooled_iou.max()
+            and chosen.lesion_sensitivity.iloc[0] == 1.0)
+    assert table.lesion_sensitivity.notna().sum() < len(table)  # computed only down the list
+    pred.probs[1][pred.probs[1] == 0.3] = 0.05  # below every threshold: the floor is out of
+    most, _ = choose_setting(pred, 0, True, False, 0.5, lesions, 0.9)  # reach, so the most
+    assert lesion_sensitivity_at(pred, lesions, most, 0) == pytest.approx(2 / 3)  # sensitive
+    with pytest.raises(BrainsegError, match="needs the selection split's annotated lesions"):
+        choose_setting(pred, 0, True, False, 0.5, None, 0.9)

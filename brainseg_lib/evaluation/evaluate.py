@@ -98,6 +98,7 @@ class ChosenOn:
 
     pred: SplitPrediction
     name: str = "valid"
+    lesions: SplitLesions | None = None  # its annotated lesions: a sensitivity floor needs them
 
 
 @dataclass(frozen=True)
@@ -139,7 +140,9 @@ def evaluate_run(run_dir: str | Path, split: str = "test", device: str = "auto",
                         check_data_identity(run_dir, source))
     valid_arrays = load_split_arrays(source.path, "valid", loaded.params.image_size,
                                      loaded.params.cache_path())
-    valid = ChosenOn(predict_split(loaded, valid_arrays, scoring.tta))
+    valid_lesions = (load_split_lesions(source.path, "valid", loaded.params.image_size)
+                     if scoring.min_lesion_sensitivity else None)
+    valid = ChosenOn(predict_split(loaded, valid_arrays, scoring.tta), "valid", valid_lesions)
     out = evaluate_on_split(loaded, target, scoring, valid, verbose).to_json()
     if split == "test":  # the run's headline file
         atomic_write_json(run_dir / METRICS_FILE, out)
@@ -159,7 +162,8 @@ def evaluate_on_split(loaded: LoadedModel, target: EvalTarget, scoring: EvalSett
     """
     plan, per_image, group_info = _plan(loaded, target, scoring, verbose)
     chosen, variants = choose_setting(chosen_on.pred, scoring.min_component_px,
-                                      scoring.tune_threshold, scoring.tta, scoring.threshold)
+                                      scoring.tune_threshold, scoring.tta, scoring.threshold,
+                                      chosen_on.lesions, scoring.min_lesion_sensitivity)
     scores: dict[str, SettingScores] = {}
     for key, setting in (("headline", plain_setting(scoring.threshold)), ("selected", chosen)):
         in_sample = key == "selected" and target.split == chosen_on.name

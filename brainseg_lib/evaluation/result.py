@@ -42,6 +42,7 @@ class EvalSettings:
     tta: bool = True
     bootstrap: int = 1000
     min_component_px: int = 20
+    min_lesion_sensitivity: float = 0.0
 
     @classmethod
     def from_params(cls, p: Params) -> EvalSettings:

@@ -8,6 +8,8 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 
+from brainseg_lib.data.arrays import SplitLesions
+from brainseg_lib.errors import BrainsegError
 from brainseg_lib.evaluation.postprocess import POSTPROCESSING, binarise
 from brainseg_lib.evaluation.predictions import SplitPrediction
 from brainseg_lib.evaluation.result import Setting
@@ -15,6 +17,7 @@ from brainseg_lib.metrics.functional import (
     ConfusionCounts,
     summarise,
 )
+from brainseg_lib.metrics.lesion import image_lesions, lesion_table, summarise_lesions
 
 THRESHOLDS = np.round(np.arange(0.1, 0.91, 0.05), 2)
 
@@ -40,10 +43,51 @@ def threshold_table(pred: SplitPrediction, tta: bool = False) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
+def lesion_sensitivity_at(pred: SplitPrediction, lesions: SplitLesions, setting: Setting,
+                          min_px: int) -> float:
+    """Annotated tumours found / all, on ``pred`` binarised in ``setting`` (lesion rule of
+    :mod:`metrics.lesion`)."""
+    probs = pred.probs_tta if setting.tta else pred.probs
+    masks = binarise(probs, setting.threshold, setting.postprocess, min_px)
+    outcomes = [image_lesions(t, m) for t, m in zip(lesions.lesions, masks, strict=True)]
+    return summarise_lesions(lesion_table(outcomes))["lesion_sensitivity"]
+
+
+def _choose_under_floor(valid: SplitPrediction, lesions: SplitLesions | None, min_px: int,
+                        tta: bool, threshold: float, floor: float,
+                        ) -> tuple[Setting, pd.DataFrame]:
+    """Every threshold, TTA and post-processing, by pooled IoU: the first whose lesion
+    sensitivity reaches ``floor`` (sensitivity is computed down the list until one does),
+    or the most sensitive one when none does."""
+    if lesions is None:
+        raise BrainsegError("min_lesion_sensitivity needs the selection split's annotated "
+                            "lesions; out-of-fold selection does not provide them")
+    rows = [{"tta": use_tta, "postprocess": method, "threshold": t,
+             **summarise(counts_at(valid, t, use_tta, method, min_px))}
+            for use_tta in ([False, True] if tta else [False]) for method in POSTPROCESSING
+            for t in sorted({threshold, *(float(x) for x in THRESHOLDS)})]
+    table = pd.DataFrame(rows).sort_values("pooled_iou", ascending=False, ignore_index=True)
+    table["lesion_sensitivity"] = np.nan
+    for i, row in table.iterrows():
+        setting = Setting(float(row.threshold), bool(row.tta), str(row.postprocess))
+        table.loc[i, "lesion_sensitivity"] = lesion_sensitivity_at(valid, lesions, setting,
+                                                                   min_px)
+        if table.loc[i, "lesion_sensitivity"] >= floor:
+            return setting, table
+    best = table.loc[table.lesion_sensitivity.idxmax()]
+    return Setting(float(best.threshold), bool(best.tta), str(best.postprocess)), table
+
+
 def choose_setting(valid: SplitPrediction, min_px: int, tune_threshold: bool,
-                   tta: bool, threshold: float = 0.5) -> tuple[Setting, pd.DataFrame]:
+                   tta: bool, threshold: float = 0.5, lesions: SplitLesions | None = None,
+                   min_sensitivity: float = 0.0) -> tuple[Setting, pd.DataFrame]:
     """Pick threshold, TTA and post-processing maximising pooled IoU on the selection split;
-    the plain setting (``threshold``, no TTA, no post-processing) is always a candidate."""
+    the plain setting (``threshold``, no TTA, no post-processing) is always a candidate.
+    With ``min_sensitivity`` > 0, the best pooled IoU among the settings whose lesion
+    sensitivity on the selection split (``lesions``) reaches it: a missed tumour costs a
+    reader more than a few pixels of outline."""
+    if min_sensitivity > 0:
+        return _choose_under_floor(valid, lesions, min_px, tta, threshold, min_sensitivity)
     rows = []
     for use_tta in ([False, True] if tta else [False]):
         best_t = threshold
