@@ -7,7 +7,7 @@ with the CPU's native-bf16 flags (``avx512_bf16``, ``amx_bf16``: without them bf
 emulated); ``--bf16`` adds the same step in bf16 autocast beside fp32.
 
     python benchmarks/bench_encoders.py [--threads 2] [--steps 4] [--bf16]
-        [--encoders resnet34 ...] [--json out.json]
+        [--encoders resnet34 ...] [--half-decoder] [--sizes 128 256] [--json out.json]
 """
 
 from __future__ import annotations
@@ -87,6 +87,10 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=4)
     ap.add_argument("--bf16", action="store_true", help="also time bf16 autocast")
     ap.add_argument("--encoders", nargs="*", help="only these encoders (default: all)")
+    ap.add_argument("--half-decoder", choices=("yes", "no"),
+                    help="only the half-width (yes) or smp's default decoder (no)")
+    ap.add_argument("--sizes", nargs="*", type=int,
+                    help="these input sizes instead of each network's own list")
     ap.add_argument("--json", help="also write the rows here")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
@@ -101,7 +105,9 @@ def main() -> None:
     for encoder, widths, sizes in CONFIGS:
         if args.encoders and encoder not in args.encoders:
             continue
-        for size in sizes:
+        if args.half_decoder and (widths is not None) != (args.half_decoder == "yes"):
+            continue
+        for size in args.sizes or sizes:
             r = measure(encoder, widths, size, args.batch, args.steps, args.bf16)
             rows.append(r | {"cpu_bf16_flags": flags})
             bf16 = (f" {r['train_img_s_bf16']:.1f} | {r['infer_img_s_bf16']:.1f} |"
