@@ -23,7 +23,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import pandas as pd  # noqa: E402
 
-from brainseg_lib.rundir import CPU_SPEED_FLAGS, cpu_info  # noqa: E402
+from brainseg_lib.rundir import cpu_record  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 AMPS = {"fp32": "none", "bf16": "bf16"}
@@ -73,8 +73,8 @@ def main() -> None:
     runs = {name: args.runs_dir / f"precision-{name}" for name in AMPS}
     for name, run in runs.items():
         train(run, AMPS[name], args.epochs, args.seed)
-    cpu = cpu_info()
-    flags = " ".join(f for f in CPU_SPEED_FLAGS if f in cpu["flags"]) or "none"
+    cpu = cpu_record()
+    flags = " ".join(cpu["speed_flags"]) or "none"
     table = curves(runs)
     print(f"CPU: {cpu['model']}; flags: {flags}; quick, seed {args.seed}, {args.epochs} epochs")
     print("| epoch | " + " | ".join(table.columns) + " |")

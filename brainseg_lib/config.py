@@ -216,6 +216,12 @@ class Params:
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 
+    @property
+    def patch_size(self) -> int | None:
+        """The side of the training patches; None where training sees whole images (no
+        ``crop_size``, or one at least ``image_size``)."""
+        return self.crop_size if 0 < self.crop_size < self.image_size else None
+
     def cache_path(self) -> Path | None:
         """The decoded-image cache folder, or None for the default."""
         return self.resolve_path(self.cache_dir) if self.cache_dir else None

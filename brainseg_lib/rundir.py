@@ -263,6 +263,13 @@ def cpu_info(cpuinfo: Path = Path("/proc/cpuinfo")) -> dict[str, Any]:
             "flags": field_of.get("flags", "").split()}
 
 
+def cpu_record() -> dict[str, Any]:
+    """The CPU as a timing records it: model name and the flags of ``CPU_SPEED_FLAGS`` it has."""
+    cpu = cpu_info()
+    return {"model": cpu["model"], "speed_flags": [f for f in CPU_SPEED_FLAGS
+                                                   if f in cpu["flags"]]}
+
+
 def environment_info(device: Any) -> dict[str, Any]:
     import torch
 
@@ -278,9 +285,7 @@ def environment_info(device: Any) -> dict[str, Any]:
         "git_commit": git_commit(), "created": datetime.now().isoformat(timespec="seconds"),
     }
     if device.type == "cpu":
-        cpu = cpu_info()
-        info["cpu"] = {"model": cpu["model"], "speed_flags": [f for f in CPU_SPEED_FLAGS
-                                                              if f in cpu["flags"]]}
+        info["cpu"] = cpu_record()
     if torch.cuda.is_available():
         info["cuda"] = {"runtime": torch.version.cuda, "cudnn": torch.backends.cudnn.version(),
                         "driver": _nvidia_driver()}

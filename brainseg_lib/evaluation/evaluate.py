@@ -31,7 +31,7 @@ from brainseg_lib.data.coco import DatasetError, dataset_hash, load_split
 from brainseg_lib.data.duplicates import near_duplicate_groups
 from brainseg_lib.data.identity import check_data_identity, data_for_run
 from brainseg_lib.data.locate import DataSource
-from brainseg_lib.evaluation.postprocess import binarise, postprocess
+from brainseg_lib.evaluation.postprocess import postprocess
 from brainseg_lib.evaluation.predictions import SplitPrediction, predict_split
 from brainseg_lib.evaluation.records import (
     LESION_RULE,
@@ -58,6 +58,7 @@ from brainseg_lib.evaluation.result import (
 from brainseg_lib.evaluation.selection import (
     choose_setting,
     describe,
+    masks_at,
     plain_setting,
     threshold_table,
 )
@@ -75,7 +76,13 @@ from brainseg_lib.metrics.functional import (
     per_image_dice,
     per_image_iou,
 )
-from brainseg_lib.metrics.lesion import FIELDS, LESION_DEFINITIONS, image_lesions, lesion_table
+from brainseg_lib.metrics.lesion import (
+    FIELDS,
+    LESION_DEFINITIONS,
+    image_lesions,
+    lesion_table,
+    split_lesion_table,
+)
 from brainseg_lib.rundir import METRICS_FILE, eval_dir, git_commit
 from brainseg_lib.tracking import log_evaluation
 
@@ -271,13 +278,11 @@ def _score_setting(plan: EvaluationPlan, key: str, setting: Setting, in_sample: 
     arrays, scoring = plan.pred.arrays, plan.settings
     label = describe(setting, f"{arrays.images.shape[-1]}px (model resolution)") + (
         " — IN-SAMPLE: chosen on this same split" if in_sample else "")
-    masks = binarise(plan.pred.probs_tta if setting.tta else plan.pred.probs,
-                     setting.threshold, setting.postprocess, scoring.min_component_px)
+    masks = masks_at(plan.pred, setting, scoring.min_component_px)
     counts = ConfusionCounts.from_masks(masks, arrays.masks)
     scored = Scored(counts, np.asarray([hd95(m, t) for m, t in zip(masks, arrays.masks,
                                                                      strict=True)]),
-                    lesion_table([image_lesions(t, m) for t, m in zip(plan.lesions.lesions,
-                                                                      masks, strict=True)]))
+                    split_lesion_table(plan.lesions.lesions, masks))
     blocks = {key: _blocks(plan, scored, label)}
     if scoring.eval_original_size:
         sizes = sorted({f"{w}x{h}" for h, w in arrays.source_sizes})

@@ -17,7 +17,7 @@ from brainseg_lib.metrics.functional import (
     ConfusionCounts,
     summarise,
 )
-from brainseg_lib.metrics.lesion import image_lesions, lesion_table, summarise_lesions
+from brainseg_lib.metrics.lesion import split_lesion_table, summarise_lesions
 
 THRESHOLDS = np.round(np.arange(0.1, 0.91, 0.05), 2)
 
@@ -27,12 +27,29 @@ def plain_setting(threshold: float = 0.5) -> Setting:
     return Setting(threshold)
 
 
+def masks_at(pred: SplitPrediction, setting: Setting, min_px: int) -> np.ndarray:
+    """``pred`` binarised in ``setting``: its TTA or plain probabilities, threshold and
+    post-processing."""
+    probs = pred.probs_tta if setting.tta else pred.probs
+    return binarise(probs, setting.threshold, setting.postprocess, min_px)
+
+
 def counts_at(pred: SplitPrediction, threshold: float, tta: bool, method: str,
               min_px: int) -> ConfusionCounts:
     """Per-image confusion counts of ``pred`` binarised in one setting."""
-    probs = pred.probs_tta if tta else pred.probs
-    return ConfusionCounts.from_masks(binarise(probs, threshold, method, min_px),
+    return ConfusionCounts.from_masks(masks_at(pred, Setting(threshold, tta, method), min_px),
                                       pred.arrays.masks)
+
+
+def _candidate(pred: SplitPrediction, threshold: float, tta: bool, method: str,
+               min_px: int) -> dict[str, object]:
+    """One candidate setting and its pixel figures: a row of the selection table."""
+    return {"tta": tta, "postprocess": method, "threshold": threshold,
+            **summarise(counts_at(pred, threshold, tta, method, min_px))}
+
+
+def _setting_of(row: pd.Series) -> Setting:
+    return Setting(float(row.threshold), bool(row.tta), str(row.postprocess))
 
 
 def threshold_table(pred: SplitPrediction, tta: bool = False) -> pd.DataFrame:
@@ -47,10 +64,8 @@ def lesion_sensitivity_at(pred: SplitPrediction, lesions: SplitLesions, setting:
                           min_px: int) -> float:
     """Annotated tumours found / all, on ``pred`` binarised in ``setting`` (lesion rule of
     :mod:`metrics.lesion`)."""
-    probs = pred.probs_tta if setting.tta else pred.probs
-    masks = binarise(probs, setting.threshold, setting.postprocess, min_px)
-    outcomes = [image_lesions(t, m) for t, m in zip(lesions.lesions, masks, strict=True)]
-    return summarise_lesions(lesion_table(outcomes))["lesion_sensitivity"]
+    table = split_lesion_table(lesions.lesions, masks_at(pred, setting, min_px))
+    return summarise_lesions(table)["lesion_sensitivity"]
 
 
 def _choose_under_floor(valid: SplitPrediction, lesions: SplitLesions | None, min_px: int,
@@ -62,20 +77,18 @@ def _choose_under_floor(valid: SplitPrediction, lesions: SplitLesions | None, mi
     if lesions is None:
         raise BrainsegError("min_lesion_sensitivity needs the selection split's annotated "
                             "lesions; out-of-fold selection does not provide them")
-    rows = [{"tta": use_tta, "postprocess": method, "threshold": t,
-             **summarise(counts_at(valid, t, use_tta, method, min_px))}
+    rows = [_candidate(valid, t, use_tta, method, min_px)
             for use_tta in ([False, True] if tta else [False]) for method in POSTPROCESSING
             for t in sorted({threshold, *(float(x) for x in THRESHOLDS)})]
     table = pd.DataFrame(rows).sort_values("pooled_iou", ascending=False, ignore_index=True)
     table["lesion_sensitivity"] = np.nan
     for i, row in table.iterrows():
-        setting = Setting(float(row.threshold), bool(row.tta), str(row.postprocess))
+        setting = _setting_of(row)
         table.loc[i, "lesion_sensitivity"] = lesion_sensitivity_at(valid, lesions, setting,
                                                                    min_px)
         if table.loc[i, "lesion_sensitivity"] >= floor:
             return setting, table
-    best = table.loc[table.lesion_sensitivity.idxmax()]
-    return Setting(float(best.threshold), bool(best.tta), str(best.postprocess)), table
+    return _setting_of(table.loc[table.lesion_sensitivity.idxmax()]), table
 
 
 def choose_setting(valid: SplitPrediction, min_px: int, tune_threshold: bool,
@@ -94,13 +107,10 @@ def choose_setting(valid: SplitPrediction, min_px: int, tune_threshold: bool,
         if tune_threshold:
             curve = threshold_table(valid, use_tta)
             best_t = float(curve.loc[curve.pooled_iou.idxmax(), "threshold"])
-        for method in POSTPROCESSING:
-            for t in sorted({threshold, best_t}):
-                s = summarise(counts_at(valid, t, use_tta, method, min_px))
-                rows.append({"tta": use_tta, "postprocess": method, "threshold": t, **s})
+        rows += [_candidate(valid, t, use_tta, method, min_px)
+                 for method in POSTPROCESSING for t in sorted({threshold, best_t})]
     table = pd.DataFrame(rows)
-    best = table.loc[table.pooled_iou.idxmax()]
-    return Setting(float(best.threshold), bool(best.tta), str(best.postprocess)), table
+    return _setting_of(table.loc[table.pooled_iou.idxmax()]), table
 
 
 def describe(setting: Setting, resolution: str) -> str:

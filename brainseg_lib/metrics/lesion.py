@@ -156,6 +156,11 @@ def lesion_table(per_image: list[ImageLesions]) -> dict[str, np.ndarray]:
     return {k: np.asarray([getattr(r, k) for r in per_image], float) for k in FIELDS}
 
 
+def split_lesion_table(truths: list[np.ndarray], preds: np.ndarray) -> dict[str, np.ndarray]:
+    """The tallies of a split: each image's true lesions (K,H,W) against its prediction."""
+    return lesion_table([image_lesions(t, m) for t, m in zip(truths, preds, strict=True)])
+
+
 def lesion_metrics(table: dict[str, np.ndarray], axis: int = -1) -> dict[str, np.ndarray]:
     """The split's lesion-wise figures from per-image tallies (one array per name in
     ``FIELDS``) along ``axis`` (images). Sensitivity is 1 when there is no lesion to find; SQ

@@ -361,9 +361,9 @@ def _parent(params: Params, ctx: DistContext) -> tuple[dict[str, Any], dict[str,
 
 
 def _patches(params: Params) -> str:
-    if not params.crop_size or params.crop_size >= params.image_size:
-        return ""
-    return f", trained on {params.crop_size}px patches, {params.fg_oversample:.0%} placed on tumour"
+    size = params.patch_size
+    return "" if size is None else (f", trained on {size}px patches, "
+                                    f"{params.fg_oversample:.0%} placed on tumour")
 
 
 def _open_run_dir(params: Params, ctx: DistContext, overrides: dict[str, Any],

@@ -174,8 +174,8 @@ def training_probe(model: nn.Module, params: Params, device: torch.device,
     training's shape (patches where it trains on patches), at most ``PROBE_BATCH`` images."""
     def measure() -> dict[str, float]:
         net = copy.deepcopy(model).train()
-        size = params.crop_size if 0 < params.crop_size < params.image_size else params.image_size
-        x = probe_batch(params, device, size, params.batch_size)
+        x = probe_batch(params, device, params.patch_size or params.image_size,
+                        params.batch_size)
         y = (x[:, :1] > x[:, :1].median()).float()  # half foreground, whatever the normalisation
 
         def step(dtype: torch.dtype | None) -> None:
@@ -237,8 +237,8 @@ class Trainer:
         self.schedule = Schedule(params, steps_per_epoch)
         self.scaler = torch.amp.GradScaler(enabled=self.precision.autocast == torch.float16)
         self.augment = BatchAugment(params) if params.augment else None
-        self.patches = PatchSampler(params.crop_size, params.fg_oversample) \
-            if params.crop_size and params.crop_size < params.image_size else None
+        self.patches = PatchSampler(params.patch_size, params.fg_oversample) \
+            if params.patch_size else None
 
     @property
     def eval_model(self) -> nn.Module:
