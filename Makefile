@@ -29,7 +29,7 @@ lint: $(VENV)/.installed-dev
 	$(BIN)/ruff check .
 
 test: lint
-	$(BIN)/python -m pytest -p no:cacheprovider tests notebooks --nbval-lax --nbval-current-env
+	$(BIN)/python -m pytest -p no:cacheprovider --durations=15 tests notebooks --nbval-lax --nbval-current-env
 
 clean:
 	rm -rf runs .pytest_cache

@@ -54,8 +54,9 @@ def evaluated_runs(tmp_path_factory: pytest.TempPathFactory, synthetic_root: Pat
 
 @pytest.fixture(scope="session")
 def smoke_reports(tmp_path_factory: pytest.TempPathFactory) -> tuple[int, Path]:
-    """``brainseg run`` of the smoke profile (synthetic data, a fixed run id, threshold 0.3):
-    its exit code and reports folder, shared by the pipeline and the HTML-report tests."""
+    """``brainseg run`` of the smoke profile (synthetic data, a fixed run id, threshold 0.3),
+    compared by 05 with itself (one run of all five notebooks): its exit code and reports
+    folder, shared by the pipeline and the HTML-report tests."""
     from brainseg_lib.cli import main
 
     tmp = tmp_path_factory.mktemp("pipeline")
@@ -63,7 +64,7 @@ def smoke_reports(tmp_path_factory: pytest.TempPathFactory) -> tuple[int, Path]:
     code = main(["run", "--params", str(ROOT / "params" / "smoke.yaml"), "--reports-dir",
                  str(reports), "--set", f"runs_dir={tmp / 'runs'}",
                  "--set", f"cache_dir={tmp / 'cache'}", "--set", "run_id=smoke-fixed",
-                 "--set", "threshold=0.3",
+                 "--set", "threshold=0.3", "--set", "compare=[smoke-fixed]",
                  "--name", "smoke-test"])
     return code, reports
 

@@ -91,7 +91,8 @@ def test_cv_trains_folds_resumes_and_scores_oof_and_ensemble(leaky_root, tmp_pat
         yaml.safe_load((ROOT / "params" / "smoke.yaml").read_text()) | {
             "synthetic": False, "data_dir": str(leaky_root), "epochs": 1, "batch_size": 8,
             "bootstrap": 20, "runs_dir": str(tmp_path / "runs"),
-            "cache_dir": str(tmp_path / "cache"), "eval_original_size": False}))
+            "cache_dir": str(tmp_path / "cache"), "eval_original_size": False,
+            "tracking_uri": f"sqlite:///{tmp_path / 'mlflow.db'}"}))
     overrides = {"run_id": "cv"}
     # interrupted: only fold 0 trained
     real_run_jobs = cv_module.run_jobs
@@ -105,6 +106,7 @@ def test_cv_trains_folds_resumes_and_scores_oof_and_ensemble(leaky_root, tmp_pat
     cv_dir = tmp_path / "runs" / "cv"
     assert (cv_dir / "fold0" / "best.pt").stat().st_mtime == fold0_mtime  # not retrained
     assert all((cv_dir / f"fold{i}" / "train.json").exists() for i in range(3))
+    _assert_folds_tracked_under_the_cv_run(tmp_path / "mlflow.db", cv_dir, result)
     # every development image is held out by exactly one fold, whose model trained on the
     # rest only
     arrays = load_dataset(leaky_root, 64, tmp_path / "cache")
@@ -143,6 +145,26 @@ def test_cv_trains_folds_resumes_and_scores_oof_and_ensemble(leaky_root, tmp_pat
     assert "headline_clean" in result["ensemble_test"]
     assert set(per_image.loc[~per_image.clean, "file"]) == {
         f for f in per_image.file if f.startswith("leak_")}
+
+
+def _assert_folds_tracked_under_the_cv_run(db, cv_dir, result) -> None:
+    """The resumed cv reopened its MLflow run; each fold, trained in its own process (fold 0
+    before the interruption), is logged under it, and the run holds the cv's figures."""
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(f"sqlite:///{db}")
+    parent_id = json.loads((cv_dir / "tracking.json").read_text())["run_id"]
+    parent = client.get_run(parent_id)
+    assert parent.info.status == "FINISHED"
+    assert parent.data.metrics["cv_pooled_iou"] == result["cv"]["metrics"]["pooled_iou"]
+    assert "cv.json" in {item.path for item in client.list_artifacts(parent_id)}
+    runs = client.search_runs([parent.info.experiment_id])
+    folds = {r.info.run_id for r in runs if r.data.tags.get("mlflow.parentRunId") == parent_id}
+    recorded = {json.loads((cv_dir / f"fold{i}" / "tracking.json").read_text())["run_id"]
+                for i in range(3)}
+    assert folds == recorded
+    for run_id in folds:
+        assert len(client.get_metric_history(run_id, "val_iou")) == 1
 
 
 def test_out_of_fold_predictions_cover_each_image_once_by_the_right_model(leaky_root,

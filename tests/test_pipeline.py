@@ -10,7 +10,9 @@ import pandas as pd
 import pytest
 
 from brainseg_lib.cli import main
-from brainseg_lib.reporting.pipeline import NOTEBOOKS
+from brainseg_lib.config import load_params
+from brainseg_lib.reporting.pipeline import COMPARE, NOTEBOOKS
+from brainseg_lib.training.loop import reuse_trained_run
 from conftest import ROOT
 
 CHROMIUM = shutil.which("chromium")
@@ -25,7 +27,7 @@ def test_smoke_pipeline_writes_a_full_report(smoke_reports):
     (summary_file,) = reports.glob("*/*/summary.json")
     assert re.fullmatch(r"\d{4}-\d{2}-\d{2}", summary_file.parent.parent.name)
     run_dir = summary_file.parent
-    for nb in NOTEBOOKS:
+    for nb in (*NOTEBOOKS, COMPARE):
         assert (run_dir / f"{nb}.ipynb").exists() and (run_dir / f"{nb}.html").exists()
     summary = json.loads(summary_file.read_text())
     assert summary["status"] == "succeeded" and summary["dataset"]["kind"] == "synthetic"
@@ -44,7 +46,8 @@ def test_smoke_pipeline_writes_a_full_report(smoke_reports):
     per_image = (reports.parent / "runs" / "smoke-fixed" / "eval-test" / "per_image.csv")
     assert set(pd.read_csv(per_image).threshold_headline) == {0.3}
     assert run_metrics["headline"]["setting"].startswith("64px (model resolution), threshold 0.30")
-    assert [n["status"] for n in summary["notebooks"]] == ["succeeded"] * 4
+    assert [n["name"] for n in summary["notebooks"]] == [*NOTEBOOKS, COMPARE]
+    assert [n["status"] for n in summary["notebooks"]] == ["succeeded"] * 5
     executed = json.loads((run_dir / "03_evaluate.ipynb").read_text())
     injected = "".join(next(c["source"] for c in executed["cells"]
                             if "injected-parameters" in c["metadata"].get("tags", [])))
@@ -122,7 +125,7 @@ def test_index_renders_in_a_real_browser(smoke_reports, tmp_path):
     rows = re.findall(r"<tr class=\"(\w+)\">", dom)
     assert rows == ["succeeded"]
     links = re.findall(r'href="([^"]+)"', dom)
-    assert len(links) == 5  # the four reports, and the fg IoU linking 03's result
+    assert len(links) == 6  # the five reports, and the fg IoU linking 03's result
     assert sum(link.endswith("/03_evaluate.html#headline") for link in links) == 1
     for link in links:
         assert (reports / link.split("#")[0]).is_file(), link
@@ -152,20 +155,29 @@ def test_html_reports_hide_both_parameters_cells(tmp_path):
     assert "DECLARED_MARKER" in path.read_text()  # the notebook itself stays complete
 
 
-def test_run_with_compare_adds_05_beside_the_named_runs(smoke_reports, tmp_path):
-    """The finished smoke run again (02 shows its record, no retraining), now compared with
-    itself by 05: the five notebooks succeed and the difference is exactly nothing."""
+def test_run_with_compare_adds_05_beside_the_named_runs(smoke_reports):
+    """The smoke run names itself in ``compare``: 05 runs after the four, sets the run beside
+    itself, and the difference is exactly nothing."""
     _, reports = smoke_reports
-    runs = reports.parent / "runs"
-    code = main(["run", "--params", str(ROOT / "params" / "smoke.yaml"), "--reports-dir",
-                 str(tmp_path / "reports"), "--set", f"runs_dir={runs}",
-                 "--set", f"cache_dir={reports.parent / 'cache'}", "--set", "run_id=smoke-fixed",
-                 "--set", "threshold=0.3", "--set", "compare=[smoke-fixed]"])
-    assert code == 0
-    (summary_file,) = (tmp_path / "reports").glob("*/*/summary.json")
+    (summary_file,) = reports.glob("*/*/summary.json")
     summary = json.loads(summary_file.read_text())
-    assert [n["name"] for n in summary["notebooks"]][-1] == "05_compare"
-    assert {n["status"] for n in summary["notebooks"]} == {"succeeded"}
     assert summary["params"]["compare"] == ["smoke-fixed", "smoke-fixed"]
     compared = (summary_file.parent / "05_compare.ipynb").read_text()
     assert "no clear difference" in compared and "smoke-fixed better" not in compared
+
+
+def test_a_finished_run_is_shown_not_trained_again(smoke_reports, capsys):
+    """What 02 does when ``brainseg run`` names a run that has finished training (say, on a
+    GPU machine): its record, read back, and no new epoch."""
+    _, reports = smoke_reports
+    run_dir = reports.parent / "runs" / "smoke-fixed"
+    before = {p.name: p.stat().st_mtime_ns for p in run_dir.iterdir()}
+    params = load_params(ROOT / "params" / "smoke.yaml", runs_dir=str(run_dir.parent),
+                         run_id="smoke-fixed")
+    result = reuse_trained_run(params)
+    assert result is not None and result.run_dir == run_dir
+    assert len(result.history) == 10 and result.stop_reason
+    assert "has already finished training (10 epochs on cpu" in capsys.readouterr().out
+    assert {p.name: p.stat().st_mtime_ns for p in run_dir.iterdir()} == before
+    assert reuse_trained_run(load_params(ROOT / "params" / "smoke.yaml",
+                                         runs_dir=str(run_dir.parent), run_id="new")) is None

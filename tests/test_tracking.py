@@ -161,31 +161,3 @@ def test_sweep_trials_in_worker_processes_nest_under_the_sweep_run(tmp_path, syn
     assert {"sweep.csv", "sweep.json"} <= _artifacts(client, parent_id)
     logs = "".join(p.read_text() for p in (out / "logs").glob("worker*.log"))
     assert logs.count("run ") >= 2  # the trials ran in the two worker processes
-
-
-def test_cv_folds_nest_under_the_cv_run(tmp_path, synthetic_root):
-    from brainseg_lib.experiments.cv import run_cv
-
-    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    params_file = tmp_path / "cv.yaml"
-    params_file.write_text(yaml.safe_dump(
-        yaml.safe_load((ROOT / "params" / "smoke.yaml").read_text()) | {
-            "synthetic": False, "data_dir": str(synthetic_root), "epochs": 1,
-            "image_size": 64, "batch_size": 8, "bootstrap": 0,
-            "runs_dir": str(tmp_path / "runs"), "cache_dir": str(tmp_path / "cache"),
-            "eval_original_size": False, "tracking_uri": uri}))
-    result = run_cv(params_file, 2, {"run_id": "cv"}, verbose=False)
-    cv_dir = tmp_path / "runs" / "cv"
-    client = _client(uri)
-    parent_id = json.loads((cv_dir / "tracking.json").read_text())["run_id"]
-    parent = client.get_run(parent_id)
-    assert parent.info.status == "FINISHED"
-    assert parent.data.metrics["cv_pooled_iou"] == result["cv"]["metrics"]["pooled_iou"]
-    assert "cv.json" in _artifacts(client, parent_id)
-    runs = client.search_runs([parent.info.experiment_id])
-    folds = {r.info.run_id for r in runs if r.data.tags.get("mlflow.parentRunId") == parent_id}
-    recorded = {json.loads((cv_dir / f"fold{i}" / "tracking.json").read_text())["run_id"]
-                for i in range(2)}
-    assert folds == recorded  # each fold trained in its own process, logged under the cv run
-    for run_id in folds:
-        assert len(client.get_metric_history(run_id, "val_iou")) == 1
