@@ -6,7 +6,7 @@
 #      batches streamed from host memory beside the device-resident split;
 #   ddp: torchrun with NCCL (one process per visible GPU) on the smoke profile: the
 #      data-parallel path on CUDA, SyncBatchNorm included;
-#   ref: params/reference.yaml for 150 epochs, no budget, alone: its wall time;
+#   ref: params/gpu_resnet34.yaml for 150 epochs, no budget, alone: its wall time;
 #   2. the accuracy sweep of params/grids/gpu_session.yaml (an Optuna study in the sweep
 #      folder), its variants side by side under one time budget, selected on validation IoU
 #      by the sweep itself, the selected one scored on test;
@@ -48,7 +48,7 @@ CVSET=()
 if [ "${DRY:-0}" = 1 ]; then  # tiny, on the CPU
   BENCH=(--device cpu --batches 4 --steps 2 --size 64 --encoder resnet18 --streamed)
   sed -e 's/train_minutes: 3.0/train_minutes: 0.05/' -e 's/epochs: 1000/epochs: 2/' \
-      -e 's#base: ../reference.yaml#base: ../smoke.yaml#' -e 's/image_size: 384/image_size: 64/' \
+      -e 's#base: ../gpu_resnet34.yaml#base: ../smoke.yaml#' -e 's/image_size: 384/image_size: 64/' \
       -e 's/crop_size: 1[29][28]/crop_size: 32/' $GRID > params/grids/_dry.yaml
   GRID=params/grids/_dry.yaml; SWEEP_MIN=0.05; CV_MIN=0.05
   CVSET=(--set synthetic=true --set image_size=64 --set encoder=resnet18 --set device=cpu)
@@ -80,10 +80,10 @@ if want ddp; then
 fi
 
 if want ref; then
-  log "ref: params/reference.yaml, 150 epochs, no budget, alone on the card"
+  log "ref: params/gpu_resnet34.yaml, 150 epochs, no budget, alone on the card"
   T0=$(date +%s)
-  timeout $T_REF python3 -m brainseg_lib.cli train --params params/reference.yaml \
-    --run-id ref150 --no-progress --set runs_dir=$RUNS --set report_model='""' \
+  timeout $T_REF python3 -m brainseg_lib.cli train --params params/gpu_resnet34.yaml \
+    --run-id ref150 --no-progress --set runs_dir=$RUNS \
     --set train_minutes=0 --set epochs=150 --set patience=0 "${CVSET[@]}" \
     > "$RUNS/ref150.log" 2>&1
   log "ref: exit $?, $(( $(date +%s) - T0 )) s wall; $(tail -2 "$RUNS/ref150.log" | head -1)"
@@ -131,7 +131,7 @@ fi
 if want cv; then
 log "cv (5 folds, $CV_MIN min each)"
 # shellcheck disable=SC2086
-timeout $T_CV python3 -m brainseg_lib.cli cv --params params/reference.yaml --folds 5 \
+timeout $T_CV python3 -m brainseg_lib.cli cv --params params/gpu_resnet34.yaml --folds 5 \
   --parallel 5 --run-id cv5 --set runs_dir=$RUNS --set train_minutes=$CV_MIN \
   --set epochs=1000 --set eval_original_size=false --set bootstrap=200 \
   $WINNER_SETS "${CVSET[@]}" > "$RUNS/cv.log" 2>&1

@@ -10,7 +10,7 @@ import re
 
 import pytest
 
-from brainseg_lib.config import params_from_dict
+from brainseg_lib.config import IDENTITY_KEYS, load_params, params_from_dict
 from brainseg_lib.data.arrays import load_split_arrays, load_split_lesions
 from brainseg_lib.evaluation.predictions import predict_split
 from brainseg_lib.inference.predictor import load_model
@@ -59,6 +59,18 @@ def test_shipped_model_test_figures_are_what_the_card_and_readme_say(real_root):
         assert ours == f"{recorded[key]:.{digits}f}", (
             f"{key}: recomputed {recomputed[key]:.6f}, model card {recorded[key]:.6f}")
         assert ours in in_row, f"{key}: recomputed {ours}, not in the README row {row!r}"
+
+
+def test_the_reference_profile_reports_on_the_shipped_model_that_cpu_long_trains(tmp_path):
+    """params/reference.yaml reports on models/reference and params/cpu_long.yaml trains it
+    anew: the shipped weights accept the reference profile (else `brainseg run` refuses
+    them), and the two files hold one recipe (every key that shapes the weights)."""
+    reference = load_params(ROOT / "params" / "reference.yaml")
+    assert ROOT / reference.report_model == SHIPPED
+    assert run_folder_from_model(SHIPPED, tmp_path / "run", expected=reference).is_dir()
+    cpu_long = load_params(ROOT / "params" / "cpu_long.yaml")
+    assert {k: getattr(reference, k) for k in IDENTITY_KEYS} == {
+        k: getattr(cpu_long, k) for k in IDENTITY_KEYS}
 
 
 @pytest.fixture(scope="module")

@@ -45,7 +45,7 @@ def test_notebook_committed_clean_with_one_parameters_cell(path):
 def test_every_committed_parameter_file_is_checked():
     """The globs the two tests below run over find the files (an empty glob would skip)."""
     assert {p.stem for p in PROFILES} >= {"smoke", "quick", "seed", "seed_imagenet",
-                                          "reference"}
+                                          "reference", "cpu_long", "gpu_resnet34"}
     assert {p.stem for p in GRIDS} >= {"smoke", "cpu_patches", "gpu_session"}
 
 

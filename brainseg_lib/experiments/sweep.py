@@ -3,13 +3,13 @@ one of them selected on validation.
 
 A grid file (YAML) walks fixed variants with Optuna's GridSampler::
 
-    base: ../reference.yaml         # the profile every variant starts from (relative to
+    base: ../gpu_resnet34.yaml      # the profile every variant starts from (relative to
                                     # the grid file)
     parallel: 4                     # worker processes on this machine (default: one per GPU)
     select_on: val_iou              # validation metric of each run's best checkpoint
     common: {train_minutes: 4}      # applied to every variant
     variants:                       # named variants: overrides of the base ...
-      reference: {}
+      resnet34: {}
       ema: {ema: true}
     grid: {lr: [0.001, 0.002]}      # ... and/or a grid: every combination becomes a variant
     pruner: none                    # none (grids' default) | median | hyperband
