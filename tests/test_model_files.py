@@ -103,6 +103,8 @@ def test_export_roundtrip_smp_format_and_model_card(trained_run, tmp_path):
     for needed in ("not a medical device", "licence unknown", "annotations sha256",
                    "Intended use", "epochs on"):
         assert needed in card
+    precision = json.loads((trained_run / "train.json").read_text())["precision"]["name"]
+    assert f"epochs on cpu in {precision}," in card  # bf16 training on a CPU is said
     assert "Kaggle" not in card  # trained on the synthetic set, not the Kaggle dataset
     # smp itself reads it (fp16 weights), and so do we, offline and fast
     by_smp = smp.from_pretrained(str(out))

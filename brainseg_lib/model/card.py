@@ -181,12 +181,18 @@ def _data_line(ds: dict[str, Any]) -> str:
             + (f"; {ds['provenance']}" if ds.get("provenance") else ""))
 
 
+def _run_line(run: str, rec: dict[str, Any]) -> str:
+    """One training run; its precision where recorded (bf16 on a CPU is worth saying)."""
+    precision = (rec.get("precision") or {}).get("name")
+    return (f"- run {run}: {rec.get('epochs_run')} epochs on {rec.get('device')}"
+            f"{f' in {precision}' if precision else ''}, "
+            f"{rec.get('train_seconds_this_session', 0) / 60:.1f} min, stopped by "
+            f"{rec.get('stop_reason')}; best epoch {rec.get('best_epoch')}\n")
+
+
 def _run_lines(info: ModelInfo) -> str:
-    return "".join(
-        f"- run {run}: {rec.get('epochs_run')} epochs on {rec.get('device')}, "
-        f"{rec.get('train_seconds_this_session', 0) / 60:.1f} min, stopped by "
-        f"{rec.get('stop_reason')}; best epoch {rec.get('best_epoch')}\n"
-        for run, rec in zip(info.runs, info.training, strict=True) if rec)
+    return "".join(_run_line(run, rec)
+                   for run, rec in zip(info.runs, info.training, strict=True) if rec)
 
 
 def _metric_cell(block: dict[str, Any] | None, key: str) -> str:
