@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # One GPU session, unattended, in under 10 minutes (docs/how-to/gpu-machine.md). Phases (PHASES="bench ddp sweep cv" by default; "ref" is
-# the 150-epoch reference alone on the card, ~4 min, for a session with time to spare):
+# 150 epochs of params/gpu_resnet34.yaml alone on the card, ~4 min, for a session with time to spare):
 #   1. bench: bare vs trainer step, eager at batch 32/64 and compiled at 32
 #      (which also fills the compile cache the runs below reuse), and the trainer on
 #      batches streamed from host memory beside the device-resident split;

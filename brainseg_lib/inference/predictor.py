@@ -230,7 +230,7 @@ def pad_to_square(rgb: np.ndarray) -> tuple[np.ndarray, tuple[int, int]]:
     The training images are square, so a model has only seen undistorted anatomy: padding
     keeps a non-square image's aspect ratio where squashing would stretch it. Measured on
     non-square crops of the validation split (``benchmarks/bench_fit.py``): mean image Dice
-    0.722 padded vs 0.644 squashed with the shipped model.
+    0.722 padded vs 0.644 squashed with the model shipped until 2026-12-07.
     """
     h, w = rgb.shape[:2]
     side = max(h, w)
