@@ -23,6 +23,7 @@ def test_the_shipped_models_card_parses_with_its_test_figures():
     assert card.data.license == "cc-by-4.0"
     assert card.data.library_name == "segmentation-models-pytorch"
     assert {"resnet18", "unet", "medical-imaging"} <= set(card.data.tags)
+    assert "resnet18 encoder and decoder widths [128, 64, 32, 16, 8]" in card.text
     headline = info["test_metrics"]["headline"]["metrics"]
     figures = _figures(card)
     assert figures["pooled_iou"] == round(headline["pooled_iou"], 4) == 0.6446

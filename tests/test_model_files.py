@@ -105,6 +105,7 @@ def test_export_roundtrip_smp_format_and_model_card(trained_run, tmp_path):
         assert needed in card
     precision = json.loads((trained_run / "train.json").read_text())["precision"]["name"]
     assert f"epochs on cpu in {precision}," in card  # bf16 training on a CPU is said
+    assert "encoder and smp's default decoder" in card  # the smoke network's decoder
     assert "Kaggle" not in card  # trained on the synthetic set, not the Kaggle dataset
     # smp itself reads it (fp16 weights), and so do we, offline and fast
     by_smp = smp.from_pretrained(str(out))

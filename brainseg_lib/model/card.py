@@ -94,8 +94,8 @@ diagnosis or treatment.
 
 ## Model
 
-- {p[arch]} with a {p[encoder]} encoder (segmentation_models_pytorch), {p[in_channels]} input \
-channels, one output channel of logits
+- {p[arch]} with a {p[encoder]} encoder and {decoder} (segmentation_models_pytorch), \
+{p[in_channels]} input channels, one output channel of logits
 - input: {p[image_size]}x{p[image_size]} px, normalised with mean {p[normalize_mean]} and std \
 {p[normalize_std]} (of [0, 1] pixel values)
 - weights: {stored_as}, {n_members} member(s) ({members}); initialisation: {weights_init}
@@ -156,6 +156,8 @@ def model_card(info: ModelInfo, name: str) -> str:
     return MODEL_CARD.format(
         metadata=card_metadata(info, name), name=name, p=p, stored_as=info.stored_as,
         n_members=len(info.members), members=", ".join(info.members),
+        decoder=(f"decoder widths {list(p['decoder_channels'])}" if p.get("decoder_channels")
+                 else "smp's default decoder"),
         weights_init=info.weights_init or "?", onnx=_onnx_block(info.onnx),
         data=_data_line(info.dataset), augment="on" if p["augment"] else "off",
         ema="on" if p.get("ema") else "off", runs=_run_lines(info),
