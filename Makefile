@@ -5,6 +5,10 @@ PYTHON ?= python3
 VENV   := .venv
 BIN    := $(VENV)/bin
 PARAMS ?= auto
+# make test: one pytest-xdist worker per CPU, a test file's tests on one worker (and the
+# expensive session fixtures built once: tests/conftest.py).
+# TEST_WORKERS=0 runs every test in one process
+TEST_WORKERS ?= logical
 # the real dataset beside this checkout, when there is one (see README: the data)
 export BRAINSEG_DATA ?= $(abspath $(wildcard ../shared/data/brain-tumor-coco))
 
@@ -29,7 +33,7 @@ lint: $(VENV)/.installed-dev
 	$(BIN)/ruff check .
 
 test: lint
-	$(BIN)/python -m pytest -p no:cacheprovider --durations=15 tests notebooks --nbval-lax --nbval-current-env
+	$(BIN)/python -m pytest -p no:cacheprovider -n $(TEST_WORKERS) --dist loadfile --durations=15 tests notebooks --nbval-lax --nbval-current-env
 
 clean:
 	rm -rf runs .pytest_cache

@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import fcntl
+import json
 import os
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -14,6 +18,30 @@ from brainseg_lib.data.synthetic import write_synthetic_coco
 ROOT = project_root()
 
 
+def pytest_configure(config: pytest.Config) -> None:
+    """Under ``make test``'s pytest-xdist workers (one per CPU), each worker runs torch, and
+    the kernels and commands it starts, on one thread: two OpenMP pools on two cores would
+    spin against each other. Set before any test module imports torch."""
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        os.environ.setdefault("OMP_NUM_THREADS", "1")
+
+
+def built_once(tmp_path_factory: pytest.TempPathFactory, name: str,
+               build: Callable[[Path], Any]) -> Any:
+    """``build(folder)`` once for the whole test session, whichever worker asks first: the
+    others wait on a lock and read its JSON result (pytest-xdist's recipe for expensive
+    session fixtures). The folder lives beside the workers' own, so none deletes it early."""
+    root = tmp_path_factory.getbasetemp()
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        root = root.parent
+    result = root / f"{name}.json"
+    with open(root / f"{name}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not result.exists():
+            folder = root / name
+            folder.mkdir()
+            result.write_text(json.dumps(build(folder)))
+    return json.loads(result.read_text())
 @pytest.fixture(scope="session")
 def synthetic_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """train/valid/test with 16/6/6 MRI-like 64x64 slices and exact box annotations."""
@@ -41,15 +69,17 @@ def evaluated_runs(tmp_path_factory: pytest.TempPathFactory, synthetic_root: Pat
     from brainseg_lib.evaluation.evaluate import evaluate_run
     from brainseg_lib.training.loop import train
 
-    tmp = tmp_path_factory.mktemp("evaluated")
-    runs = []
-    for run_id, epochs in (("a-short", 1), ("b-longer", 8)):
-        params = tiny_params(tmp, synthetic_root, epochs=epochs, lr=0.003, patience=0,
-                             monitor="val_iou", run_id=run_id)
-        run_dir = train(params, progress=False).run_dir
-        evaluate_run(run_dir, "test", verbose=False)
-        runs.append(run_dir)
-    return runs
+    def build(tmp: Path) -> list[str]:
+        runs = []
+        for run_id, epochs in (("a-short", 1), ("b-longer", 8)):
+            params = tiny_params(tmp, synthetic_root, epochs=epochs, lr=0.003, patience=0,
+                                 monitor="val_iou", run_id=run_id)
+            run_dir = train(params, progress=False).run_dir
+            evaluate_run(run_dir, "test", verbose=False)
+            runs.append(str(run_dir))
+        return runs
+
+    return [Path(run) for run in built_once(tmp_path_factory, "evaluated", build)]
 
 
 @pytest.fixture(scope="session")
@@ -59,14 +89,17 @@ def smoke_reports(tmp_path_factory: pytest.TempPathFactory) -> tuple[int, Path]:
     folder, shared by the pipeline and the HTML-report tests."""
     from brainseg_lib.cli import main
 
-    tmp = tmp_path_factory.mktemp("pipeline")
-    reports = tmp / "reports"
-    code = main(["run", "--params", str(ROOT / "params" / "smoke.yaml"), "--reports-dir",
-                 str(reports), "--set", f"runs_dir={tmp / 'runs'}",
-                 "--set", f"cache_dir={tmp / 'cache'}", "--set", "run_id=smoke-fixed",
-                 "--set", "threshold=0.3", "--set", "compare=[smoke-fixed]",
-                 "--name", "smoke-test"])
-    return code, reports
+    def build(tmp: Path) -> list:
+        reports = tmp / "reports"
+        code = main(["run", "--params", str(ROOT / "params" / "smoke.yaml"), "--reports-dir",
+                     str(reports), "--set", f"runs_dir={tmp / 'runs'}",
+                     "--set", f"cache_dir={tmp / 'cache'}", "--set", "run_id=smoke-fixed",
+                     "--set", "threshold=0.3", "--set", "compare=[smoke-fixed]",
+                     "--name", "smoke-test"])
+        return [code, str(reports)]
+
+    code, reports = built_once(tmp_path_factory, "pipeline", build)
+    return code, Path(reports)
 
 
 def tiny_params(tmp_path: Path, data_root: Path, **changes) -> Params:

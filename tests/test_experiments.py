@@ -206,13 +206,14 @@ def test_ensemble_probability_is_the_members_mean():
     assert torch.allclose(torch.sigmoid(predict_logits(ens, x, tta=True)), mean, atol=1e-5)
 
 
-def _grid_file(tmp_path, synthetic_root, variants, **extra):
+def _grid_file(tmp_path, synthetic_root, variants, common=None, **extra):
+    """A grid on the synthetic set; ``common`` adds to every variant's shared parameters."""
     grid = tmp_path / "grid.yaml"
     grid.write_text(yaml.safe_dump({
         "base": str(ROOT / "params" / "smoke.yaml"), "parallel": 1, "select_on": "val_iou",
         "common": {"synthetic": False, "data_dir": str(synthetic_root), "epochs": 2,
                    "batch_size": 8, "bootstrap": 20, "eval_original_size": False,
-                   "cache_dir": str(tmp_path / "cache")},
+                   "cache_dir": str(tmp_path / "cache")} | (common or {}),
         "variants": variants} | extra))
     return grid
 
@@ -264,10 +265,8 @@ def test_two_worker_processes_share_one_study_and_run_each_variant_once(tmp_path
     from brainseg_lib.experiments.sweep import open_study, read_grid
 
     variants = {f"lr{i}": {"lr": lr} for i, lr in enumerate((1e-3, 2e-3, 3e-3, 4e-3))}
-    grid = _grid_file(tmp_path, synthetic_root, variants, parallel=2)
-    values = yaml.safe_load(grid.read_text())
-    values["common"]["num_threads"] = 1  # two workers share the machine's cores
-    grid.write_text(yaml.safe_dump(values))
+    grid = _grid_file(tmp_path, synthetic_root, variants, parallel=2,
+                      common={"num_threads": 1})  # two workers share the machine's cores
     out = tmp_path / "sweep"
     table = run_sweep(grid, out, evaluate=False)
     assert list(table.variant) == list(variants) and (table.status == "finished").all()

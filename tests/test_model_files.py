@@ -79,16 +79,17 @@ def test_a_malicious_checkpoint_is_refused_and_never_executed(malicious_checkpoi
     assert not (tmp_path / "m").exists() and not (tmp_path / "p1").exists()
 
 
-def test_truncated_and_foreign_checkpoints_are_one_line_errors(trained_run, tmp_path, capsys):
+def test_truncated_and_foreign_checkpoints_are_one_line_errors(trained_run, synthetic_root,
+                                                               tmp_path, capsys):
+    image = str(next((synthetic_root / "test").glob("*.jpg")))
     cut = tmp_path / "cut.pt"
     cut.write_bytes((trained_run / "best.pt").read_bytes()[:5000])
-    assert main(["predict", str(trained_run), "--checkpoint", str(cut), "--out",
-                 str(tmp_path / "o")]) == 2
+    assert main(["predict", image, "--checkpoint", str(cut), "--out", str(tmp_path / "o")]) == 2
     assert "truncated or corrupt" in capsys.readouterr().err
     state = read_checkpoint(trained_run / "best.pt")
     state["params"]["encoder"] = "resnet34"  # resnet18 weights under a resnet34 label
     save_checkpoint(tmp_path / "other.pt", state)
-    assert main(["predict", str(trained_run), "--checkpoint", str(tmp_path / "other.pt"),
+    assert main(["predict", image, "--checkpoint", str(tmp_path / "other.pt"),
                  "--out", str(tmp_path / "o")]) == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1

@@ -72,8 +72,8 @@ def predict_files(model: str | Path, inputs: list[str | Path], out_dir: str | Pa
 
     Unreadable inputs are reported and skipped; returns (written masks, [(file, reason)]).
     """
+    files = collect_inputs(inputs)  # before the model: no input, no loading and no probing
     loaded = load_model(model, device, backend)
-    files = collect_inputs(inputs)
     threshold = loaded.params.threshold if threshold is None else threshold
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
