@@ -5,9 +5,8 @@ PYTHON ?= python3
 VENV   := .venv
 BIN    := $(VENV)/bin
 PARAMS ?= auto
-# make test: one pytest-xdist worker per CPU, a test file's tests on one worker (and the
-# expensive session fixtures built once: tests/conftest.py).
-# TEST_WORKERS=0 runs every test in one process
+# make test: one pytest-xdist worker per logical CPU; a test file's tests on one worker, the
+# notebooks in order on one (conftest.py); TEST_WORKERS=0 runs everything in one process
 TEST_WORKERS ?= logical
 # the real dataset beside this checkout, when there is one (see README: the data)
 export BRAINSEG_DATA ?= $(abspath $(wildcard ../shared/data/brain-tumor-coco))

@@ -18,14 +18,6 @@ from brainseg_lib.data.synthetic import write_synthetic_coco
 ROOT = project_root()
 
 
-def pytest_configure(config: pytest.Config) -> None:
-    """Under ``make test``'s pytest-xdist workers (one per CPU), each worker runs torch, and
-    the kernels and commands it starts, on one thread: two OpenMP pools on two cores would
-    spin against each other. Set before any test module imports torch."""
-    if os.environ.get("PYTEST_XDIST_WORKER"):
-        os.environ.setdefault("OMP_NUM_THREADS", "1")
-
-
 def built_once(tmp_path_factory: pytest.TempPathFactory, name: str,
                build: Callable[[Path], Any]) -> Any:
     """``build(folder)`` once for the whole test session, whichever worker asks first: the
@@ -34,14 +26,22 @@ def built_once(tmp_path_factory: pytest.TempPathFactory, name: str,
     root = tmp_path_factory.getbasetemp()
     if os.environ.get("PYTEST_XDIST_WORKER"):
         root = root.parent
-    result = root / f"{name}.json"
+    result, failed = root / f"{name}.json", root / f"{name}.failed"
     with open(root / f"{name}.lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
+        if failed.exists():  # reported once, where it failed; not rebuilt in its debris
+            pytest.fail(f"{name} failed on another worker: {failed.read_text()}", pytrace=False)
         if not result.exists():
-            folder = root / name
-            folder.mkdir()
-            result.write_text(json.dumps(build(folder)))
+            (root / name).mkdir()
+            try:
+                value = build(root / name)
+            except BaseException as err:
+                failed.write_text(repr(err))
+                raise
+            result.write_text(json.dumps(value))
     return json.loads(result.read_text())
+
+
 @pytest.fixture(scope="session")
 def synthetic_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """train/valid/test with 16/6/6 MRI-like 64x64 slices and exact box annotations."""
